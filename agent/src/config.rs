@@ -1,0 +1,524 @@
+//! Agent configuration: strict TOML (an unknown key is an error that names it).
+//! Every option is documented in docs/configuration.md and in config/agent.toml.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub agent: AgentConfig,
+    #[serde(default)]
+    pub nvml: NvmlConfig,
+    #[serde(default)]
+    pub cpu: CpuConfig,
+    #[serde(default)]
+    pub rapl: Toggle,
+    #[serde(default)]
+    pub hwmon: Toggle,
+    #[serde(default)]
+    pub thermal: Toggle,
+    #[serde(default)]
+    pub simulated: SimulatedConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Cluster name; part of every message and topic.
+    pub cluster: String,
+    /// Node name; the host name when absent.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Sampling interval, e.g. "1s", "100ms", "1m".
+    #[serde(with = "humantime_serde", default = "default_interval")]
+    pub interval: Duration,
+    /// Root of the sysfs tree (tests point this at a fixture tree).
+    #[serde(default = "default_sys_root")]
+    pub sys_root: PathBuf,
+    /// Root of the procfs tree.
+    #[serde(default = "default_proc_root")]
+    pub proc_root: PathBuf,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_sys_root() -> PathBuf {
+    PathBuf::from("/sys")
+}
+fn default_proc_root() -> PathBuf {
+    PathBuf::from("/proc")
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Toggle {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for Toggle {
+    fn default() -> Self {
+        Toggle { enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvmlConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How long one sample waits for the NVML thread before reporting it as stuck.
+    /// Defaults to half the interval.
+    #[serde(with = "humantime_serde", default)]
+    pub timeout: Option<Duration>,
+    /// Collect running compute process PIDs per GPU (used for job cross-checks).
+    #[serde(default = "yes")]
+    pub processes: bool,
+}
+
+impl Default for NvmlConfig {
+    fn default() -> Self {
+        NvmlConfig {
+            enabled: true,
+            timeout: None,
+            processes: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Cgroup filesystem root; `<sys_root>/fs/cgroup` when absent.
+    #[serde(default)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Where job cgroups live, relative to the cgroup root; `*` matches within one path
+    /// component and the last component must look like `job_<id>`.
+    #[serde(default = "default_job_cgroups")]
+    pub job_cgroups: Vec<String>,
+}
+
+pub fn default_job_cgroups() -> Vec<String> {
+    vec![
+        // Slurm with cgroup/v2
+        "system.slice/slurmstepd.scope/job_*".into(),
+        // Slurm with cgroup/v1 (cpuacct mounted alone or together with cpu)
+        "cpuacct/slurm*/uid_*/job_*".into(),
+        "cpu,cpuacct/slurm*/uid_*/job_*".into(),
+    ]
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        CpuConfig {
+            enabled: true,
+            cgroup_root: None,
+            job_cgroups: default_job_cgroups(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedConfig {
+    /// Must be set explicitly: simulated devices are never enabled by accident.
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub gpu: Vec<SimGpuConfig>,
+    #[serde(default)]
+    pub rapl: Vec<SimRaplConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimGpuConfig {
+    #[serde(default = "one")]
+    pub count: u32,
+    #[serde(default = "default_sim_model")]
+    pub model: String,
+    /// Constant power draw, watts. Either this or `profile`.
+    #[serde(default)]
+    pub power_w: Option<f64>,
+    /// Power over time: steps that repeat every `period`.
+    #[serde(default)]
+    pub profile: Vec<ProfileStep>,
+    #[serde(with = "humantime_serde", default)]
+    pub period: Option<Duration>,
+    /// Memory size reported, bytes.
+    #[serde(default = "default_sim_mem")]
+    pub mem_total_bytes: u64,
+    /// Power at 100 % utilisation (utilisation is reported as power / tdp_w).
+    #[serde(default = "default_tdp")]
+    pub tdp_w: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileStep {
+    /// Offset into the period at which this power starts.
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    pub power_w: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimRaplConfig {
+    /// Domain name, e.g. "package-0" or "dram".
+    pub name: String,
+    pub power_w: f64,
+    /// Counter range; the simulated counter wraps here like the real one.
+    #[serde(default = "default_rapl_range")]
+    pub max_energy_range_uj: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_sim_model() -> String {
+    "Simulated GPU".into()
+}
+fn default_sim_mem() -> u64 {
+    80 * 1024 * 1024 * 1024
+}
+fn default_tdp() -> f64 {
+    700.0
+}
+fn default_rapl_range() -> u64 {
+    // The range most Intel packages report.
+    262_143_328_850
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })?;
+        // Relative roots are relative to the config file, so a config and its fixture
+        // tree can travel together.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let a = &mut cfg.agent;
+        for p in [&mut a.sys_root, &mut a.proc_root] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(p) = cfg.cpu.cgroup_root.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
+        }
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            source: Box::new(e),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let i = self.agent.interval;
+        if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&i) {
+            return bad(format!(
+                "agent.interval {} is outside {}..={}",
+                humantime::format_duration(i),
+                humantime::format_duration(MIN_INTERVAL),
+                humantime::format_duration(MAX_INTERVAL)
+            ));
+        }
+        if i.subsec_nanos() % 1_000_000 != 0 {
+            return bad("agent.interval must be a whole number of milliseconds".into());
+        }
+        check_name("agent.cluster", &self.agent.cluster)?;
+        if let Some(node) = &self.agent.node {
+            check_name("agent.node", node)?;
+        }
+        if let Some(t) = self.nvml.timeout {
+            if t.is_zero() {
+                return bad("nvml.timeout must be greater than zero".into());
+            }
+        }
+        for pattern in &self.cpu.job_cgroups {
+            let last = pattern.rsplit('/').next().unwrap_or_default();
+            if !last.starts_with("job_") || pattern.starts_with('/') || pattern.contains("..") {
+                return bad(format!(
+                    "cpu.job_cgroups entry {pattern:?} must be a relative path ending in a job_* component"
+                ));
+            }
+        }
+        let sim = &self.simulated;
+        if !sim.enabled && (!sim.gpu.is_empty() || !sim.rapl.is_empty()) {
+            return bad(
+                "[simulated] lists devices but enabled = false; set enabled = true to use them"
+                    .into(),
+            );
+        }
+        if sim.enabled {
+            if sim.gpu.is_empty() && sim.rapl.is_empty() {
+                return bad("[simulated] is enabled but lists no gpu or rapl devices".into());
+            }
+            if !sim.gpu.is_empty() && self.nvml.enabled {
+                return bad("simulated GPUs need [nvml] enabled = false (their indices would collide with real GPUs)".into());
+            }
+            if !sim.rapl.is_empty() && self.rapl.enabled {
+                return bad("simulated RAPL domains need [rapl] enabled = false (their names would collide with real domains)".into());
+            }
+            for (n, g) in sim.gpu.iter().enumerate() {
+                let at = format!("simulated.gpu[{n}]");
+                match (g.power_w, g.profile.is_empty()) {
+                    (Some(_), false) | (None, true) => {
+                        return bad(format!("{at}: give exactly one of power_w or profile"))
+                    }
+                    _ => {}
+                }
+                let powers = g
+                    .power_w
+                    .into_iter()
+                    .chain(g.profile.iter().map(|s| s.power_w));
+                for p in powers {
+                    check_power(&at, p)?;
+                }
+                if !g.profile.is_empty() {
+                    let Some(period) = g.period else {
+                        return bad(format!("{at}: a profile needs a period"));
+                    };
+                    if g.profile[0].at != Duration::ZERO {
+                        return bad(format!("{at}: the first profile step must be at \"0s\""));
+                    }
+                    let ordered = g.profile.windows(2).all(|w| w[0].at < w[1].at);
+                    if !ordered || g.profile.last().is_some_and(|s| s.at >= period) {
+                        return bad(format!(
+                            "{at}: profile steps must be in increasing order and inside the period"
+                        ));
+                    }
+                    let whole_ms = |d: Duration| d.subsec_nanos() % 1_000_000 == 0;
+                    if !whole_ms(period) || !g.profile.iter().all(|s| whole_ms(s.at)) {
+                        return bad(format!("{at}: profile times must be whole milliseconds"));
+                    }
+                }
+                if !(g.tdp_w.is_finite() && g.tdp_w > 0.0) {
+                    return bad(format!("{at}: tdp_w must be a positive number"));
+                }
+            }
+            for (n, r) in sim.rapl.iter().enumerate() {
+                let at = format!("simulated.rapl[{n}]");
+                check_power(&at, r.power_w)?;
+                if r.max_energy_range_uj == 0 {
+                    return bad(format!("{at}: max_energy_range_uj must be positive"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The node name: configured, or this host's name.
+    pub fn node_name(&self) -> Result<String, ConfigError> {
+        match &self.agent.node {
+            Some(n) => Ok(n.clone()),
+            None => {
+                let raw = std::fs::read_to_string(self.agent.proc_root.join("sys/kernel/hostname"))
+                    .map_err(|e| {
+                        ConfigError::Invalid(format!(
+                            "agent.node is not set and the host name cannot be read: {e}"
+                        ))
+                    })?;
+                let name = raw.trim().to_string();
+                check_name("host name (set agent.node)", &name)?;
+                Ok(name)
+            }
+        }
+    }
+
+    pub fn cgroup_root(&self) -> PathBuf {
+        self.cpu
+            .cgroup_root
+            .clone()
+            .unwrap_or_else(|| self.agent.sys_root.join("fs/cgroup"))
+    }
+
+    pub fn nvml_timeout(&self) -> Duration {
+        self.nvml.timeout.unwrap_or(self.agent.interval / 2)
+    }
+}
+
+/// Cluster and node names become MQTT topic levels and InfluxDB tags: keep them plain.
+fn check_name(what: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "{what} {v:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."
+        )))
+    }
+}
+
+fn check_power(at: &str, p: f64) -> Result<(), ConfigError> {
+    if p.is_finite() && (0.0..=100_000.0).contains(&p) {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "{at}: power {p} W must be between 0 and 100000"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[agent]\ncluster = \"c1\"\nnode = \"n1\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.agent.interval, Duration::from_secs(1));
+        assert_eq!(c.agent.sys_root, PathBuf::from("/sys"));
+        assert!(c.nvml.enabled && c.cpu.enabled && c.rapl.enabled);
+        assert!(!c.simulated.enabled);
+        assert_eq!(c.cgroup_root(), PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(c.nvml_timeout(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let err = Config::parse(&format!("{MIN}intervall = \"1s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("intervall"), "{err}");
+        let err = Config::parse(&format!("{MIN}[rapl]\nenable = true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("enable"), "{err}");
+    }
+
+    #[test]
+    fn interval_bounds() {
+        let with =
+            |i: &str| Config::parse(&MIN.replace("n1\"\n", &format!("n1\"\ninterval = \"{i}\"\n")));
+        assert!(with("10ms").is_ok());
+        assert!(with("5m").is_ok());
+        assert!(with("9ms").unwrap_err().to_string().contains("outside"));
+        assert!(with("2h").is_err());
+        assert!(with("10500us")
+            .unwrap_err()
+            .to_string()
+            .contains("milliseconds"));
+        assert!(with("fast").is_err());
+    }
+
+    #[test]
+    fn names_must_be_topic_and_tag_safe() {
+        for bad in ["a b", "a/b", "", "a+b", "x\\"] {
+            let text = MIN.replace("\"n1\"", &format!("{bad:?}"));
+            assert!(Config::parse(&text).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn simulated_needs_explicit_enable_and_no_collision() {
+        let gpu = "[[simulated.gpu]]\npower_w = 300.0\n";
+        let err = Config::parse(&format!("{MIN}{gpu}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("enabled = false"), "{err}");
+        let err = Config::parse(&format!("{MIN}[simulated]\nenabled = true\n{gpu}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[nvml] enabled = false"), "{err}");
+        let ok = format!("{MIN}[nvml]\nenabled = false\n[simulated]\nenabled = true\n{gpu}");
+        assert!(Config::parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn simulated_profile_is_checked() {
+        let base = format!(
+            "{MIN}[nvml]\nenabled = false\n[simulated]\nenabled = true\n[[simulated.gpu]]\n"
+        );
+        let good = "period = \"60s\"\nprofile = [{ at = \"0s\", power_w = 100.0 }, { at = \"30s\", power_w = 600.0 }]\n";
+        assert!(Config::parse(&format!("{base}{good}")).is_ok());
+        for bad in [
+            "profile = [{ at = \"0s\", power_w = 100.0 }]\n",
+            "period = \"60s\"\nprofile = [{ at = \"5s\", power_w = 100.0 }]\n",
+            "period = \"60s\"\nprofile = [{ at = \"0s\", power_w = 1.0 }, { at = \"60s\", power_w = 2.0 }]\n",
+            "period = \"60s\"\nprofile = [{ at = \"0s\", power_w = -1.0 }]\n",
+            "power_w = 1.0\nperiod = \"60s\"\nprofile = [{ at = \"0s\", power_w = 1.0 }]\n",
+            "model = \"x\"\n",
+        ] {
+            assert!(Config::parse(&format!("{base}{bad}")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn job_cgroup_patterns_are_checked() {
+        let err = Config::parse(&format!("{MIN}[cpu]\njob_cgroups = [\"/abs/job_*\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("job_cgroups"), "{err}");
+        assert!(Config::parse(&format!("{MIN}[cpu]\njob_cgroups = [\"slurm/uid_*\"]\n")).is_err());
+    }
+
+    #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("agent") && name.ends_with(".toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "expected agent.toml and agent-simulated.toml");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden.toml");
+        let c = Config::load(&fixture).unwrap();
+        assert!(
+            c.agent.sys_root.is_absolute(),
+            "relative roots resolved against the file"
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! nodewatt agent: samples node telemetry and emits it as `nodewatt_wire::Sample`s.
+
+pub mod config;
+pub mod counter;
+pub mod sampler;
+pub mod schedule;
+pub mod sources;
+pub mod sysfs;
+
+#[cfg(test)]
+pub mod testutil;

@@ -1,0 +1,130 @@
+//! Builds the enabled sources from the config and turns one tick into one [`Sample`].
+
+use std::time::Instant;
+
+use nodewatt_wire::{Sample, SourceStatus};
+
+use crate::config::Config;
+use crate::sources::{
+    cpu::CpuSource, hwmon::Hwmon, nvml::NvmlSource, rapl::Rapl, simulated::Simulated,
+    thermal::Thermal, Inventory, Source, TickMs,
+};
+
+pub const AGENT: &str = concat!("nodewatt-agent/", env!("CARGO_PKG_VERSION"));
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(String);
+
+/// Creates every enabled source. A source that is enabled but cannot even be set up
+/// because of the configuration (a missing root) is an error, never silently skipped;
+/// hardware that is simply absent is reported by the source itself.
+pub fn build_sources(cfg: &Config, node: &str) -> Result<Vec<Box<dyn Source>>, BuildError> {
+    let a = &cfg.agent;
+    for (key, root) in [
+        ("agent.sys_root", &a.sys_root),
+        ("agent.proc_root", &a.proc_root),
+    ] {
+        if !root.is_dir() {
+            return Err(BuildError(format!(
+                "{key} {} is not a directory",
+                root.display()
+            )));
+        }
+    }
+    let mut sources: Vec<Box<dyn Source>> = Vec::new();
+    if cfg.nvml.enabled {
+        sources.push(Box::new(NvmlSource::start(
+            cfg.nvml_timeout(),
+            cfg.nvml.processes,
+        )));
+    }
+    if cfg.simulated.enabled {
+        tracing::warn!("simulated source enabled: its GPUs and RAPL domains are not real hardware");
+        sources.push(Box::new(Simulated::new(&cfg.simulated, node)));
+    }
+    if cfg.cpu.enabled {
+        let cpu = CpuSource::open(&a.proc_root, cfg.cgroup_root(), cfg.cpu.job_cgroups.clone())
+            .map_err(|e| BuildError(format!("cpu source: {e}")))?;
+        sources.push(Box::new(cpu));
+    }
+    if cfg.rapl.enabled {
+        sources.push(Box::new(Rapl::discover(&a.sys_root)));
+    }
+    if cfg.hwmon.enabled {
+        sources.push(Box::new(Hwmon::discover(&a.sys_root)));
+    }
+    if cfg.thermal.enabled {
+        sources.push(Box::new(Thermal::discover(&a.sys_root)));
+    }
+    Ok(sources)
+}
+
+pub struct Sampler {
+    sources: Vec<Box<dyn Source>>,
+    /// Last error per source, so a failure is logged when it starts or changes, not on
+    /// every tick.
+    last_error: Vec<Option<String>>,
+    template: Sample,
+}
+
+impl Sampler {
+    pub fn new(
+        sources: Vec<Box<dyn Source>>,
+        cluster: String,
+        node: String,
+        interval_ms: u64,
+        agent_start_ms: u64,
+    ) -> Sampler {
+        Sampler {
+            last_error: vec![None; sources.len()],
+            sources,
+            template: Sample::new(AGENT, &cluster, &node, interval_ms, agent_start_ms),
+        }
+    }
+
+    pub fn inventories(&self) -> Vec<(&'static str, Inventory)> {
+        self.sources
+            .iter()
+            .map(|s| (s.name(), s.inventory()))
+            .collect()
+    }
+
+    /// Reads every source for the tick at `at`; the sequence number advances by one.
+    pub fn sample(&mut self, at: TickMs) -> Sample {
+        let mut s = self.template.clone();
+        s.ts_ms = at;
+        self.template.seq += 1;
+        for (i, src) in self.sources.iter_mut().enumerate() {
+            let started = Instant::now();
+            let result = src.read(at, &mut s);
+            let read_us = started.elapsed().as_micros() as u64;
+            let (ok, devices, error) = match result {
+                Ok(n) => (true, n, None),
+                Err(e) => (false, 0, Some(e.0)),
+            };
+            if error != self.last_error[i] {
+                match &error {
+                    Some(e) => tracing::warn!(source = src.name(), "{e}"),
+                    None => tracing::info!(source = src.name(), "source recovered"),
+                }
+                self.last_error[i] = error.clone();
+            }
+            s.sources.push(SourceStatus {
+                name: src.name().to_string(),
+                ok,
+                read_us,
+                devices,
+                error,
+            });
+        }
+        s
+    }
+
+    /// Reads every source once without publishing (so the first published sample has
+    /// rates); the sequence number is left alone.
+    pub fn prime(&mut self, at: TickMs) {
+        self.sample(at);
+        self.template.seq -= 1;
+    }
+}

@@ -1,0 +1,290 @@
+//! hwmon sensors (`<sys>/class/hwmon/hwmon*`): temperatures, fans, and power and energy
+//! meters such as ACPI `power_meter`, which gives whole-node power on many servers.
+
+use std::path::Path;
+
+use nodewatt_wire::{HwmonSensor, Sample, SensorKind};
+
+use super::{Inventory, Source, SourceError, TickMs};
+use crate::sysfs::{self, AttrFile};
+
+struct Channel {
+    chip: String,
+    device: String,
+    sensor: String,
+    label: Option<String>,
+    kind: SensorKind,
+    file: Result<AttrFile, String>,
+}
+
+pub struct Hwmon {
+    channels: Vec<Channel>,
+    chips: usize,
+    absent: Option<String>,
+}
+
+/// Which attribute file carries a channel's value, and its kind.
+/// Power meters expose either `powerN_input` or `powerN_average`; `input` wins.
+fn classify(file: &str) -> Option<(String, SensorKind, u8)> {
+    let (chan, attr) = file.split_once('_')?;
+    let kind = if chan.starts_with("temp") {
+        SensorKind::Temp
+    } else if chan.starts_with("fan") {
+        SensorKind::Fan
+    } else if chan.starts_with("power") {
+        SensorKind::Power
+    } else if chan.starts_with("energy") {
+        SensorKind::Energy
+    } else {
+        return None;
+    };
+    let digits = chan.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let rank = match (kind, attr) {
+        (_, "input") => 0,
+        (SensorKind::Power, "average") => 1,
+        _ => return None,
+    };
+    Some((chan.to_string(), kind, rank))
+}
+
+/// Converts a raw hwmon value to the wire unit of its kind (sysfs-interface ABI units).
+pub fn to_value(kind: SensorKind, raw: i64) -> (Option<f64>, Option<u64>) {
+    match kind {
+        SensorKind::Temp => (Some(raw as f64 / 1000.0), None), // millidegree C
+        SensorKind::Fan => (Some(raw as f64), None),           // RPM
+        SensorKind::Power => (Some(raw as f64 / 1_000_000.0), None), // microwatt
+        SensorKind::Energy => (None, u64::try_from(raw).ok()), // microjoule
+    }
+}
+
+fn chip_channels(device: &str, dir: &Path) -> Vec<Channel> {
+    // Older drivers keep the attributes in the parent device directory.
+    let attrs = if dir.join("name").exists() {
+        dir.to_path_buf()
+    } else {
+        dir.join("device")
+    };
+    let chip = sysfs::read_string(&attrs.join("name")).unwrap_or_else(|_| device.to_string());
+    let Ok(entries) = sysfs::sorted_entries(&attrs) else {
+        return Vec::new();
+    };
+    let mut chosen: Vec<(String, SensorKind, u8, String)> = Vec::new();
+    for (file, _) in entries {
+        let Some((chan, kind, rank)) = classify(&file) else {
+            continue;
+        };
+        match chosen.iter_mut().find(|c| c.0 == chan) {
+            Some(c) if rank < c.2 => *c = (chan, kind, rank, file),
+            Some(_) => {}
+            None => chosen.push((chan, kind, rank, file)),
+        }
+    }
+    chosen
+        .into_iter()
+        .map(|(chan, kind, _, file)| {
+            let path = attrs.join(&file);
+            let label = sysfs::read_string(&attrs.join(format!("{chan}_label"))).ok();
+            Channel {
+                chip: chip.clone(),
+                device: device.to_string(),
+                file: AttrFile::open(path.clone())
+                    .map_err(|e| format!("{device} ({chip}) {}", sysfs::describe(&path, &e))),
+                sensor: chan,
+                label,
+                kind,
+            }
+        })
+        .collect()
+}
+
+impl Hwmon {
+    pub fn discover(sys_root: &Path) -> Hwmon {
+        let class = sys_root.join("class/hwmon");
+        match sysfs::sorted_entries(&class) {
+            Ok(devices) => Hwmon {
+                chips: devices.len(),
+                channels: devices
+                    .iter()
+                    .flat_map(|(name, path)| chip_channels(name, path))
+                    .collect(),
+                absent: None,
+            },
+            Err(e) => Hwmon {
+                channels: Vec::new(),
+                chips: 0,
+                absent: Some(format!("no hwmon class ({})", sysfs::describe(&class, &e))),
+            },
+        }
+    }
+}
+
+impl Source for Hwmon {
+    fn name(&self) -> &'static str {
+        "hwmon"
+    }
+
+    fn inventory(&self) -> Inventory {
+        let count = |k| self.channels.iter().filter(|c| c.kind == k).count();
+        Inventory {
+            devices: self.channels.iter().filter(|c| c.file.is_ok()).count() as u32,
+            summary: format!(
+                "{} chips: {} temperature, {} fan, {} power, {} energy sensors",
+                self.chips,
+                count(SensorKind::Temp),
+                count(SensorKind::Fan),
+                count(SensorKind::Power),
+                count(SensorKind::Energy)
+            ),
+            problems: self
+                .channels
+                .iter()
+                .filter_map(|c| c.file.as_ref().err().cloned())
+                .collect(),
+            unavailable: self.absent.clone(),
+        }
+    }
+
+    fn read(&mut self, _at: TickMs, out: &mut Sample) -> Result<u32, SourceError> {
+        if let Some(why) = &self.absent {
+            return Err(SourceError(why.clone()));
+        }
+        let mut good = 0;
+        for c in &self.channels {
+            let mut s = HwmonSensor {
+                chip: c.chip.clone(),
+                device: c.device.clone(),
+                sensor: c.sensor.clone(),
+                label: c.label.clone(),
+                kind: c.kind,
+                value: None,
+                energy_uj: None,
+                error: None,
+            };
+            match c.file.as_ref().map(|f| (f, f.read_i64())) {
+                Ok((_, Ok(raw))) => {
+                    (s.value, s.energy_uj) = to_value(c.kind, raw);
+                    good += 1;
+                }
+                // Sensors that are switched off answer ENODATA or EIO on every read.
+                Ok((f, Err(e))) => s.error = Some(sysfs::describe(f.path(), &e)),
+                Err(why) => s.error = Some(why.clone()),
+            }
+            out.hwmon.push(s);
+        }
+        Ok(good)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{empty_sample, fixture_copy};
+
+    #[test]
+    fn classifies_attribute_files() {
+        assert_eq!(
+            classify("temp1_input"),
+            Some(("temp1".into(), SensorKind::Temp, 0))
+        );
+        assert_eq!(
+            classify("power1_average"),
+            Some(("power1".into(), SensorKind::Power, 1))
+        );
+        assert_eq!(
+            classify("energy12_input"),
+            Some(("energy12".into(), SensorKind::Energy, 0))
+        );
+        assert_eq!(classify("temp1_label"), None);
+        assert_eq!(classify("temp1_max"), None);
+        assert_eq!(classify("fan1_average"), None);
+        assert_eq!(classify("in0_input"), None);
+        assert_eq!(classify("temperature_input"), None);
+    }
+
+    #[test]
+    fn converts_units() {
+        assert_eq!(to_value(SensorKind::Temp, 45_500), (Some(45.5), None));
+        assert_eq!(to_value(SensorKind::Temp, -5_000), (Some(-5.0), None));
+        assert_eq!(
+            to_value(SensorKind::Power, 412_000_000),
+            (Some(412.0), None)
+        );
+        assert_eq!(to_value(SensorKind::Energy, 9_000), (None, Some(9_000)));
+        assert_eq!(to_value(SensorKind::Energy, -1), (None, None));
+    }
+
+    #[test]
+    fn reads_every_chip_of_the_fixture() {
+        let fx = fixture_copy();
+        let mut h = Hwmon::discover(&fx.sys());
+        let inv = h.inventory();
+        assert_eq!(
+            inv.summary,
+            "6 chips: 4 temperature, 2 fan, 1 power, 2 energy sensors"
+        );
+        let mut s = empty_sample();
+        // fan2 of nct6775 reads as no number, like a switched-off sensor: an error, not 0.
+        assert_eq!(h.read(0, &mut s).unwrap(), 8);
+        // chip, sensor, label, value, energy_uj, has error
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            Option<&'a str>,
+            Option<f64>,
+            Option<u64>,
+            bool,
+        );
+        let rows: Vec<Row> = s
+            .hwmon
+            .iter()
+            .map(|x| {
+                (
+                    x.chip.as_str(),
+                    x.sensor.as_str(),
+                    x.label.as_deref(),
+                    x.value,
+                    x.energy_uj,
+                    x.error.is_some(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("acpitz", "temp1", None, Some(27.8), None, false),
+                (
+                    "coretemp",
+                    "temp1",
+                    Some("Package id 0"),
+                    Some(52.0),
+                    None,
+                    false
+                ),
+                ("coretemp", "temp2", Some("Core 0"), Some(49.0), None, false),
+                ("nct6775", "fan1", None, Some(1830.0), None, false),
+                ("nct6775", "fan2", None, None, None, true),
+                ("power_meter", "power1", None, Some(412.5), None, false),
+                (
+                    "amd_energy",
+                    "energy1",
+                    Some("Esocket0"),
+                    None,
+                    Some(123_456_789),
+                    false
+                ),
+                (
+                    "amd_energy",
+                    "energy2",
+                    Some("Ecore000"),
+                    None,
+                    Some(98_765),
+                    false
+                ),
+                ("w83627ehf", "temp1", None, Some(38.0), None, false),
+            ]
+        );
+    }
+}

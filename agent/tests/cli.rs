@@ -1,0 +1,218 @@
+//! The agent binary end to end on the fixture tree: golden `once` output, `check`, `run`
+//! and configuration errors.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nodewatt_wire::Sample;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nodewatt-agent");
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn agent(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("agent runs")
+}
+
+/// Read durations are the only non-deterministic part of a fixed-clock sample.
+fn normalise(mut s: Sample) -> Sample {
+    for src in &mut s.sources {
+        src.read_us = 0;
+    }
+    s
+}
+
+/// Set NODEWATT_UPDATE_GOLDEN=1 to rewrite tests/golden/once.json after an intended change.
+#[test]
+fn once_matches_golden_file() {
+    let config = fixtures().join("golden.toml");
+    let out = agent(&[
+        "once",
+        "--config",
+        config.to_str().unwrap(),
+        "--pretty",
+        "--fake-time-ms",
+        "1763700000500",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sample = normalise(Sample::from_json(&out.stdout).expect("once prints a valid sample"));
+    let actual = serde_json::to_string_pretty(&sample).unwrap() + "\n";
+
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/once.json");
+    if std::env::var_os("NODEWATT_UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
+        std::fs::write(&golden, &actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&golden)
+        .expect("golden file exists (NODEWATT_UPDATE_GOLDEN=1 creates it)");
+    assert_eq!(
+        actual,
+        expected,
+        "once output differs from {}; if intended, rerun with NODEWATT_UPDATE_GOLDEN=1",
+        golden.display()
+    );
+
+    // What the golden file must show, independent of its exact bytes.
+    assert_eq!(sample.node, "fixture-node", "node name from the host name");
+    assert_eq!(
+        sample.ts_ms, 1_763_700_002_000,
+        "second aligned tick after the start"
+    );
+    assert_eq!(sample.seq, 0);
+    let names: Vec<&str> = sample.sources.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["simulated", "cpu", "rapl", "hwmon", "thermal"]);
+    assert!(sample.sources.iter().all(|s| s.ok));
+    assert_eq!(sample.gpus.len(), 2);
+    assert_eq!(sample.rapl.len(), 5);
+    assert_eq!(sample.hwmon.len(), 9);
+    assert_eq!(sample.thermal.len(), 2);
+    assert_eq!(sample.cpu.as_ref().unwrap().jobs.len(), 2);
+}
+
+#[test]
+fn once_is_one_json_line_by_default() {
+    let config = fixtures().join("golden.toml");
+    let out = agent(&[
+        "once",
+        "-c",
+        config.to_str().unwrap(),
+        "--fake-time-ms",
+        "1000",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 1);
+    Sample::from_json(text.as_bytes()).unwrap();
+}
+
+#[test]
+fn check_lists_sources_devices_and_reasons() {
+    let config = fixtures().join("golden.toml");
+    let out = agent(&["check", "--config", config.to_str().unwrap(), "--strict"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "cluster fixture, node fixture-node, interval 1s",
+        "simulated  ok           SIMULATED: 2 GPUs, 0 RAPL domains (not real hardware)",
+        "cpu        ok           4 CPUs; cgroup v2",
+        "2 job cgroups",
+        "rapl       ok           5 domains: intel-rapl:0 package-0, intel-rapl:0:0 core, intel-rapl:0:1 dram, intel-rapl:1 package-1, intel-rapl:2 psys",
+        "hwmon      ok           6 chips: 4 temperature, 2 fan, 1 power, 2 energy sensors",
+        "thermal    ok           2 zones: acpitz, x86_pkg_temp",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn check_strict_fails_when_a_source_is_unavailable() {
+    // A sys root with no powercap, hwmon or thermal classes.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sys")).unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\ncluster = \"c\"\nnode = \"n\"\nsys_root = \"sys\"\nproc_root = {:?}\n[nvml]\nenabled = false\n",
+            fixtures().join("node/proc")
+        ),
+    )
+    .unwrap();
+    let loose = agent(&["check", "-c", cfg.to_str().unwrap()]);
+    assert!(loose.status.success());
+    let strict = agent(&["check", "-c", cfg.to_str().unwrap(), "--strict"]);
+    assert_eq!(strict.status.code(), Some(1));
+    let text = String::from_utf8(strict.stdout).unwrap();
+    assert!(
+        text.contains("rapl       UNAVAILABLE  no powercap zones"),
+        "{text}"
+    );
+}
+
+#[test]
+fn config_errors_name_the_problem_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, "[agent]\ncluster = \"c\"\nintervall = \"1s\"\n").unwrap();
+    let out = agent(&["once", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("unknown field `intervall`"), "{err}");
+    assert!(err.contains("agent.toml"), "{err}");
+
+    let out = agent(&["check", "-c", "/nonexistent/agent.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("cannot read config"));
+
+    std::fs::write(
+        &cfg,
+        "[agent]\ncluster = \"c\"\nnode = \"n\"\nsys_root = \"/nonexistent\"\n",
+    )
+    .unwrap();
+    let out = agent(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("agent.sys_root /nonexistent is not a directory"),
+        "{err}"
+    );
+}
+
+/// `run` at a 20 ms interval: consecutive sequence numbers on consecutive aligned ticks.
+#[test]
+fn run_emits_aligned_consecutive_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    let golden = std::fs::read_to_string(fixtures().join("golden.toml")).unwrap();
+    let node = fixtures().join("node");
+    let text = golden
+        .replace("interval = \"1s\"", "interval = \"20ms\"")
+        .replace("\"node/sys\"", &format!("{:?}", node.join("sys")))
+        .replace("\"node/proc\"", &format!("{:?}", node.join("proc")));
+    std::fs::write(&cfg, text).unwrap();
+
+    let mut child = Command::new(BIN)
+        .args(["run", "-c", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < 10 && started.elapsed() < Duration::from_secs(30) {
+        let line = lines.next().expect("agent keeps running").unwrap();
+        samples.push(Sample::from_json(line.as_bytes()).unwrap());
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    assert_eq!(samples.len(), 10);
+    for (i, s) in samples.iter().enumerate() {
+        assert_eq!(s.seq, i as u64);
+        assert_eq!(s.ts_ms % 20, 0, "aligned to the interval");
+        assert_eq!(s.interval_ms, 20);
+    }
+    // A loaded machine may skip a tick, never repeat or reorder one.
+    assert!(samples.windows(2).all(|w| w[1].ts_ms > w[0].ts_ms));
+    // Simulated energy advances exactly as power x elapsed time (350 W = 350 mJ/ms).
+    let (a, b) = (&samples[0], &samples[9]);
+    let de = b.gpus[0].energy_mj.unwrap() - a.gpus[0].energy_mj.unwrap();
+    assert_eq!(de, 350 * (b.ts_ms - a.ts_ms));
+    // From the second sample on, CPU utilisation and RAPL power are rates.
+    assert!(samples[1].rapl.iter().all(|d| d.power_w == Some(0.0)));
+}
