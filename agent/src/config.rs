@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nodewatt_common::mqtt::MqttConfig;
 use serde::Deserialize;
+
+use crate::queue::MAX_CAPACITY;
 
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
@@ -41,6 +44,38 @@ pub struct Config {
     pub thermal: Toggle,
     #[serde(default)]
     pub simulated: SimulatedConfig,
+    /// Publish to this broker; without it `run` writes JSON lines to stdout.
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Samples kept until acknowledged; when full, the oldest are merged (energy kept).
+    #[serde(default = "default_outbox_capacity")]
+    pub capacity: usize,
+    /// Samples published and awaiting their PubAck at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+fn default_outbox_capacity() -> usize {
+    1024
+}
+fn default_max_in_flight() -> usize {
+    32
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            capacity: default_outbox_capacity(),
+            max_in_flight: default_max_in_flight(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +278,9 @@ impl Config {
         if let Some(p) = cfg.cpu.cgroup_root.as_mut().filter(|p| p.is_relative()) {
             *p = base.join(&*p);
         }
+        if let Some(m) = cfg.mqtt.as_mut() {
+            m.resolve_paths(base);
+        }
         Ok(cfg)
     }
 
@@ -277,6 +315,17 @@ impl Config {
             if t.is_zero() {
                 return bad("nvml.timeout must be greater than zero".into());
             }
+        }
+        if let Some(m) = &self.mqtt {
+            m.validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        let o = &self.outbox;
+        if !(16..=MAX_CAPACITY).contains(&o.capacity) {
+            return bad(format!("outbox.capacity must be 16..={MAX_CAPACITY}"));
+        }
+        if o.max_in_flight == 0 || o.max_in_flight > o.capacity / 2 {
+            return bad("outbox.max_in_flight must be 1..=capacity/2".into());
         }
         for pattern in &self.cpu.job_cgroups {
             let last = pattern.rsplit('/').next().unwrap_or_default();
@@ -489,6 +538,23 @@ mod tests {
             "model = \"x\"\n",
         ] {
             assert!(Config::parse(&format!("{base}{bad}")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mqtt_and_outbox_sections() {
+        let c = Config::parse(MIN).unwrap();
+        assert!(c.mqtt.is_none());
+        assert_eq!((c.outbox.capacity, c.outbox.max_in_flight), (1024, 32));
+        let c = Config::parse(&format!("{MIN}[mqtt]\nhost = \"broker\"\n")).unwrap();
+        assert_eq!(c.mqtt.unwrap().port(), 1883);
+        for bad in [
+            "[mqtt]\npassword_file = \"p\"\n",
+            "[mqtt]\nprot = 1\n",
+            "[outbox]\ncapacity = 8\n",
+            "[outbox]\ncapacity = 64\nmax_in_flight = 40\n",
+        ] {
+            assert!(Config::parse(&format!("{MIN}{bad}")).is_err(), "{bad}");
         }
     }
 

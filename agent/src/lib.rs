@@ -2,6 +2,9 @@
 
 pub mod config;
 pub mod counter;
+pub mod deltas;
+pub mod publish;
+pub mod queue;
 pub mod sampler;
 pub mod schedule;
 pub mod sources;

@@ -6,8 +6,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use nodewatt_agent::config::Config;
+use nodewatt_agent::publish::{self, PublisherSettings};
 use nodewatt_agent::sampler::{build_sources, Sampler};
 use nodewatt_agent::schedule::{self, Clock};
+use nodewatt_wire::Sample;
 
 /// nodewatt per-node agent: samples GPU (NVML), CPU, RAPL, hwmon and thermal telemetry at
 /// wall-clock-aligned instants and emits one versioned JSON message per sample.
@@ -25,11 +27,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Sample forever at the configured interval, writing one JSON message per line to stdout.
+    /// Sample at the configured interval and publish each sample to the MQTT broker of the
+    /// [mqtt] section, or, without one, write one JSON message per line to stdout.
+    /// Stops on SIGTERM or SIGINT, marking the node offline.
     Run {
         /// Agent configuration file (TOML).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Stop after this many samples, once all of them are acknowledged by the broker
+        /// (for tests and benchmarks).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Write JSON lines to stdout even if the config has an [mqtt] section.
+        #[arg(long)]
+        stdout: bool,
     },
     /// Take one sample and print it as JSON. Sources are read at two consecutive ticks so
     /// that rates (CPU utilisation, RAPL power) cover one interval.
@@ -68,7 +79,11 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            count,
+            stdout,
+        } => run(&config, count, stdout),
         Command::Once {
             config,
             pretty,
@@ -99,10 +114,7 @@ fn load(path: &Path, clock: &Clock) -> anyhow::Result<(Config, Sampler)> {
     Ok((cfg, sampler))
 }
 
-fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let mut clock = Clock::Real;
-    let (cfg, mut sampler) = load(path, &clock)?;
-    let interval = cfg.agent.interval.as_millis() as u64;
+fn log_inventory(sampler: &Sampler) {
     for (name, inv) in sampler.inventories() {
         match &inv.unavailable {
             Some(why) => tracing::warn!(source = name, "{why}"),
@@ -112,16 +124,24 @@ fn run(path: &Path) -> anyhow::Result<ExitCode> {
             tracing::warn!(source = name, "{p}");
         }
     }
-    tracing::info!(interval_ms = interval, "sampling");
-    let stdout = std::io::stdout();
+}
+
+/// Samples at aligned ticks until `count` samples were taken or `emit` returns false.
+fn sample_loop(
+    mut sampler: Sampler,
+    interval: u64,
+    count: Option<u64>,
+    mut emit: impl FnMut(Sample) -> bool,
+) {
+    let mut clock = Clock::Real;
     let mut tick = schedule::next_tick(clock.now_ms(), interval);
-    loop {
+    let mut taken = 0;
+    while count.is_none_or(|c| taken < c) {
         clock.sleep_until(tick);
-        let sample = sampler.sample(tick);
-        let mut out = stdout.lock();
-        writeln!(out, "{}", sample.to_json())
-            .and_then(|_| out.flush())
-            .context("writing to stdout")?;
+        if !emit(sampler.sample(tick)) {
+            return;
+        }
+        taken += 1;
         let skipped;
         (tick, skipped) = schedule::after(tick, clock.now_ms(), interval);
         if skipped > 0 {
@@ -131,6 +151,70 @@ fn run(path: &Path) -> anyhow::Result<ExitCode> {
             );
         }
     }
+}
+
+fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitCode> {
+    let (cfg, sampler) = load(path, &Clock::Real)?;
+    let interval = cfg.agent.interval.as_millis() as u64;
+    log_inventory(&sampler);
+    tracing::info!(interval_ms = interval, "sampling");
+    let Some(mqtt) = cfg.mqtt.as_ref().filter(|_| !to_stdout) else {
+        let stdout = std::io::stdout();
+        let mut failed = None;
+        sample_loop(sampler, interval, count, |s| {
+            let mut out = stdout.lock();
+            let r = writeln!(out, "{}", s.to_json()).and_then(|_| out.flush());
+            failed = r.err();
+            failed.is_none()
+        });
+        return match failed {
+            Some(e) => Err(e).context("writing to stdout"),
+            None => Ok(ExitCode::SUCCESS),
+        };
+    };
+
+    nodewatt_common::install_tls_provider();
+    let node = cfg.node_name()?;
+    let settings = PublisherSettings {
+        options: mqtt.options(&format!("nodewatt-agent-{}-{node}", cfg.agent.cluster))?,
+        cluster: cfg.agent.cluster.clone(),
+        node,
+        outbox_capacity: cfg.outbox.capacity,
+        max_in_flight: cfg.outbox.max_in_flight,
+        reconnect_initial: mqtt.reconnect_initial,
+        reconnect_max: mqtt.reconnect_max,
+    };
+    // Sampling runs on its own thread and never waits for the network; the
+    // single-threaded runtime only moves samples to the broker.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("sampler".into())
+        .spawn(move || sample_loop(sampler, interval, count, |s| tx.send(s).is_ok()))
+        .context("starting the sampling thread")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let stats = runtime.block_on(async {
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("stopping");
+        };
+        publish::run(settings, rx, shutdown).await
+    });
+    tracing::info!(
+        acked = stats.acked,
+        merges = stats.merges,
+        reconnects = stats.reconnects,
+        "stopped"
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn once(path: &Path, pretty: bool, fake_time_ms: Option<u64>) -> anyhow::Result<ExitCode> {

@@ -5,6 +5,7 @@ use std::time::Instant;
 use nodewatt_wire::{Sample, SourceStatus};
 
 use crate::config::Config;
+use crate::deltas::Deltas;
 use crate::sources::{
     cpu::CpuSource, hwmon::Hwmon, nvml::NvmlSource, rapl::Rapl, simulated::Simulated,
     thermal::Thermal, Inventory, Source, TickMs,
@@ -65,6 +66,7 @@ pub struct Sampler {
     /// Last error per source, so a failure is logged when it starts or changes, not on
     /// every tick.
     last_error: Vec<Option<String>>,
+    deltas: Deltas,
     template: Sample,
 }
 
@@ -77,7 +79,10 @@ impl Sampler {
         agent_start_ms: u64,
     ) -> Sampler {
         Sampler {
-            last_error: vec![None; sources.len()],
+            // Start-up already logged unavailable sources; their first failing sample
+            // must not log the same reason again.
+            last_error: sources.iter().map(|s| s.inventory().unavailable).collect(),
+            deltas: Deltas::default(),
             sources,
             template: Sample::new(AGENT, &cluster, &node, interval_ms, agent_start_ms),
         }
@@ -118,6 +123,7 @@ impl Sampler {
                 error,
             });
         }
+        self.deltas.apply(&mut s);
         s
     }
 

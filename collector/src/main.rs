@@ -1,29 +1,86 @@
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nodewatt_collector::config::Config;
 use nodewatt_wire::Sample;
 
-/// nodewatt collector: validates agent samples (MQTT ingest into InfluxDB comes next).
+/// nodewatt collector: subscribes to agent samples over MQTT, validates them, and writes
+/// them to InfluxDB, acknowledging each message only once InfluxDB accepted it.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    /// Log filter for stderr (error, warn, info, debug, or a tracing filter); RUST_LOG is
+    /// used when this is not given.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Read samples as JSON lines on stdin (e.g. `nodewatt-agent run` piped in), report each
-    /// invalid line with its reason, and print a count per node at the end. Exits 1 if any
-    /// line was invalid.
+    /// Run the MQTT → InfluxDB pipeline until SIGTERM or SIGINT.
+    Serve {
+        /// Collector configuration file (TOML).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Read samples as JSON lines on stdin (e.g. `nodewatt-agent run` without [mqtt]),
+    /// report each invalid line with its reason, and print a count per node at the end.
+    /// Exits 1 if any line was invalid.
     Validate,
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Validate => validate(std::io::stdin().lock()),
+    let cli = Cli::parse();
+    let filter = match &cli.log_level {
+        Some(f) => tracing_subscriber::EnvFilter::new(f),
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Validate => Ok(validate(std::io::stdin().lock())),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nodewatt-collector: {e:#}");
+            ExitCode::from(2)
+        }
     }
+}
+
+fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(path)?;
+    nodewatt_common::install_tls_provider();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("stopping");
+        };
+        nodewatt_collector::ingest::serve(cfg, shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn validate(input: impl BufRead) -> ExitCode {

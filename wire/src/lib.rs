@@ -31,6 +31,18 @@ pub struct Sample {
     /// Per agent process, starting at 0 and increasing by one per published sample.
     pub seq: u64,
     pub interval_ms: u64,
+    /// Time covered by this sample's `*_delta_*` fields: since the previous sample of this
+    /// agent process (0 on the first). Larger than `interval_ms` after skipped ticks or
+    /// when the agent merged queued samples during an outage.
+    #[serde(default)]
+    pub span_ms: u64,
+    /// How many earlier samples were folded into this one while the agent could not
+    /// publish (their deltas are summed here; their instantaneous readings are gone).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub merged: u32,
+    /// The agent's outbox when this message was sent (absent when not publishing to MQTT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxStats>,
     /// One entry per enabled source, in a fixed order: what it read, how long it took.
     pub sources: Vec<SourceStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -43,6 +55,17 @@ pub struct Sample {
     pub hwmon: Vec<HwmonSensor>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub thermal: Vec<ThermalZone>,
+}
+
+/// The agent's delivery state, stamped on each message as it is sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxStats {
+    /// Samples waiting for a PubAck, this one included.
+    pub len: u32,
+    /// Merges since the agent started (samples folded together because the outbox was full).
+    pub merges: u64,
+    /// Connections to the broker lost since the agent started.
+    pub reconnects: u64,
 }
 
 /// How one source fared in this sample.
@@ -76,6 +99,9 @@ pub struct Gpu {
     /// Energy since the driver loaded, millijoules (cumulative; resets on driver reload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy_mj: Option<u64>,
+    /// Energy over `span_ms`, millijoules; absent on the first sample and after a reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_delta_mj: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temp_c: Option<f64>,
     /// HBM/memory temperature, where the device reports one.
@@ -168,6 +194,10 @@ pub struct RaplDomain {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy_uj: Option<u64>,
     pub max_energy_range_uj: u64,
+    /// Wrap-corrected energy over `span_ms`, microjoules; absent on the first sample and
+    /// after a reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_delta_uj: Option<u64>,
     /// Mean power since the previous sample, from the wrap-corrected counter delta.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_w: Option<f64>,
@@ -226,6 +256,10 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// NVML clock event reason bits (`nvmlClocksEventReason*`, formerly "throttle reasons").
 pub const CLOCK_EVENT_REASONS: &[(u64, &str)] = &[
     (0x1, "gpu_idle"),
@@ -251,6 +285,53 @@ pub fn clock_event_reason_names(mask: u64) -> Vec<String> {
             },
         )
         .collect()
+}
+
+/// Topic root: `nodewatt/v1/<cluster>/<node>/sample` and `.../status`.
+pub const TOPIC_ROOT: &str = "nodewatt/v1";
+
+pub fn sample_topic(cluster: &str, node: &str) -> String {
+    format!("{TOPIC_ROOT}/{cluster}/{node}/sample")
+}
+
+pub fn status_topic(cluster: &str, node: &str) -> String {
+    format!("{TOPIC_ROOT}/{cluster}/{node}/status")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    Sample,
+    Status,
+}
+
+/// `(cluster, node, kind)` of a nodewatt topic, or `None` for anything else.
+pub fn parse_topic(topic: &str) -> Option<(&str, &str, TopicKind)> {
+    let rest = topic.strip_prefix(TOPIC_ROOT)?.strip_prefix('/')?;
+    let mut parts = rest.split('/');
+    let (cluster, node, kind) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || cluster.is_empty() || node.is_empty() {
+        return None;
+    }
+    let kind = match kind {
+        "sample" => TopicKind::Sample,
+        "status" => TopicKind::Status,
+        _ => return None,
+    };
+    Some((cluster, node, kind))
+}
+
+/// Retained on the status topic: `online` when the agent connects, `offline` as its last
+/// will (connection lost) or when it stops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub online: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// When the status was set (absent in the last will, which is written at connect time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +360,9 @@ impl Sample {
             agent_start_ms,
             seq: 0,
             interval_ms,
+            span_ms: 0,
+            merged: 0,
+            outbox: None,
             sources: Vec::new(),
             gpus: Vec::new(),
             cpu: None,
@@ -325,7 +409,7 @@ mod tests {
         let json = s.to_json();
         assert_eq!(
             json,
-            r#"{"schema":1,"agent":"nodewatt-agent/test","cluster":"c","node":"n1","ts_ms":1700000000000,"agent_start_ms":1699999999000,"seq":7,"interval_ms":1000,"sources":[]}"#
+            r#"{"schema":1,"agent":"nodewatt-agent/test","cluster":"c","node":"n1","ts_ms":1700000000000,"agent_start_ms":1699999999000,"seq":7,"interval_ms":1000,"span_ms":0,"sources":[]}"#
         );
         assert_eq!(Sample::from_json(json.as_bytes()).unwrap(), s);
     }
@@ -355,6 +439,29 @@ mod tests {
             Err(WireError::Json(_))
         ));
         assert!(Sample::from_json(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn topics_round_trip() {
+        assert_eq!(sample_topic("c1", "n-1"), "nodewatt/v1/c1/n-1/sample");
+        assert_eq!(
+            parse_topic("nodewatt/v1/c1/n-1/sample"),
+            Some(("c1", "n-1", TopicKind::Sample))
+        );
+        assert_eq!(
+            parse_topic(&status_topic("c", "n")),
+            Some(("c", "n", TopicKind::Status))
+        );
+        for bad in [
+            "nodewatt/v1/c/n",
+            "nodewatt/v1/c/n/sample/x",
+            "nodewatt/v2/c/n/sample",
+            "nodewatt/v1//n/sample",
+            "nodewatt/v1/c/n/other",
+            "nodewatt/v1c/n/sample",
+        ] {
+            assert_eq!(parse_topic(bad), None, "{bad}");
+        }
     }
 
     #[test]

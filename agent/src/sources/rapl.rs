@@ -9,7 +9,6 @@ use std::path::Path;
 use nodewatt_wire::{RaplDomain, Sample};
 
 use super::{Inventory, Source, SourceError, TickMs};
-use crate::counter;
 use crate::sysfs::{self, AttrFile};
 
 const PERMISSION_HINT: &str =
@@ -21,7 +20,6 @@ struct Domain {
     parent: Option<String>,
     max_energy_range_uj: u64,
     energy: Result<AttrFile, String>,
-    last: Option<(TickMs, u64)>,
 }
 
 pub struct Rapl {
@@ -73,7 +71,6 @@ fn open_domain(zone: String, path: &Path) -> Domain {
         name,
         max_energy_range_uj,
         energy,
-        last: None,
     }
 }
 
@@ -83,19 +80,16 @@ fn parent_zone(zone: &str) -> Option<String> {
     head.contains(':').then(|| head.to_string())
 }
 
-/// Mean power over an interval from a counter advance in microjoules.
-pub(crate) fn mean_power_w(delta_uj: u64, elapsed_ms: u64) -> Option<f64> {
-    (elapsed_ms > 0).then(|| delta_uj as f64 / (elapsed_ms as f64 * 1000.0))
-}
-
 impl Domain {
-    fn read(&mut self, at: TickMs) -> RaplDomain {
+    /// The raw counter; deltas and power are derived in `crate::deltas`.
+    fn read(&self) -> RaplDomain {
         let mut out = RaplDomain {
             zone: self.zone.clone(),
             name: self.name.clone(),
             parent: self.parent.clone(),
             energy_uj: None,
             max_energy_range_uj: self.max_energy_range_uj,
+            energy_delta_uj: None,
             power_w: None,
             error: None,
         };
@@ -107,20 +101,8 @@ impl Domain {
             }
         };
         match file.read_u64() {
-            Ok(cur) => {
-                out.energy_uj = Some(cur);
-                let wrap_at = (self.max_energy_range_uj > 0).then_some(self.max_energy_range_uj);
-                if let Some((then, prev)) = self.last {
-                    out.power_w = counter::step(prev, cur, wrap_at)
-                        .delta()
-                        .and_then(|d| mean_power_w(d, at.saturating_sub(then)));
-                }
-                self.last = Some((at, cur));
-            }
-            Err(e) => {
-                out.error = Some(sysfs::describe(file.path(), &e));
-                self.last = None;
-            }
+            Ok(cur) => out.energy_uj = Some(cur),
+            Err(e) => out.error = Some(sysfs::describe(file.path(), &e)),
         }
         out
     }
@@ -153,11 +135,11 @@ impl Source for Rapl {
         }
     }
 
-    fn read(&mut self, at: TickMs, out: &mut Sample) -> Result<u32, SourceError> {
+    fn read(&mut self, _at: TickMs, out: &mut Sample) -> Result<u32, SourceError> {
         if let Some(why) = &self.absent {
             return Err(SourceError(why.clone()));
         }
-        out.rapl.extend(self.domains.iter_mut().map(|d| d.read(at)));
+        out.rapl.extend(self.domains.iter().map(Domain::read));
         Ok(out.rapl.iter().filter(|d| d.energy_uj.is_some()).count() as u32)
     }
 }
@@ -212,38 +194,16 @@ mod tests {
     }
 
     #[test]
-    fn power_across_a_counter_wrap() {
+    fn rereads_the_counter_in_place_each_tick() {
         let fx = fixture_copy();
         let mut rapl = Rapl::discover(&fx.sys());
         rapl.read(1_000, &mut empty_sample()).unwrap();
-        // package-0 sat 328_850 uJ below its range; 2 s later it reads 171_150: 500 mJ.
+        // package-0 wrapped: the raw value is reported as is (deltas handle the wrap).
         fx.write("sys/class/powercap/intel-rapl:0/energy_uj", "171150\n");
         let mut s = empty_sample();
         rapl.read(3_000, &mut s).unwrap();
         assert_eq!(s.rapl[0].energy_uj, Some(171_150));
-        assert_eq!(s.rapl[0].power_w, Some(0.25));
-        // An unchanged counter is zero power, not absent.
-        assert_eq!(s.rapl[1].power_w, Some(0.0));
-    }
-
-    #[test]
-    fn counter_going_back_without_wrap_gives_no_power() {
-        let fx = fixture_copy();
-        let mut rapl = Rapl::discover(&fx.sys());
-        rapl.read(1_000, &mut empty_sample()).unwrap();
-        // dram's range is smaller than its previous value: not a wrap.
-        fx.write(
-            "sys/class/powercap/intel-rapl:0:1/max_energy_range_uj",
-            "1000\n",
-        );
-        let mut rapl = Rapl::discover(&fx.sys());
-        fx.write("sys/class/powercap/intel-rapl:0:1/energy_uj", "900000\n");
-        rapl.read(1_000, &mut empty_sample()).unwrap();
-        fx.write("sys/class/powercap/intel-rapl:0:1/energy_uj", "10\n");
-        let mut s = empty_sample();
-        rapl.read(2_000, &mut s).unwrap();
-        assert_eq!(s.rapl[2].energy_uj, Some(10));
-        assert_eq!(s.rapl[2].power_w, None);
+        assert_eq!(s.rapl[0].power_w, None, "derived later, in deltas");
     }
 
     #[test]

@@ -11,7 +11,6 @@ use nodewatt_wire::{Gpu, RaplDomain, Sample};
 
 use super::{Inventory, Source, SourceError, TickMs};
 use crate::config::{SimGpuConfig, SimRaplConfig, SimulatedConfig};
-use crate::counter;
 
 /// Piecewise-constant power that repeats every `period_ms`.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,7 +92,6 @@ struct SimRapl {
     name: String,
     profile: Profile,
     max_energy_range_uj: u64,
-    last: Option<(TickMs, u64)>,
 }
 
 pub struct Simulated {
@@ -134,7 +132,6 @@ impl Simulated {
                 name: r.name.clone(),
                 profile: Profile::constant(r.power_w),
                 max_energy_range_uj: r.max_energy_range_uj,
-                last: None,
             })
             .collect();
         Simulated { gpus, rapl }
@@ -154,6 +151,7 @@ impl SimGpu {
             simulated: true,
             power_w: Some(power_w),
             energy_mj: Some((self.profile.energy_uj_at(at) / 1000) as u64),
+            energy_delta_mj: None,
             temp_c: Some((30.0 + power_w * 0.05).round()),
             mem_temp_c: Some((35.0 + power_w * 0.05).round()),
             util_pct: Some(util),
@@ -172,21 +170,17 @@ impl SimGpu {
 }
 
 impl SimRapl {
-    fn read(&mut self, at: TickMs) -> RaplDomain {
+    fn read(&self, at: TickMs) -> RaplDomain {
         // Wrapping modulo the range makes the wrap-corrected delta exact.
         let cur = (self.profile.energy_uj_at(at) % u128::from(self.max_energy_range_uj)) as u64;
-        let power_w = self.last.and_then(|(then, prev)| {
-            let d = counter::step(prev, cur, Some(self.max_energy_range_uj)).delta()?;
-            super::rapl::mean_power_w(d, at.saturating_sub(then))
-        });
-        self.last = Some((at, cur));
         RaplDomain {
             zone: self.zone.clone(),
             name: self.name.clone(),
             parent: None,
             energy_uj: Some(cur),
             max_energy_range_uj: self.max_energy_range_uj,
-            power_w,
+            energy_delta_uj: None,
+            power_w: None,
             error: None,
         }
     }
@@ -211,7 +205,7 @@ impl Source for Simulated {
 
     fn read(&mut self, at: TickMs, out: &mut Sample) -> Result<u32, SourceError> {
         out.gpus.extend(self.gpus.iter().map(|g| g.read(at)));
-        out.rapl.extend(self.rapl.iter_mut().map(|r| r.read(at)));
+        out.rapl.extend(self.rapl.iter().map(|r| r.read(at)));
         Ok((self.gpus.len() + self.rapl.len()) as u32)
     }
 }
@@ -315,12 +309,23 @@ mod tests {
     fn rapl_wraps_like_hardware_and_power_stays_exact() {
         // 120 W on a 1 J range: the counter wraps every 8.33 ms of simulated time.
         let mut s = sim("[[simulated.rapl]]\nname = \"package-0\"\npower_w = 120.0\nmax_energy_range_uj = 1000000\n");
-        let mut a = empty_sample();
-        s.read(1_000_005, &mut a).unwrap();
-        let mut b = empty_sample();
-        s.read(1_000_010, &mut b).unwrap();
+        let mut deltas = crate::deltas::Deltas::default();
+        let mut read = |at| {
+            let mut x = empty_sample();
+            x.ts_ms = at;
+            s.read(at, &mut x).unwrap();
+            deltas.apply(&mut x);
+            x
+        };
+        let a = read(1_000_005);
+        let b = read(1_000_010);
         let (ea, eb) = (a.rapl[0].energy_uj.unwrap(), b.rapl[0].energy_uj.unwrap());
         assert!(eb < ea, "this interval crosses the wrap: {ea} -> {eb}");
+        assert_eq!(
+            b.rapl[0].energy_delta_uj,
+            Some(600_000),
+            "120 W for 5 ms, exactly"
+        );
         assert_eq!(b.rapl[0].power_w, Some(120.0));
         assert_eq!(b.rapl[0].name, "package-0");
     }

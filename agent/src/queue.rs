@@ -1,0 +1,358 @@
+//! The agent's bounded outbox. A sample leaves only when the broker acknowledged it
+//! (PubAck); after a reconnect everything not acknowledged is sent again. When full, two
+//! adjacent waiting samples are merged into one, so a long outage costs resolution, never
+//! energy: counters keep the newer values and the additive deltas are summed.
+//!
+//! Which pair merges follows a binary counter: the oldest adjacent pair of equal weight
+//! (same number of samples folded in), else the oldest pair. Old data thus coarsens in
+//! powers of two while recent data keeps full resolution.
+
+use heapless::Deque;
+use nodewatt_wire::Sample;
+
+/// Storage bound of the outbox; the configured capacity may be lower.
+pub const MAX_CAPACITY: usize = 4096;
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    // Boxed: the deque's storage is inline, so entries stay small.
+    sample: Box<Sample>,
+    /// Packet id while published and awaiting its PubAck on the current connection.
+    in_flight: Option<InFlight>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum InFlight {
+    /// Handed to the MQTT client; its packet id is not known yet.
+    Sent,
+    Pkid(u16),
+}
+
+/// In-flight samples are always the oldest (they are taken oldest first and all return to
+/// waiting on a reconnect), and merges touch only waiting ones, so the waiting samples are
+/// a contiguous run at the back. With at most `capacity - 2` in flight, a full outbox
+/// always has an adjacent waiting pair to merge.
+#[derive(Debug)]
+pub struct Outbox {
+    entries: Deque<Entry, MAX_CAPACITY>,
+    capacity: usize,
+    max_in_flight: usize,
+    next_id: u64,
+    pub merges: u64,
+}
+
+impl Outbox {
+    /// `capacity` is clamped to 2..=MAX_CAPACITY and `max_in_flight` to 1..=capacity-2.
+    pub fn new(capacity: usize, max_in_flight: usize) -> Outbox {
+        let capacity = capacity.clamp(3, MAX_CAPACITY);
+        Outbox {
+            entries: Deque::new(),
+            capacity,
+            max_in_flight: max_in_flight.clamp(1, capacity - 2),
+            next_id: 0,
+            merges: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| e.in_flight.is_some())
+            .count()
+    }
+
+    /// Adds a sample, first merging two waiting ones if the outbox is full.
+    pub fn push(&mut self, sample: Sample) {
+        if self.entries.len() >= self.capacity {
+            let merged = self.merge_one();
+            debug_assert!(merged, "a full outbox always has a waiting pair");
+        }
+        let entry = Entry {
+            id: self.next_id,
+            sample: Box::new(sample),
+            in_flight: None,
+        };
+        self.next_id += 1;
+        if self.entries.push_back(entry).is_err() {
+            tracing::error!("outbox full with nothing to merge; sample dropped");
+        }
+    }
+
+    /// Merges the chosen adjacent pair of waiting samples; false if there is none.
+    fn merge_one(&mut self) -> bool {
+        let waiting: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| self.entry(i).in_flight.is_none())
+            .collect();
+        let pairs: Vec<(usize, usize)> = waiting
+            .windows(2)
+            .filter(|w| w[1] == w[0] + 1)
+            .map(|w| (w[0], w[1]))
+            .collect();
+        let chosen = pairs
+            .iter()
+            .find(|(a, b)| self.entry(*a).sample.merged == self.entry(*b).sample.merged)
+            .or(pairs.first());
+        let Some(&(older, newer)) = chosen else {
+            return false;
+        };
+        let removed = self.remove_at(older);
+        merge_into(&removed.sample, &mut self.entry_mut(newer - 1).sample);
+        self.merges += 1;
+        true
+    }
+
+    fn entry(&self, i: usize) -> &Entry {
+        let (a, b) = self.entries.as_slices();
+        if i < a.len() {
+            &a[i]
+        } else {
+            &b[i - a.len()]
+        }
+    }
+
+    fn entry_mut(&mut self, i: usize) -> &mut Entry {
+        let (a, b) = self.entries.as_mut_slices();
+        if i < a.len() {
+            &mut a[i]
+        } else {
+            &mut b[i - a.len()]
+        }
+    }
+
+    fn remove_at(&mut self, i: usize) -> Entry {
+        // Rotate the entries before `i` to the back, pop `i`, and rotate them home again.
+        let n = self.entries.len();
+        for _ in 0..i {
+            let e = self.entries.pop_front().expect("index in range");
+            let _ = self.entries.push_back(e);
+        }
+        let removed = self.entries.pop_front().expect("index in range");
+        for _ in 0..(n - 1 - i) {
+            let e = self.entries.pop_front().expect("index in range");
+            let _ = self.entries.push_back(e);
+        }
+        removed
+    }
+
+    /// The oldest sample not yet handed to the client, unless `max_in_flight` are already
+    /// out; marks it as sent.
+    pub fn take_next(&mut self) -> Option<(u64, &Sample)> {
+        if self.in_flight() >= self.max_in_flight {
+            return None;
+        }
+        let e = self.entries.iter_mut().find(|e| e.in_flight.is_none())?;
+        e.in_flight = Some(InFlight::Sent);
+        Some((e.id, &e.sample))
+    }
+
+    /// Returns a sample taken by `take_next` to waiting (the client could not take it).
+    pub fn release(&mut self, id: u64) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.id == id) {
+            e.in_flight = None;
+        }
+    }
+
+    /// The client wrote sample `id` with packet id `pkid`.
+    pub fn assign_pkid(&mut self, id: u64, pkid: u16) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.id == id) {
+            e.in_flight = Some(InFlight::Pkid(pkid));
+        }
+    }
+
+    /// PubAck for `pkid`: the sample is delivered and leaves the outbox.
+    pub fn ack(&mut self, pkid: u16) -> bool {
+        let pos = (0..self.entries.len())
+            .find(|&i| self.entry(i).in_flight == Some(InFlight::Pkid(pkid)));
+        match pos {
+            Some(i) => {
+                self.remove_at(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Connection lost: nothing is in flight any more; all of it will be sent again.
+    pub fn reset_in_flight(&mut self) {
+        for e in self.entries.iter_mut() {
+            e.in_flight = None;
+        }
+    }
+
+    #[cfg(test)]
+    fn samples(&self) -> Vec<&Sample> {
+        self.entries.iter().map(|e| &*e.sample).collect()
+    }
+}
+
+fn add(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.saturating_add(y)),
+        (x, None) | (None, x) => x,
+    }
+}
+
+/// Folds `older` into `newer`: newer counters and readings, summed deltas and span.
+/// Devices only the older sample has are kept, so their energy is not lost.
+pub fn merge_into(older: &Sample, newer: &mut Sample) {
+    newer.merged = newer.merged.saturating_add(older.merged).saturating_add(1);
+    newer.span_ms = newer.span_ms.saturating_add(older.span_ms);
+    for og in &older.gpus {
+        match newer
+            .gpus
+            .iter_mut()
+            .find(|g| g.index == og.index && g.uuid == og.uuid)
+        {
+            Some(g) => g.energy_delta_mj = add(og.energy_delta_mj, g.energy_delta_mj),
+            None => newer.gpus.push(og.clone()),
+        }
+    }
+    for od in &older.rapl {
+        match newer.rapl.iter_mut().find(|d| d.zone == od.zone) {
+            Some(d) => d.energy_delta_uj = add(od.energy_delta_uj, d.energy_delta_uj),
+            None => newer.rapl.push(od.clone()),
+        }
+    }
+    // Mean power over the merged span, from the summed delta.
+    for d in &mut newer.rapl {
+        if let (Some(uj), true) = (d.energy_delta_uj, newer.span_ms > 0) {
+            d.power_w = Some(uj as f64 / (newer.span_ms as f64 * 1000.0));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodewatt_wire::{Gpu, RaplDomain};
+
+    fn sample(seq: u64) -> Sample {
+        let mut s = Sample::new("t", "c", "n", 1000, 0);
+        s.seq = seq;
+        s.ts_ms = 1_000 * (seq + 1);
+        s.span_ms = 1_000;
+        s.gpus.push(Gpu {
+            index: 0,
+            uuid: "GPU-a".into(),
+            energy_mj: Some(350_000 * (seq + 1)),
+            energy_delta_mj: Some(350_000),
+            power_w: Some(350.0),
+            ..Gpu::default()
+        });
+        s.rapl.push(RaplDomain {
+            zone: "intel-rapl:0".into(),
+            name: "package-0".into(),
+            parent: None,
+            energy_uj: Some(0),
+            max_energy_range_uj: 1,
+            energy_delta_uj: Some(100_000_000),
+            power_w: Some(100.0),
+            error: None,
+        });
+        s
+    }
+
+    fn total_gpu_mj(o: &Outbox) -> u64 {
+        o.samples()
+            .iter()
+            .map(|s| s.gpus[0].energy_delta_mj.unwrap())
+            .sum()
+    }
+
+    #[test]
+    fn merges_keep_every_joule_and_coarsen_old_data_first() {
+        let mut o = Outbox::new(8, 2);
+        for seq in 0..100 {
+            o.push(sample(seq));
+            assert!(o.len() <= 8);
+        }
+        assert_eq!(o.merges, 92);
+        // Energy and time are conserved exactly across all merges.
+        assert_eq!(total_gpu_mj(&o), 100 * 350_000);
+        let span: u64 = o.samples().iter().map(|s| s.span_ms).sum();
+        assert_eq!(span, 100_000);
+        let weights: Vec<u32> = o.samples().iter().map(|s| s.merged + 1).collect();
+        assert_eq!(weights.iter().sum::<u32>(), 100);
+        // Powers of two, oldest heaviest, newest at full resolution.
+        assert!(weights.iter().all(|w| w.is_power_of_two()), "{weights:?}");
+        assert!(weights.windows(2).all(|w| w[0] >= w[1]), "{weights:?}");
+        assert_eq!(*weights.last().unwrap(), 1);
+        // The newest sample's counters and sequence number survive.
+        assert_eq!(o.samples().last().unwrap().seq, 99);
+        let rapl = &o.samples()[0].rapl[0];
+        assert_eq!(rapl.power_w, Some(100.0), "mean power over the merged span");
+    }
+
+    #[test]
+    fn in_flight_samples_are_never_merged_and_leave_only_on_their_ack() {
+        let mut o = Outbox::new(4, 2);
+        for seq in 0..4 {
+            o.push(sample(seq));
+        }
+        let (id0, s0) = o.take_next().unwrap();
+        assert_eq!(s0.seq, 0);
+        o.assign_pkid(id0, 7);
+        let (id1, _) = o.take_next().unwrap();
+        o.assign_pkid(id1, 8);
+        o.push(sample(4)); // full: merges seq 2 and 3, not the in-flight 0 and 1
+        let seqs: Vec<(u64, u32)> = o.samples().iter().map(|s| (s.seq, s.merged)).collect();
+        assert_eq!(seqs, [(0, 0), (1, 0), (3, 1), (4, 0)]);
+        assert!(!o.ack(99), "unknown packet id");
+        assert!(o.ack(8));
+        assert!(o.ack(7));
+        assert_eq!(o.len(), 2);
+        assert_eq!(total_gpu_mj(&o), 3 * 350_000);
+    }
+
+    #[test]
+    fn in_flight_is_limited() {
+        let mut o = Outbox::new(10, 2);
+        for seq in 0..5 {
+            o.push(sample(seq));
+        }
+        assert!(o.take_next().is_some() && o.take_next().is_some());
+        assert!(o.take_next().is_none());
+        assert_eq!(o.in_flight(), 2);
+    }
+
+    #[test]
+    fn reconnect_resends_everything_unacknowledged_in_order() {
+        let mut o = Outbox::new(10, 8);
+        for seq in 0..3 {
+            o.push(sample(seq));
+        }
+        let (a, _) = o.take_next().unwrap();
+        o.assign_pkid(a, 1);
+        let _ = o.take_next().unwrap(); // handed over, no packet id yet
+        o.reset_in_flight();
+        assert_eq!(o.in_flight(), 0);
+        let order: Vec<u64> = std::iter::from_fn(|| o.take_next().map(|(_, s)| s.seq)).collect();
+        assert_eq!(order, [0, 1, 2]);
+        assert!(
+            !o.ack(1),
+            "an ack from the old connection matches nothing after reset"
+        );
+    }
+
+    #[test]
+    fn merge_keeps_devices_only_the_older_sample_has() {
+        let old = sample(0);
+        let mut new = sample(1);
+        new.gpus.clear();
+        new.rapl[0].energy_delta_uj = None;
+        merge_into(&old, &mut new);
+        assert_eq!(new.gpus.len(), 1);
+        assert_eq!(new.gpus[0].energy_delta_mj, Some(350_000));
+        assert_eq!(new.rapl[0].energy_delta_uj, Some(100_000_000));
+        assert_eq!((new.merged, new.span_ms), (1, 2_000));
+    }
+}

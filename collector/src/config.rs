@@ -1,0 +1,329 @@
+//! Collector configuration: strict TOML; see docs/configuration.md and config/collector.toml.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nodewatt_common::mqtt::MqttConfig;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub collector: CollectorConfig,
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
+    pub influxdb: InfluxConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub validation: ValidationConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// This collector's name: its MQTT client id suffix and the tag of its health points.
+    /// Keep it stable: the broker keeps the session (and queued messages) under it.
+    pub id: String,
+    /// Shared subscription group: collectors with the same group split the messages.
+    #[serde(default)]
+    pub share_group: Option<String>,
+    /// How often the collector writes and logs its own health.
+    #[serde(with = "humantime_serde", default = "default_health_interval")]
+    pub health_interval: Duration,
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// InfluxDB 1.x `/write` and `/query`.
+    V1,
+    /// InfluxDB 2.x/3.x `/api/v2/write` (also VictoriaMetrics).
+    V2,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InfluxConfig {
+    #[serde(default = "default_influx_url")]
+    pub url: String,
+    #[serde(default = "default_api")]
+    pub api: Api,
+    /// v1: database and optional retention policy.
+    #[serde(default = "default_database")]
+    pub database: String,
+    #[serde(default)]
+    pub retention_policy: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// v1: create the database at start when it is missing.
+    #[serde(default = "yes")]
+    pub create_database: bool,
+    /// v2: organisation, bucket and a file holding the API token.
+    #[serde(default)]
+    pub org: Option<String>,
+    #[serde(default)]
+    pub bucket: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA file for an https URL signed by a private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "yes")]
+    pub gzip: bool,
+    #[serde(with = "humantime_serde", default = "default_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_influx_url() -> String {
+    "http://127.0.0.1:8086".into()
+}
+fn default_api() -> Api {
+    Api::V1
+}
+fn default_database() -> String {
+    "nodewatt".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// A batch is written when it holds this many points...
+    #[serde(default = "default_max_points")]
+    pub max_points: usize,
+    /// ...or this many bytes of line protocol...
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    /// ...or when its first message is this old.
+    #[serde(with = "humantime_serde", default = "default_flush")]
+    pub flush_interval: Duration,
+    /// Messages held unacknowledged at most; beyond it the collector stops reading from
+    /// the broker (which keeps them) until InfluxDB accepts writes again.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_messages: usize,
+    #[serde(with = "humantime_serde", default = "default_retry_initial")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde", default = "default_retry_max")]
+    pub retry_max: Duration,
+}
+
+fn default_max_points() -> usize {
+    5_000
+}
+fn default_max_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_flush() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_pending() -> usize {
+    20_000
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_points: default_max_points(),
+            max_bytes: default_max_bytes(),
+            flush_interval: default_flush(),
+            max_pending_messages: default_max_pending(),
+            retry_initial: default_retry_initial(),
+            retry_max: default_retry_max(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// How far in the future a sample may be (clock skew between node and collector).
+    #[serde(with = "humantime_serde", default = "default_max_future")]
+    pub max_future: Duration,
+    /// How old a sample may be (agents hold samples through outages).
+    #[serde(with = "humantime_serde", default = "default_max_age")]
+    pub max_age: Duration,
+}
+
+fn default_max_message() -> usize {
+    256 * 1024
+}
+fn default_max_future() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            max_message_bytes: default_max_message(),
+            max_future: default_max_future(),
+            max_age: default_max_age(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            what: "config",
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(m) = cfg.mqtt.as_mut() {
+            m.resolve_paths(base);
+        }
+        let i = &mut cfg.influxdb;
+        for p in [&mut i.password_file, &mut i.token_file, &mut i.ca_file]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        let id_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if !id_ok(&self.collector.id) {
+            return bad("collector.id must be 1-64 characters of A-Z a-z 0-9 - _ .");
+        }
+        if let Some(g) = &self.collector.share_group {
+            if !id_ok(g) {
+                return bad("collector.share_group must be 1-64 characters of A-Z a-z 0-9 - _ .");
+            }
+        }
+        if let Some(m) = &self.mqtt {
+            m.validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        let i = &self.influxdb;
+        if !(i.url.starts_with("http://") || i.url.starts_with("https://")) {
+            return bad("influxdb.url must start with http:// or https://");
+        }
+        match i.api {
+            Api::V1 if i.database.is_empty() => return bad("influxdb.database is empty"),
+            Api::V2 if i.org.is_none() || i.bucket.is_none() => {
+                return bad("influxdb api = \"v2\" needs org and bucket")
+            }
+            _ => {}
+        }
+        if i.password_file.is_some() && i.username.is_none() {
+            return bad("influxdb.password_file needs a username");
+        }
+        let b = &self.batch;
+        if b.max_points == 0 || b.max_bytes < 1024 || b.max_pending_messages == 0 {
+            return bad("batch limits must be positive (max_bytes at least 1024)");
+        }
+        if self.validation.max_message_bytes < 1024 {
+            return bad("validation.max_message_bytes must be at least 1024");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(&p)
+    }
+
+    const MIN: &str = "[collector]\nid = \"c1\"\n[influxdb]\n";
+
+    #[test]
+    fn minimal_and_defaults() {
+        let c = load(MIN).unwrap();
+        assert_eq!(c.influxdb.url, "http://127.0.0.1:8086");
+        assert_eq!(c.influxdb.api, Api::V1);
+        assert_eq!(c.influxdb.database, "nodewatt");
+        assert!(c.mqtt.is_none());
+        assert_eq!(c.batch.max_points, 5_000);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let err = load(&format!("{MIN}databse = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("databse"), "{err}");
+        assert!(load(&format!("{MIN}api = \"v2\"\n")).is_err());
+        assert!(load(&format!("{MIN}api = \"v3\"\n")).is_err());
+        assert!(load(&format!("{MIN}url = \"localhost:8086\"\n")).is_err());
+        assert!(load("[collector]\nid = \"a b\"\n[influxdb]\n").is_err());
+    }
+
+    #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("collector") && name.ends_with(".toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 1);
+    }
+}

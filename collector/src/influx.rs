@@ -1,0 +1,173 @@
+//! Writes line protocol to InfluxDB over HTTP: `/write` (1.x) or `/api/v2/write`
+//! (2.x, 3.x, and compatible servers), gzip-compressed, millisecond precision.
+
+use std::io::Write;
+
+use reqwest::{StatusCode, Url};
+
+use crate::config::{Api, InfluxConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Worth retrying: the server is unreachable, overloaded, or refuses our credentials
+    /// (an operator can fix that while the broker keeps the data).
+    #[error("{0}")]
+    Retry(String),
+    /// The server refused the data itself; sending it again cannot succeed.
+    #[error("{0}")]
+    Refused(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("influxdb: {0}")]
+pub struct SetupError(String);
+
+pub struct Influx {
+    client: reqwest::Client,
+    write_url: Url,
+    query_url: Url,
+    api: Api,
+    database: String,
+    create_database: bool,
+    basic: Option<(String, String)>,
+    token: Option<String>,
+    gzip: bool,
+}
+
+fn read_secret(what: &str, path: &std::path::Path) -> Result<String, SetupError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+        .map_err(|e| SetupError(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+fn endpoint(base: &str, path: &str, params: &[(&str, &str)]) -> Result<Url, SetupError> {
+    let mut u = Url::parse(&format!("{}/{path}", base.trim_end_matches('/')))
+        .map_err(|e| SetupError(format!("bad url {base:?}: {e}")))?;
+    u.query_pairs_mut().extend_pairs(params);
+    Ok(u)
+}
+
+impl Influx {
+    pub fn new(cfg: &InfluxConfig) -> Result<Influx, SetupError> {
+        let mut builder = reqwest::Client::builder().timeout(cfg.timeout);
+        if let Some(ca) = &cfg.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| SetupError(format!("cannot read ca_file {}: {e}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| SetupError(format!("ca_file {}: {e}", ca.display())))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| SetupError(format!("HTTP client: {e}")))?;
+        let (write_url, token) = match cfg.api {
+            Api::V1 => {
+                let mut p = vec![("db", cfg.database.as_str()), ("precision", "ms")];
+                if let Some(rp) = &cfg.retention_policy {
+                    p.push(("rp", rp));
+                }
+                (endpoint(&cfg.url, "write", &p)?, None)
+            }
+            Api::V2 => {
+                let org = cfg.org.as_deref().unwrap_or_default();
+                let bucket = cfg.bucket.as_deref().unwrap_or_default();
+                let p = [("org", org), ("bucket", bucket), ("precision", "ms")];
+                let token = match &cfg.token_file {
+                    Some(f) => Some(read_secret("token_file", f)?),
+                    None => None,
+                };
+                (endpoint(&cfg.url, "api/v2/write", &p)?, token)
+            }
+        };
+        let basic = match (&cfg.username, &cfg.password_file) {
+            (Some(u), Some(p)) => Some((u.clone(), read_secret("password_file", p)?)),
+            (Some(u), None) => Some((u.clone(), String::new())),
+            _ => None,
+        };
+        Ok(Influx {
+            client,
+            write_url,
+            query_url: endpoint(&cfg.url, "query", &[])?,
+            api: cfg.api,
+            database: cfg.database.clone(),
+            create_database: cfg.create_database,
+            basic,
+            token,
+            gzip: cfg.gzip,
+        })
+    }
+
+    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let req = match &self.basic {
+            Some((u, p)) => req.basic_auth(u, Some(p)),
+            None => req,
+        };
+        match &self.token {
+            Some(t) => req.header("Authorization", format!("Token {t}")),
+            None => req,
+        }
+    }
+
+    /// v1 with `create_database`: `CREATE DATABASE` (a no-op when it exists). v2 buckets
+    /// are created by operators.
+    pub async fn ensure_database(&self) -> Result<(), WriteError> {
+        if self.api != Api::V1 || !self.create_database {
+            return Ok(());
+        }
+        let q = format!("CREATE DATABASE \"{}\"", self.database.replace('"', "\\\""));
+        let mut url = self.query_url.clone();
+        url.query_pairs_mut().append_pair("q", &q);
+        let resp = self
+            .auth(self.client.post(url))
+            .send()
+            .await
+            .map_err(|e| WriteError::Retry(format!("cannot reach InfluxDB: {e}")))?;
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            s => Err(WriteError::Retry(format!(
+                "CREATE DATABASE answered {s}: {}",
+                resp.text().await.unwrap_or_default()
+            ))),
+        }
+    }
+
+    pub async fn write(&self, body: &[u8]) -> Result<(), WriteError> {
+        let mut req = self
+            .auth(self.client.post(self.write_url.clone()))
+            .header("Content-Type", "text/plain; charset=utf-8");
+        if self.gzip {
+            let mut gz = flate2::write::GzEncoder::new(
+                Vec::with_capacity(body.len() / 4),
+                flate2::Compression::fast(),
+            );
+            let compressed = gz
+                .write_all(body)
+                .and_then(|_| gz.finish())
+                .map_err(|e| WriteError::Retry(format!("gzip: {e}")))?;
+            req = req.header("Content-Encoding", "gzip").body(compressed);
+        } else {
+            req = req.body(body.to_vec());
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| WriteError::Retry(format!("cannot reach InfluxDB: {e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let msg = format!("InfluxDB answered {status}: {}", text.trim());
+        Err(match status {
+            StatusCode::BAD_REQUEST
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNPROCESSABLE_ENTITY => WriteError::Refused(msg),
+            StatusCode::NOT_FOUND if text.contains("database not found") => {
+                // Dropped while we run: recreate it, then the retry succeeds.
+                let _ = self.ensure_database().await;
+                WriteError::Retry(msg)
+            }
+            _ => WriteError::Retry(msg),
+        })
+    }
+}

@@ -1,0 +1,8 @@
+//! nodewatt collector: MQTT in, validated line protocol out to InfluxDB.
+
+pub mod config;
+pub mod influx;
+pub mod ingest;
+pub mod lineproto;
+pub mod stats;
+pub mod validate;

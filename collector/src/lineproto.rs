@@ -1,0 +1,398 @@
+//! Samples to InfluxDB line protocol (millisecond timestamps). The schema, with every
+//! measurement, tag and field, is documented in docs/schema.md.
+//!
+//! High-rate series carry only node and device tags, never a job tag, so series
+//! cardinality stays nodes × devices. Integers are written as signed (`i`) fields because
+//! InfluxDB 1.x has no unsigned type; validation guarantees they fit.
+
+use influxdb_line_protocol::builder::LineProtocolBuilder;
+use nodewatt_wire::{Sample, SensorKind, Status};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value<'a> {
+    F(f64),
+    I(i64),
+    B(bool),
+    S(&'a str),
+}
+
+/// Collects the fields of one point, skipping absent values.
+#[derive(Default)]
+struct Fields<'a>(Vec<(&'a str, Value<'a>)>);
+
+impl<'a> Fields<'a> {
+    fn f(&mut self, k: &'a str, v: Option<f64>) -> &mut Self {
+        if let Some(v) = v {
+            self.0.push((k, Value::F(v)));
+        }
+        self
+    }
+    fn i(&mut self, k: &'a str, v: Option<u64>) -> &mut Self {
+        if let Some(v) = v {
+            self.0.push((k, Value::I(v as i64)));
+        }
+        self
+    }
+    fn b(&mut self, k: &'a str, v: bool) -> &mut Self {
+        self.0.push((k, Value::B(v)));
+        self
+    }
+    fn s(&mut self, k: &'a str, v: Option<&'a str>) -> &mut Self {
+        if let Some(v) = v {
+            self.0.push((k, Value::S(v)));
+        }
+        self
+    }
+}
+
+/// Appends one line; a point without fields is not valid line protocol and is skipped.
+/// Returns whether a line was written.
+pub fn line(
+    out: &mut Vec<u8>,
+    measurement: &str,
+    tags: &[(&str, &str)],
+    fields: &[(&str, Value)],
+    ts_ms: u64,
+) -> bool {
+    let Some((first, rest)) = fields.split_first() else {
+        return false;
+    };
+    let b = LineProtocolBuilder::new_with(std::mem::take(out)).measurement(measurement);
+    let b = tags.iter().fold(b, |b, (k, v)| b.tag(k, v));
+    let b = match first.1 {
+        Value::F(x) => b.field(first.0, x),
+        Value::I(x) => b.field(first.0, x),
+        Value::B(x) => b.field(first.0, x),
+        Value::S(x) => b.field(first.0, x),
+    };
+    let b = rest.iter().fold(b, |b, (k, v)| match *v {
+        Value::F(x) => b.field(k, x),
+        Value::I(x) => b.field(k, x),
+        Value::B(x) => b.field(k, x),
+        Value::S(x) => b.field(k, x),
+    });
+    *out = b.timestamp(ts_ms as i64).close_line().build();
+    true
+}
+
+/// Appends all points of a sample; returns how many.
+pub fn encode_sample(s: &Sample, out: &mut Vec<u8>) -> usize {
+    let ts = s.ts_ms;
+    let (c, n) = (s.cluster.as_str(), s.node.as_str());
+    let span = Some(s.span_ms);
+    let mut points = 0;
+    let mut put = |out: &mut Vec<u8>, m: &str, tags: &[(&str, &str)], f: &Fields| {
+        points += usize::from(line(out, m, tags, &f.0, ts));
+    };
+
+    let mut f = Fields::default();
+    f.i("seq", Some(s.seq))
+        .i("agent_start_ms", Some(s.agent_start_ms))
+        .i("interval_ms", Some(s.interval_ms))
+        .i("span_ms", span)
+        .i("merged", Some(u64::from(s.merged)))
+        .s("version", Some(&s.agent));
+    if let Some(o) = s.outbox {
+        f.i("outbox_len", Some(u64::from(o.len)))
+            .i("outbox_merges", Some(o.merges))
+            .i("outbox_reconnects", Some(o.reconnects));
+    }
+    put(out, "agent", &[("cluster", c), ("node", n)], &f);
+
+    for src in &s.sources {
+        let mut f = Fields::default();
+        f.b("ok", src.ok)
+            .i("read_us", Some(src.read_us))
+            .i("devices", Some(u64::from(src.devices)));
+        put(
+            out,
+            "agent_source",
+            &[("cluster", c), ("node", n), ("source", &src.name)],
+            &f,
+        );
+    }
+
+    for g in &s.gpus {
+        let index = g.index.to_string();
+        let mut f = Fields::default();
+        f.f("power_w", g.power_w)
+            .i("energy_mj", g.energy_mj)
+            .i("energy_delta_mj", g.energy_delta_mj)
+            .i("span_ms", span)
+            .f("temp_c", g.temp_c)
+            .f("mem_temp_c", g.mem_temp_c)
+            .f("util_pct", g.util_pct)
+            .f("mem_util_pct", g.mem_util_pct)
+            .i("mem_used_bytes", g.mem_used_bytes)
+            .i("mem_total_bytes", g.mem_total_bytes)
+            .i("sm_clock_mhz", g.sm_clock_mhz.map(u64::from))
+            .i("mem_clock_mhz", g.mem_clock_mhz.map(u64::from))
+            .i("clock_event_reasons", g.clock_event_reasons)
+            .i("ecc_corrected", g.ecc_corrected)
+            .i("ecc_uncorrected", g.ecc_uncorrected)
+            .i("processes", Some(g.pids.len() as u64))
+            .b("simulated", g.simulated);
+        let tags = [
+            ("cluster", c),
+            ("gpu", index.as_str()),
+            ("model", &g.model),
+            ("node", n),
+            ("uuid", &g.uuid),
+        ];
+        put(out, "gpu", &tags, &f);
+    }
+
+    if let Some(cpu) = &s.cpu {
+        let t = cpu.ticks;
+        let mut f = Fields::default();
+        f.f("util_pct", cpu.util_pct)
+            .f("load1", Some(cpu.load1))
+            .f("load5", Some(cpu.load5))
+            .f("load15", Some(cpu.load15))
+            .i("cores", Some(u64::from(cpu.cores)))
+            .i("mem_total_bytes", Some(cpu.mem_total_bytes))
+            .i("mem_available_bytes", cpu.mem_available_bytes)
+            .i("ticks_user", Some(t.user))
+            .i("ticks_nice", Some(t.nice))
+            .i("ticks_system", Some(t.system))
+            .i("ticks_idle", Some(t.idle))
+            .i("ticks_iowait", Some(t.iowait))
+            .i("ticks_irq", Some(t.irq))
+            .i("ticks_softirq", Some(t.softirq))
+            .i("ticks_steal", Some(t.steal))
+            .i("jobs", Some(cpu.jobs.len() as u64));
+        put(out, "cpu", &[("cluster", c), ("node", n)], &f);
+    }
+
+    for d in &s.rapl {
+        let mut f = Fields::default();
+        f.i("energy_uj", d.energy_uj)
+            .i("energy_delta_uj", d.energy_delta_uj)
+            .i("span_ms", d.energy_uj.and(span))
+            .f("power_w", d.power_w);
+        let tags = [
+            ("cluster", c),
+            ("domain", d.name.as_str()),
+            ("node", n),
+            ("zone", &d.zone),
+        ];
+        put(out, "rapl", &tags, &f);
+    }
+
+    for h in &s.hwmon {
+        let kind = match h.kind {
+            SensorKind::Temp => "temp",
+            SensorKind::Fan => "fan",
+            SensorKind::Power => "power",
+            SensorKind::Energy => "energy",
+        };
+        let mut f = Fields::default();
+        f.f("value", h.value).i("energy_uj", h.energy_uj);
+        let mut tags = vec![
+            ("chip", h.chip.as_str()),
+            ("cluster", c),
+            ("device", &h.device),
+            ("kind", kind),
+        ];
+        if let Some(l) = &h.label {
+            tags.push(("label", l));
+        }
+        tags.extend([("node", n), ("sensor", h.sensor.as_str())]);
+        put(out, "hwmon", &tags, &f);
+    }
+
+    for z in &s.thermal {
+        let mut f = Fields::default();
+        f.f("temp_c", z.temp_c);
+        put(
+            out,
+            "thermal",
+            &[
+                ("cluster", c),
+                ("node", n),
+                ("type", &z.zone_type),
+                ("zone", &z.zone),
+            ],
+            &f,
+        );
+    }
+    points
+}
+
+/// A node's online/offline status, at the time it was set (or received, for a last will).
+pub fn encode_status(
+    cluster: &str,
+    node: &str,
+    st: &Status,
+    received_ms: u64,
+    out: &mut Vec<u8>,
+) -> usize {
+    let mut f = Fields::default();
+    f.b("online", st.online).s("reason", st.reason.as_deref());
+    let ts = st.ts_ms.unwrap_or(received_ms);
+    usize::from(line(
+        out,
+        "node_status",
+        &[("cluster", cluster), ("node", node)],
+        &f.0,
+        ts,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodewatt_wire::{Cpu, Gpu, HwmonSensor, RaplDomain, SourceStatus, ThermalZone};
+
+    fn text(out: &[u8]) -> &str {
+        std::str::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn one_line_exactly() {
+        let mut out = Vec::new();
+        let fields = [
+            ("power_w", Value::F(350.0)),
+            ("energy_mj", Value::I(12)),
+            ("ok", Value::B(true)),
+            ("v", Value::S("a\"b\\c")),
+        ];
+        assert!(line(
+            &mut out,
+            "gpu",
+            &[("node", "n1"), ("gpu", "0")],
+            &fields,
+            1_700_000_000_123
+        ));
+        assert_eq!(
+            text(&out),
+            "gpu,node=n1,gpu=0 power_w=350,energy_mj=12i,ok=true,v=\"a\\\"b\\\\c\" 1700000000123\n"
+        );
+        assert!(
+            !line(&mut out, "empty", &[("node", "n1")], &[], 1),
+            "no fields, no line"
+        );
+    }
+
+    #[test]
+    fn hostile_but_valid_tag_values_are_escaped() {
+        let mut out = Vec::new();
+        line(
+            &mut out,
+            "gpu",
+            &[
+                ("model", "NVIDIA H100, 80GB=HBM3"),
+                ("label", "Package id 0"),
+            ],
+            &[("x", Value::F(0.5))],
+            7,
+        );
+        assert_eq!(
+            text(&out),
+            "gpu,model=NVIDIA\\ H100\\,\\ 80GB\\=HBM3,label=Package\\ id\\ 0 x=0.5 7\n"
+        );
+    }
+
+    fn sample() -> Sample {
+        let mut s = Sample::new("nodewatt-agent/0.1.0", "c1", "n1", 1000, 1_000);
+        s.ts_ms = 2_000;
+        s.seq = 1;
+        s.span_ms = 1_000;
+        s.sources.push(SourceStatus {
+            name: "nvml".into(),
+            ok: true,
+            read_us: 250,
+            devices: 1,
+            error: None,
+        });
+        s.gpus.push(Gpu {
+            index: 0,
+            uuid: "GPU-1".into(),
+            pci_bus_id: "00000000:18:00.0".into(),
+            model: "NVIDIA H100 80GB HBM3".into(),
+            power_w: Some(312.5),
+            energy_mj: Some(1_000_000),
+            energy_delta_mj: Some(312_500),
+            temp_c: Some(45.0),
+            pids: vec![10, 11],
+            ..Gpu::default()
+        });
+        s.cpu = Some(Cpu {
+            cores: 2,
+            util_pct: Some(12.5),
+            mem_total_bytes: 8,
+            ..Cpu::default()
+        });
+        s.rapl.push(RaplDomain {
+            zone: "intel-rapl:0".into(),
+            name: "package-0".into(),
+            parent: None,
+            energy_uj: Some(5),
+            max_energy_range_uj: 10,
+            energy_delta_uj: Some(3),
+            power_w: Some(0.000003),
+            error: None,
+        });
+        s.rapl.push(RaplDomain {
+            zone: "intel-rapl:1".into(),
+            name: "package-1".into(),
+            parent: None,
+            energy_uj: None,
+            max_energy_range_uj: 10,
+            energy_delta_uj: None,
+            power_w: None,
+            error: Some("permission denied".into()),
+        });
+        s.hwmon.push(HwmonSensor {
+            chip: "power_meter".into(),
+            device: "hwmon3".into(),
+            sensor: "power1".into(),
+            label: None,
+            kind: SensorKind::Power,
+            value: Some(412.5),
+            energy_uj: None,
+            error: None,
+        });
+        s.thermal.push(ThermalZone {
+            zone: "thermal_zone0".into(),
+            zone_type: "acpitz".into(),
+            temp_c: Some(27.8),
+            error: None,
+        });
+        s
+    }
+
+    #[test]
+    fn a_whole_sample_exactly() {
+        let mut out = Vec::new();
+        let n = encode_sample(&sample(), &mut out);
+        let expected = [
+            "agent,cluster=c1,node=n1 seq=1i,agent_start_ms=1000i,interval_ms=1000i,span_ms=1000i,merged=0i,version=\"nodewatt-agent/0.1.0\" 2000",
+            "agent_source,cluster=c1,node=n1,source=nvml ok=true,read_us=250i,devices=1i 2000",
+            "gpu,cluster=c1,gpu=0,model=NVIDIA\\ H100\\ 80GB\\ HBM3,node=n1,uuid=GPU-1 power_w=312.5,energy_mj=1000000i,energy_delta_mj=312500i,span_ms=1000i,temp_c=45,processes=2i,simulated=false 2000",
+            "cpu,cluster=c1,node=n1 util_pct=12.5,load1=0,load5=0,load15=0,cores=2i,mem_total_bytes=8i,ticks_user=0i,ticks_nice=0i,ticks_system=0i,ticks_idle=0i,ticks_iowait=0i,ticks_irq=0i,ticks_softirq=0i,ticks_steal=0i,jobs=0i 2000",
+            "rapl,cluster=c1,domain=package-0,node=n1,zone=intel-rapl:0 energy_uj=5i,energy_delta_uj=3i,span_ms=1000i,power_w=0.000003 2000",
+            "hwmon,chip=power_meter,cluster=c1,device=hwmon3,kind=power,node=n1,sensor=power1 value=412.5 2000",
+            "thermal,cluster=c1,node=n1,type=acpitz,zone=thermal_zone0 temp_c=27.8 2000",
+        ];
+        assert_eq!(text(&out), expected.join("\n") + "\n");
+        // The unreadable RAPL domain has no fields and writes nothing.
+        assert_eq!(n, expected.len());
+    }
+
+    #[test]
+    fn status_lines() {
+        let mut out = Vec::new();
+        let st = Status {
+            online: false,
+            agent: None,
+            ts_ms: None,
+            reason: Some("connection lost".into()),
+        };
+        encode_status("c1", "n1", &st, 99, &mut out);
+        assert_eq!(
+            text(&out),
+            "node_status,cluster=c1,node=n1 online=false,reason=\"connection lost\" 99\n"
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! agent → mosquitto → collector → InfluxDB, against the real servers, including broker
+//! restarts, a collector crash and an InfluxDB outage. Every sample must arrive exactly
+//! once: a redelivered message rewrites the same point, so counts are exact.
+
+use std::time::Duration;
+
+use nodewatt_tests::*;
+
+const DB: &str = "nodewatt_test";
+
+fn wait_subscribed(c: &mut Proc) {
+    assert!(
+        wait_until(Duration::from_secs(20), || c.log().contains("subscribed")),
+        "collector did not subscribe:\n{}",
+        c.log()
+    );
+}
+
+fn count(db: &Influxd, node: &str) -> u64 {
+    db.scalar(
+        DB,
+        &format!("SELECT COUNT(seq) FROM agent WHERE node = '{node}'"),
+    ) as u64
+}
+
+/// Waits until InfluxDB holds `n` samples of `node`, then checks each arrived once, in
+/// full, with energy equal to power × time to the millijoule.
+fn check_node(db: &Influxd, node: &str, n: u64, gpu_watts: &[f64]) {
+    let arrived = wait_until(Duration::from_secs(60), || count(db, node) >= n);
+    assert!(
+        arrived,
+        "{node}: {} of {n} samples in InfluxDB",
+        count(db, node)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(db, node), n, "{node}: no extra points");
+
+    let mut seqs: Vec<u64> = db
+        .rows(DB, &format!("SELECT seq FROM agent WHERE node = '{node}'"))
+        .iter()
+        .map(|(_, r)| r["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (0..n).collect::<Vec<_>>(),
+        "{node}: every sequence number once"
+    );
+
+    for (i, w) in gpu_watts.iter().enumerate() {
+        let q = |f: &str| {
+            db.scalar(
+                DB,
+                &format!("SELECT {f} FROM gpu WHERE node = '{node}' AND gpu = '{i}'"),
+            )
+        };
+        assert_eq!(
+            q("COUNT(power_w)") as u64,
+            n,
+            "{node} gpu {i}: one point per sample"
+        );
+        assert_eq!(q("MAX(power_w)"), *w);
+        let span_ms = q("SUM(span_ms)");
+        assert!(span_ms >= ((n - 1) * 20) as f64, "{node}: span {span_ms}");
+        // W × ms = mJ, exactly: simulated counters advance as power × elapsed time.
+        assert_eq!(
+            q("SUM(energy_delta_mj)"),
+            w * span_ms,
+            "{node} gpu {i}: energy"
+        );
+    }
+    let rapl_uj = db.scalar(
+        DB,
+        &format!("SELECT SUM(energy_delta_uj) FROM rapl WHERE node = '{node}'"),
+    );
+    let rapl_ms = db.scalar(
+        DB,
+        &format!("SELECT SUM(span_ms) FROM rapl WHERE node = '{node}'"),
+    );
+    assert_eq!(
+        rapl_uj,
+        150.0 * rapl_ms * 1000.0,
+        "{node}: RAPL energy through wraps and merges"
+    );
+}
+
+#[test]
+fn every_sample_arrives_once_with_exact_energy() {
+    let mq = Mosquitto::start();
+    let db = Influxd::start();
+    let ccfg = config_file(
+        "collector.toml",
+        &collector_config("e2e", mq.port, &db.url(), DB),
+    );
+    let mut collector = start_collector(&ccfg);
+    wait_subscribed(&mut collector);
+
+    let a = config_file(
+        "a.toml",
+        &agent_config("lab", "node-a", "50ms", mq.port, &[350.0, 700.0]),
+    );
+    let b = config_file(
+        "b.toml",
+        &agent_config("lab", "node-b", "50ms", mq.port, &[100.0]),
+    );
+    let (mut pa, mut pb) = (start_agent(&a, 40), start_agent(&b, 40));
+    for p in [&mut pa, &mut pb] {
+        let status = p.wait(Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "agent failed:\n{}",
+            p.log()
+        );
+    }
+    check_node(&db, "node-a", 40, &[350.0, 700.0]);
+    check_node(&db, "node-b", 40, &[100.0]);
+
+    // The agents marked themselves offline when they stopped; the status is in InfluxDB.
+    let offline = wait_until(Duration::from_secs(10), || {
+        let rows = db.rows(
+            DB,
+            "SELECT LAST(online), reason FROM node_status WHERE node = 'node-a'",
+        );
+        rows.first()
+            .is_some_and(|(_, r)| r["last"] == false && r["reason"] == "stopped")
+    });
+    assert!(offline, "node-a offline status missing");
+    // The collector wrote its own health.
+    assert!(db.scalar(DB, "SELECT LAST(messages_in) FROM nodewatt_collector") >= 80.0);
+    assert_eq!(
+        db.scalar(DB, "SELECT LAST(rejected) FROM nodewatt_collector"),
+        0.0
+    );
+
+    assert!(
+        collector.stop().is_some_and(|s| s.success()),
+        "{}",
+        collector.log()
+    );
+}
+
+#[test]
+fn broker_restart_and_collector_crash_lose_nothing() {
+    let mut mq = Mosquitto::start();
+    let db = Influxd::start();
+    let ccfg = config_file(
+        "collector.toml",
+        &collector_config("crashy", mq.port, &db.url(), DB),
+    );
+    let mut collector = start_collector(&ccfg);
+    wait_subscribed(&mut collector);
+
+    let a = config_file(
+        "a.toml",
+        &agent_config("lab", "node-a", "20ms", mq.port, &[350.0]),
+    );
+    let b = config_file(
+        "b.toml",
+        &agent_config("lab", "node-b", "20ms", mq.port, &[250.0]),
+    );
+    let (mut pa, mut pb) = (start_agent(&a, 150), start_agent(&b, 150));
+
+    std::thread::sleep(Duration::from_millis(700));
+    mq.restart(); // agents queue meanwhile; the collector's session survives
+    std::thread::sleep(Duration::from_millis(500));
+    collector.kill(); // SIGKILL: written but unacknowledged messages come back
+    std::thread::sleep(Duration::from_millis(300));
+    let mut collector = start_collector(&ccfg);
+
+    for p in [&mut pa, &mut pb] {
+        let status = p.wait(Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "agent failed:\n{}",
+            p.log()
+        );
+        assert!(
+            p.log().contains("connected to the MQTT broker again"),
+            "{}",
+            p.log()
+        );
+    }
+    check_node(&db, "node-a", 150, &[350.0]);
+    check_node(&db, "node-b", 150, &[250.0]);
+    assert!(
+        collector.stop().is_some_and(|s| s.success()),
+        "{}",
+        collector.log()
+    );
+}
+
+/// The largest `pending=` value the collector logged in its health lines.
+fn max_logged_pending(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains(" health "))
+        .filter_map(|l| {
+            l.split("pending=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn influxdb_outage_keeps_messages_unacknowledged_and_bounded() {
+    let mq = Mosquitto::start();
+    let mut db = Influxd::start();
+    let mut text = collector_config("outage", mq.port, &db.url(), DB);
+    // A small bound, so the collector has to stop reading during the outage.
+    text = text.replace("[batch]\n", "[batch]\nmax_pending_messages = 25\n");
+    let ccfg = config_file("collector.toml", &text);
+    let mut collector = start_collector(&ccfg);
+    wait_subscribed(&mut collector);
+
+    let a = config_file(
+        "a.toml",
+        &agent_config("lab", "node-a", "20ms", mq.port, &[300.0]),
+    );
+    let mut pa = start_agent(&a, 120);
+    std::thread::sleep(Duration::from_millis(400));
+    db.stop();
+    // The broker takes everything from the agent while InfluxDB is down.
+    let status = pa.wait(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "agent failed:\n{}",
+        pa.log()
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        collector.running(),
+        "collector must survive an InfluxDB outage"
+    );
+    let log = collector.log();
+    assert!(log.contains("InfluxDB write failed"), "{log}");
+    let pending = max_logged_pending(&log);
+    assert!(
+        pending > 0 && pending <= 25,
+        "pending messages {pending} must stay within the bound:\n{log}"
+    );
+
+    // Crash during the outage: whatever it held was never acknowledged, so the broker
+    // still has it for the next collector.
+    collector.kill();
+    db.start_again();
+    let mut collector = start_collector(&ccfg);
+    check_node(&db, "node-a", 120, &[300.0]);
+    assert!(
+        collector.stop().is_some_and(|s| s.success()),
+        "{}",
+        collector.log()
+    );
+}
+
+#[test]
+fn killed_agent_is_marked_offline_by_its_last_will() {
+    let mq = Mosquitto::start();
+    let db = Influxd::start();
+    let ccfg = config_file(
+        "collector.toml",
+        &collector_config("will", mq.port, &db.url(), DB),
+    );
+    let mut collector = start_collector(&ccfg);
+    wait_subscribed(&mut collector);
+    let a = config_file(
+        "a.toml",
+        &agent_config("lab", "node-w", "100ms", mq.port, &[100.0]),
+    );
+    let mut agent = start_agent(&a, 1_000_000);
+    let online = wait_until(Duration::from_secs(20), || {
+        db.rows(
+            DB,
+            "SELECT LAST(online) FROM node_status WHERE node = 'node-w'",
+        )
+        .first()
+        .is_some_and(|(_, r)| r["last"] == true)
+    });
+    assert!(online, "online status missing:\n{}", agent.log());
+    agent.kill();
+    let offline = wait_until(Duration::from_secs(20), || {
+        db.rows(
+            DB,
+            "SELECT LAST(online), reason FROM node_status WHERE node = 'node-w'",
+        )
+        .first()
+        .is_some_and(|(_, r)| r["last"] == false && r["reason"] == "connection lost")
+    });
+    assert!(offline, "last will not recorded:\n{}", collector.log());
+}
+
+#[test]
+fn v2_write_path_against_a_real_server() {
+    let mq = Mosquitto::start();
+    let vm = VictoriaMetrics::start();
+    let text = format!(
+        "[collector]\nid = \"v2\"\n[mqtt]\nport = {}\n\
+         [influxdb]\nurl = \"{}\"\napi = \"v2\"\norg = \"lab\"\nbucket = \"nodewatt\"\n\
+         [batch]\nflush_interval = \"100ms\"\n",
+        mq.port,
+        vm.url()
+    );
+    let ccfg = config_file("collector.toml", &text);
+    let mut collector = start_collector(&ccfg);
+    wait_subscribed(&mut collector);
+    let a = config_file(
+        "a.toml",
+        &agent_config("lab", "node-v", "50ms", mq.port, &[350.0, 350.0]),
+    );
+    let mut agent = start_agent(&a, 30);
+    assert!(agent
+        .wait(Duration::from_secs(60))
+        .is_some_and(|s| s.success()));
+    // VictoriaMetrics names series <measurement>_<field>.
+    let ok = wait_until(Duration::from_secs(30), || {
+        vm.count_samples(r#"gpu_power_w{node="node-v"}"#) == 60
+    });
+    assert!(
+        ok,
+        "{} gpu_power_w samples in VictoriaMetrics\n{}",
+        vm.count_samples(r#"gpu_power_w{node="node-v"}"#),
+        collector.log()
+    );
+    assert_eq!(vm.count_samples(r#"agent_seq{node="node-v"}"#), 30);
+}

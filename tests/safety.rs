@@ -1,0 +1,240 @@
+//! What the pipeline refuses: hostile messages never reach InfluxDB and never stop the
+//! collector; agents reach the broker over TLS with a password read from a file.
+
+use std::time::Duration;
+
+use nodewatt_tests::*;
+use nodewatt_wire::{Gpu, Sample};
+
+const DB: &str = "nodewatt_safety";
+
+fn good_sample(node: &str, seq: u64) -> Sample {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut s = Sample::new("raw-test", "lab", node, 1000, now);
+    s.ts_ms = now - now % 1000 - seq * 1000;
+    s.seq = seq;
+    s.gpus.push(Gpu {
+        index: 0,
+        uuid: "GPU-raw".into(),
+        pci_bus_id: "0".into(),
+        model: "H100".into(),
+        power_w: Some(100.0),
+        ..Gpu::default()
+    });
+    s
+}
+
+#[test]
+fn hostile_messages_are_rejected_counted_and_never_written() {
+    let mq = Mosquitto::start();
+    let db = Influxd::start();
+    let ccfg = config_file(
+        "collector.toml",
+        &collector_config("guard", mq.port, &db.url(), DB),
+    );
+    let mut collector = start_collector(&ccfg);
+    assert!(wait_until(Duration::from_secs(20), || collector
+        .log()
+        .contains("subscribed")));
+
+    let topic = |node: &str| format!("nodewatt/v1/lab/{node}/sample");
+    let json = |s: &Sample| s.to_json().into_bytes();
+    let mut newline = good_sample("n1", 1);
+    newline.gpus[0].model = "H100\nevil,node=n2 power_w=1".into();
+    let mut backslash = good_sample("n1", 2);
+    backslash.gpus[0].uuid = "GPU-x\\".into();
+    let mut huge_power = good_sample("n1", 3);
+    huge_power.gpus[0].power_w = Some(1e9);
+    let mut future = good_sample("n1", 4);
+    future.ts_ms += 3_600_000;
+    let newer = good_sample("n1", 5)
+        .to_json()
+        .replace("\"schema\":1", "\"schema\":7");
+    let messages = vec![
+        (topic("n1"), b"not json at all".to_vec()),
+        (topic("n1"), newer.into_bytes()),
+        (topic("n1"), json(&good_sample("n2", 6))), // payload for another node
+        (topic("n1"), json(&newline)),
+        (topic("n1"), json(&backslash)),
+        (topic("n1"), json(&huge_power)),
+        (topic("n1"), json(&future)),
+        (topic("n1"), vec![b' '; 300 * 1024]),
+        (
+            "nodewatt/v1/lab/n1/other".to_string(),
+            json(&good_sample("n1", 7)),
+        ),
+        (topic("n1"), json(&good_sample("n1", 0))), // the only good one
+    ];
+    publish_raw(mq.port, &messages);
+
+    let counted = wait_until(Duration::from_secs(20), || {
+        db.scalar(DB, "SELECT LAST(rejected) FROM nodewatt_collector") >= 8.0
+            && db.scalar(DB, "SELECT COUNT(seq) FROM agent") >= 1.0
+    });
+    assert!(counted, "{}", collector.log());
+    let reason = |r: &str| {
+        db.scalar(
+            DB,
+            &format!("SELECT LAST(rejected_{r}) FROM nodewatt_collector"),
+        )
+    };
+    assert_eq!(reason("json"), 1.0);
+    assert_eq!(reason("schema"), 1.0);
+    assert_eq!(reason("node_mismatch"), 1.0);
+    assert_eq!(reason("name"), 2.0);
+    assert_eq!(reason("range"), 1.0);
+    assert_eq!(reason("timestamp"), 1.0);
+    assert_eq!(reason("too_large"), 1.0);
+    // The topic filter never delivers the `other` topic.
+    assert_eq!(reason("topic"), 0.0);
+
+    // Only the good sample was written; the injected line did not create a point.
+    assert_eq!(db.scalar(DB, "SELECT COUNT(seq) FROM agent"), 1.0);
+    assert_eq!(db.scalar(DB, "SELECT COUNT(power_w) FROM gpu"), 1.0);
+    assert!(db
+        .rows(DB, "SELECT * FROM gpu WHERE node = 'n2'")
+        .is_empty());
+    assert!(collector.running());
+    let log = collector.log();
+    assert!(
+        log.contains("reason=\"name\"") || log.contains("reason=name"),
+        "{log}"
+    );
+    assert!(collector.stop().is_some_and(|s| s.success()));
+}
+
+#[test]
+fn agents_publish_over_tls_with_a_password_from_a_file() {
+    let certs = Certs::new();
+    let passwd = password_file(certs.dir.path(), &[("node-t", "s3cret-pw")]);
+    let tls_port = free_port();
+    let extra = format!(
+        "allow_anonymous false\npassword_file {}\nlistener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+        passwd.display(),
+        certs.path("ca.pem").display(),
+        certs.path("server.pem").display(),
+        certs.path("server.key").display(),
+    );
+    let mq = Mosquitto::start_with(&extra);
+    let db = Influxd::start();
+    std::fs::write(certs.path("pw"), "s3cret-pw\n").unwrap();
+    let collector_text = collector_config("tls", mq.port, &db.url(), DB).replace(
+        "[mqtt]\n",
+        &format!(
+            "[mqtt]\nusername = \"node-t\"\npassword_file = {:?}\n",
+            certs.path("pw")
+        ),
+    );
+    let ccfg = config_file("collector.toml", &collector_text);
+    let collector = start_collector(&ccfg);
+    assert!(
+        wait_until(Duration::from_secs(20), || collector
+            .log()
+            .contains("subscribed")),
+        "{}",
+        collector.log()
+    );
+
+    let tls_agent = |password_file: &std::path::Path| {
+        agent_config("lab", "node-t", "50ms", tls_port, &[200.0])
+            + &format!(
+                "username = \"node-t\"\npassword_file = {password_file:?}\n[mqtt.tls]\nca_file = {:?}\n",
+                certs.path("ca.pem")
+            )
+    };
+
+    // A wrong password is refused and retried with backoff; the agent does not crash.
+    std::fs::write(certs.path("wrong"), "nope\n").unwrap();
+    let bad = config_file("bad.toml", &tls_agent(&certs.path("wrong")));
+    let mut refused = start_agent(&bad, 5);
+    assert!(
+        wait_until(Duration::from_secs(20), || refused
+            .log()
+            .contains("MQTT connection failed")),
+        "{}",
+        refused.log()
+    );
+    assert!(refused.running());
+    refused.stop();
+
+    let good = config_file("good.toml", &tls_agent(&certs.path("pw")));
+    let mut agent = start_agent(&good, 20);
+    let status = agent.wait(Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "{}", agent.log());
+    let arrived = wait_until(Duration::from_secs(30), || {
+        db.scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'node-t'") == 20.0
+    });
+    assert!(arrived, "{}", collector.log());
+}
+
+/// The shipped ACL (config/mosquitto.acl): a node may publish only its own topics.
+#[test]
+fn shipped_acl_lets_a_node_publish_only_as_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = [
+        ("node-a", "pw-a"),
+        ("node-b", "pw-b"),
+        ("collector", "pw-c"),
+    ];
+    let passwd = password_file(dir.path(), &users);
+    let acl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/mosquitto.acl");
+    let mq = Mosquitto::start_with(&format!(
+        "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+        passwd.display(),
+        acl.display()
+    ));
+    let db = Influxd::start();
+    std::fs::write(dir.path().join("pw-c"), "pw-c\n").unwrap();
+    let text = collector_config("acl", mq.port, &db.url(), DB).replace(
+        "[mqtt]\n",
+        &format!(
+            "[mqtt]\nusername = \"collector\"\npassword_file = {:?}\n",
+            dir.path().join("pw-c")
+        ),
+    );
+    let ccfg = config_file("collector.toml", &text);
+    let collector = start_collector(&ccfg);
+    assert!(wait_until(Duration::from_secs(20), || collector
+        .log()
+        .contains("subscribed")));
+
+    let own = |node: &str, seq| {
+        let mut s = good_sample(node, seq);
+        s.cluster = "mycluster".into();
+        (
+            format!("nodewatt/v1/mycluster/{node}/sample"),
+            s.to_json().into_bytes(),
+        )
+    };
+    // node-a writes its own sample, then one pretending to be node-b.
+    publish_raw_as(
+        mq.port,
+        Some(("node-a", "pw-a")),
+        &[own("node-a", 0), own("node-b", 1)],
+    );
+    publish_raw_as(mq.port, Some(("node-b", "pw-b")), &[own("node-b", 2)]);
+
+    let arrived = wait_until(Duration::from_secs(20), || {
+        db.scalar(DB, "SELECT COUNT(seq) FROM agent") >= 2.0
+    });
+    assert!(arrived, "{}", collector.log());
+    std::thread::sleep(Duration::from_millis(500));
+    let seqs: Vec<(String, u64)> = db
+        .rows(DB, "SELECT seq, node FROM agent")
+        .iter()
+        .map(|(_, r)| {
+            (
+                r["node"].as_str().unwrap().to_string(),
+                r["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seqs.len(), 2, "{seqs:?}");
+    assert!(
+        seqs.contains(&("node-a".into(), 0)) && seqs.contains(&("node-b".into(), 2)),
+        "{seqs:?}"
+    );
+}

@@ -1,0 +1,684 @@
+//! Test harness: private instances of the real servers (Debian's `mosquitto`, `influxd`
+//! and `victoria-metrics`) on free loopback ports with their state in temp dirs, the
+//! nodewatt binaries as child processes, and small query helpers. Everything started here
+//! is killed when its handle is dropped, so a failing test leaves nothing running.
+//!
+//! The binaries are the workspace's own: run these tests with `cargo test --workspace`
+//! (as README says), which builds them first.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `f` every 20 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// GET `url` with a shared client. The workspace builds reqwest with rustls but no crypto
+/// provider of its own (like the binaries), so one is installed first.
+pub fn http_get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::blocking::Response> {
+    static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            nodewatt_common::install_tls_provider();
+            reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("HTTP client")
+        })
+        .get(url)
+        .send()
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+fn require(program: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin", "/bin"] {
+        let p = Path::new(dir).join(program);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "{program} is not installed (.ci/run installs mosquitto, influxdb and victoria-metrics)"
+    );
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    fn signal(&self, sig: i32) {
+        if self.child.is_some() {
+            // SAFETY: sending a signal to our own child.
+            unsafe {
+                libc::kill(self.pid(), sig);
+            }
+        }
+    }
+
+    /// SIGKILL: no chance to clean up, like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(20))
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            match self.child.as_mut()?.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return Some(status);
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        None
+    }
+
+    /// (CPU seconds, peak RSS in kB) of the running process, from /proc.
+    pub fn cpu_and_peak_rss(&self) -> (f64, u64) {
+        let pid = self.pid();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let cpu = (ticks(11) + ticks(12)) / hz; // utime, stime
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let hwm = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        (cpu, hwm)
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A private mosquitto: its own config, persistence directory and port. `restart` keeps
+/// the port and the persisted sessions, like a broker restart in production.
+pub struct Mosquitto {
+    pub dir: TempDir,
+    pub port: u16,
+    proc: Option<Proc>,
+    extra: String,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// `extra` is appended to the config (more listeners, TLS, passwords, ACLs).
+    pub fn start_with(extra: &str) -> Mosquitto {
+        let mut m = Mosquitto {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            proc: None,
+            extra: extra.to_string(),
+        };
+        m.launch();
+        m
+    }
+
+    fn launch(&mut self) {
+        let d = self.dir.path();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let conf = format!(
+            "per_listener_settings false\n\
+             listener {port} 127.0.0.1\n\
+             {anonymous}\
+             persistence true\n\
+             persistence_location {dir}/\n\
+             autosave_interval 1\n\
+             max_queued_messages 1000000\n\
+             max_inflight_messages 1000\n\
+             log_dest file {dir}/mosquitto.log\n\
+             {user}{extra}\n",
+            port = self.port,
+            dir = d.display(),
+            user = if root { "user root\n" } else { "" },
+            anonymous = if self.extra.contains("allow_anonymous") {
+                ""
+            } else {
+                "allow_anonymous true\n"
+            },
+            extra = self.extra,
+        );
+        std::fs::write(d.join("mosquitto.conf"), conf).unwrap();
+        let proc = Proc::spawn(
+            "mosquitto",
+            Command::new(require("mosquitto"))
+                .arg("-c")
+                .arg(d.join("mosquitto.conf")),
+            d.join("stdout.log"),
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || port_open(self.port)),
+            "mosquitto did not open port {}: {}",
+            self.port,
+            std::fs::read_to_string(d.join("mosquitto.log")).unwrap_or_default()
+        );
+        self.proc = Some(proc);
+    }
+
+    /// SIGTERM (mosquitto saves its sessions), then wait for the port to close.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+/// A private InfluxDB 1.x (`influxd`) with its own directories and both of its ports.
+pub struct Influxd {
+    pub dir: TempDir,
+    pub port: u16,
+    rpc_port: u16,
+    proc: Option<Proc>,
+}
+
+impl Influxd {
+    pub fn start() -> Influxd {
+        let mut i = Influxd {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            rpc_port: free_port(),
+            proc: None,
+        };
+        i.launch();
+        i
+    }
+
+    fn launch(&mut self) {
+        let d = self.dir.path();
+        let conf = format!(
+            "reporting-disabled = true\n\
+             bind-address = \"127.0.0.1:{rpc}\"\n\
+             [meta]\n  dir = \"{d}/meta\"\n\
+             [data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n\
+             [http]\n  enabled = true\n  bind-address = \"127.0.0.1:{port}\"\n  log-enabled = false\n\
+             [monitor]\n  store-enabled = false\n\
+             [subscriber]\n  enabled = false\n\
+             [continuous_queries]\n  enabled = false\n",
+            rpc = self.rpc_port,
+            port = self.port,
+            d = d.display()
+        );
+        std::fs::write(d.join("influxdb.conf"), conf).unwrap();
+        let proc = Proc::spawn(
+            "influxd",
+            Command::new(require("influxd"))
+                .arg("-config")
+                .arg(d.join("influxdb.conf")),
+            d.join("influxd.log"),
+        );
+        let ping = format!("{}/ping", self.url());
+        let ok = wait_until(Duration::from_secs(20), || {
+            http_get(&ping).is_ok_and(|r| r.status().as_u16() == 204)
+        });
+        assert!(ok, "influxd did not answer /ping: {}", proc.log());
+        self.proc = Some(proc);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        self.launch();
+    }
+
+    /// Runs an InfluxQL query; returns the JSON answer (timestamps in ms).
+    pub fn query(&self, db: &str, q: &str) -> serde_json::Value {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/query", self.url()),
+            &[("db", db), ("q", q), ("epoch", "ms")],
+        )
+        .unwrap();
+        http_get(url)
+            .and_then(|r| r.text())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// All rows of the first statement, each as (tags, values) with column names applied.
+    pub fn rows(
+        &self,
+        db: &str,
+        q: &str,
+    ) -> Vec<(
+        serde_json::Value,
+        serde_json::Map<String, serde_json::Value>,
+    )> {
+        let v = self.query(db, q);
+        let mut out = Vec::new();
+        for series in v["results"][0]["series"].as_array().into_iter().flatten() {
+            let cols: Vec<&str> = series["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap())
+                .collect();
+            for row in series["values"].as_array().into_iter().flatten() {
+                let map = cols
+                    .iter()
+                    .zip(row.as_array().unwrap())
+                    .map(|(c, v)| (c.to_string(), v.clone()))
+                    .collect();
+                out.push((series["tags"].clone(), map));
+            }
+        }
+        out
+    }
+
+    /// A single number from a query like `SELECT COUNT(x) FROM m WHERE ...` (0 when empty).
+    pub fn scalar(&self, db: &str, q: &str) -> f64 {
+        self.rows(db, q)
+            .first()
+            .and_then(|(_, m)| {
+                m.iter()
+                    .find(|(k, _)| *k != "time")
+                    .and_then(|(_, v)| v.as_f64())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+/// A private VictoriaMetrics, which accepts InfluxDB line protocol on `/api/v2/write`.
+pub struct VictoriaMetrics {
+    pub dir: TempDir,
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl VictoriaMetrics {
+    pub fn start() -> VictoriaMetrics {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let proc = Proc::spawn(
+            "victoria-metrics",
+            Command::new(require("victoria-metrics"))
+                .arg(format!(
+                    "-storageDataPath={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+                .arg("-search.latencyOffset=0s"),
+            dir.path().join("vm.log"),
+        );
+        let health = format!("http://127.0.0.1:{port}/health");
+        let ok = wait_until(Duration::from_secs(20), || {
+            http_get(&health).is_ok_and(|r| r.status().is_success())
+        });
+        assert!(ok, "victoria-metrics did not start: {}", proc.log());
+        VictoriaMetrics {
+            dir,
+            port,
+            _proc: proc,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Number of stored samples of series matching a selector (after a forced flush).
+    pub fn count_samples(&self, selector: &str) -> usize {
+        let _ = http_get(format!("{}/internal/force_flush", self.url()));
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/api/v1/export", self.url()),
+            &[("match[]", selector)],
+        )
+        .unwrap();
+        let body = http_get(url).and_then(|r| r.text()).unwrap_or_default();
+        body.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["values"].as_array().map_or(0, |a| a.len()))
+            .sum()
+    }
+}
+
+fn newest_mtime(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let t = if entry.path().is_dir() {
+            newest_mtime(&entry.path())
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(newest)
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// Path of a workspace binary, next to this test executable's `deps/` directory. Refuses
+/// a binary older than the workspace's sources: `cargo test -p nodewatt-tests` alone does
+/// not rebuild the agent and collector, and a stale binary would test old code.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let p = dir.join(name);
+    let hint = "run the tests with `cargo test --workspace`, which builds it";
+    let built = std::fs::metadata(&p)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: {hint}", p.display()));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let own = name.trim_start_matches("nodewatt-");
+    for krate in [own, "common", "wire"] {
+        let src = root.join(krate).join("src");
+        assert!(
+            newest_mtime(&src) <= built,
+            "{} is older than {}: {hint}",
+            p.display(),
+            src.display()
+        );
+    }
+    p
+}
+
+/// A temp dir with a config file written in it.
+pub struct ConfigFile {
+    pub dir: TempDir,
+    pub path: PathBuf,
+}
+
+pub fn config_file(name: &str, text: &str) -> ConfigFile {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .unwrap();
+    ConfigFile { dir, path }
+}
+
+/// Agent config: simulated GPUs at the given constant powers and one RAPL domain at
+/// 150 W. `[mqtt]` comes last, so a test can append keys and `[mqtt.tls]` to it.
+pub fn agent_config(
+    cluster: &str,
+    node: &str,
+    interval: &str,
+    mqtt_port: u16,
+    gpu_watts: &[f64],
+) -> String {
+    let mut s = format!(
+        "[agent]\ncluster = \"{cluster}\"\nnode = \"{node}\"\ninterval = \"{interval}\"\n\
+         [nvml]\nenabled = false\n[rapl]\nenabled = false\n[hwmon]\nenabled = false\n\
+         [thermal]\nenabled = false\n\
+         [simulated]\nenabled = true\n\
+         [[simulated.rapl]]\nname = \"package-0\"\npower_w = 150.0\n"
+    );
+    for w in gpu_watts {
+        s.push_str(&format!(
+            "[[simulated.gpu]]\nmodel = \"Sim H100\"\npower_w = {w:.1}\n"
+        ));
+    }
+    s.push_str(&format!(
+        "[mqtt]\nport = {mqtt_port}\nreconnect_initial = \"50ms\"\nreconnect_max = \"500ms\"\n"
+    ));
+    s
+}
+
+/// Collector config for a v1 InfluxDB, with short batching and health intervals.
+pub fn collector_config(id: &str, mqtt_port: u16, influx_url: &str, db: &str) -> String {
+    format!(
+        "[collector]\nid = \"{id}\"\nhealth_interval = \"200ms\"\n\
+         [mqtt]\nport = {mqtt_port}\nreconnect_initial = \"50ms\"\nreconnect_max = \"500ms\"\n\
+         [influxdb]\nurl = \"{influx_url}\"\ndatabase = \"{db}\"\n\
+         [batch]\nflush_interval = \"100ms\"\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n"
+    )
+}
+
+pub fn start_collector(cfg: &ConfigFile) -> Proc {
+    Proc::spawn(
+        "collector",
+        Command::new(bin("nodewatt-collector"))
+            .args(["serve", "--config"])
+            .arg(&cfg.path)
+            .env("RUST_LOG", "info"),
+        cfg.dir
+            .path()
+            .join(format!("collector-{}.log", rand_suffix())),
+    )
+}
+
+pub fn start_agent(cfg: &ConfigFile, count: u64) -> Proc {
+    Proc::spawn(
+        "agent",
+        Command::new(bin("nodewatt-agent"))
+            .args(["run", "--count", &count.to_string(), "--config"])
+            .arg(&cfg.path)
+            .env("RUST_LOG", "info"),
+        cfg.dir.path().join(format!("agent-{}.log", rand_suffix())),
+    )
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Publishes raw payloads with QoS 1 (as a misbehaving or hostile client would) and waits
+/// until the broker acknowledged all of them.
+pub fn publish_raw(port: u16, messages: &[(String, Vec<u8>)]) {
+    publish_raw_as(port, None, messages)
+}
+
+/// `publish_raw` logged in as `login` (user, password).
+pub fn publish_raw_as(port: u16, login: Option<(&str, &str)>, messages: &[(String, Vec<u8>)]) {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(format!("raw-{}", rand_suffix()), "127.0.0.1", port);
+    opts.set_max_packet_size(4 << 20, 4 << 20);
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
+    let (client, mut connection) = Client::new(opts, messages.len() + 10);
+    for (topic, payload) in messages {
+        client
+            .publish(topic.as_str(), QoS::AtLeastOnce, false, payload.clone())
+            .unwrap();
+    }
+    let mut acked = 0;
+    for ev in connection.iter() {
+        match ev {
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                acked += 1;
+                if acked == messages.len() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("raw publish failed: {e}"),
+        }
+    }
+    let _ = client.disconnect();
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1, made with openssl.
+pub struct Certs {
+    pub dir: TempDir,
+}
+
+impl Certs {
+    pub fn new() -> Certs {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new(require("openssl"))
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=nodewatt test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        Certs { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Default for Certs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A mosquitto password file with these (user, password) pairs.
+pub fn password_file(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
+    let p = dir.join("passwd");
+    std::fs::write(&p, "").unwrap();
+    for (user, password) in users {
+        let out = Command::new(require("mosquitto_passwd"))
+            .arg("-b")
+            .arg(&p)
+            .args([user, password])
+            .output()
+            .expect("mosquitto_passwd runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    p
+}
