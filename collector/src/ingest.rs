@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nodewatt_common::backoff::Backoff;
 use nodewatt_wire::TOPIC_ROOT;
-use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -253,13 +253,12 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
                     tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
                     failures = 0;
                     backoff.reset();
-                    for t in &topics {
-                        if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
-                            tracing::error!("cannot subscribe to {t}: {e}");
-                        }
+                    let filters = topics.iter().map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                    if let Err(e) = client.try_subscribe_many(filters) {
+                        tracing::error!("cannot subscribe to {topics:?}: {e}");
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => tracing::info!("subscribed"),
+                Ok(Event::Incoming(Packet::SubAck(_))) => tracing::info!(?topics, "subscribed"),
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let now = now_ms();
                     match validate(&p.topic, &p.payload, now, &limits) {
