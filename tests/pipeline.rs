@@ -126,7 +126,10 @@ fn every_sample_arrives_once_with_exact_energy() {
     });
     assert!(offline, "node-a offline status missing");
     // The collector wrote its own health.
-    assert!(db.scalar(DB, "SELECT LAST(messages_in) FROM nodewatt_collector") >= 80.0);
+    let health = wait_until(Duration::from_secs(10), || {
+        db.scalar(DB, "SELECT LAST(messages_in) FROM nodewatt_collector") >= 80.0
+    });
+    assert!(health, "collector health point missing");
     assert_eq!(
         db.scalar(DB, "SELECT LAST(rejected) FROM nodewatt_collector"),
         0.0
@@ -325,4 +328,82 @@ fn v2_write_path_against_a_real_server() {
         collector.log()
     );
     assert_eq!(vm.count_samples(r#"agent_seq{node="node-v"}"#), 30);
+}
+
+/// A broker outage longer than the agent's outbox: samples are merged, and the energy
+/// that reaches InfluxDB still covers the whole run to the millijoule.
+#[test]
+fn outage_longer_than_the_outbox_merges_but_keeps_every_joule() {
+    let mut mq = Mosquitto::start();
+    let db = Influxd::start();
+    let ccfg = config_file(
+        "collector.toml",
+        &collector_config("merge", mq.port, &db.url(), DB),
+    );
+    let mut collector = start_collector(&ccfg);
+    wait_subscribed(&mut collector);
+
+    mq.stop();
+    let text = agent_config("lab", "node-m", "20ms", mq.port, &[400.0])
+        + "[outbox]\ncapacity = 16\nmax_in_flight = 4\n";
+    let a = config_file("a.toml", &text);
+    let mut agent = start_agent(&a, 100);
+    std::thread::sleep(Duration::from_millis(2_600)); // all 100 taken, outbox merged
+    mq.restart();
+    let status = agent.wait(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "agent failed:\n{}",
+        agent.log()
+    );
+
+    // Every sample is accounted for: points + samples merged into them = 100.
+    let folded = |db: &Influxd| {
+        db.scalar(DB, "SELECT SUM(merged) FROM agent WHERE node = 'node-m'")
+            + db.scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'node-m'")
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || folded(&db) == 100.0),
+        "{} of 100 samples accounted for",
+        folded(&db)
+    );
+    assert!(db.scalar(DB, "SELECT MAX(merged) FROM agent WHERE node = 'node-m'") > 0.0);
+    let points = db.scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'node-m'");
+    assert!(points <= 17.0, "{points} points: the outbox holds 16");
+
+    // The stored points tile time exactly: each one's span is the gap since the
+    // previous point (no gap, no overlap), so nothing between them is lost...
+    let mut rows: Vec<(u64, u64, u64)> = db
+        .rows(
+            DB,
+            "SELECT span_ms, merged FROM agent WHERE node = 'node-m'",
+        )
+        .iter()
+        .map(|(_, r)| {
+            let n = |k: &str| r[k].as_u64().unwrap();
+            (n("time"), n("span_ms"), n("merged"))
+        })
+        .collect();
+    rows.sort_unstable();
+    for w in rows.windows(2) {
+        assert_eq!(
+            w[1].0 - w[0].0,
+            w[1].1,
+            "span of the point at {} ms",
+            w[1].0
+        );
+    }
+    // ...the first point covers at least the samples folded into it...
+    let (first_ts, first_span, first_merged) = rows[0];
+    assert!(first_span >= first_merged * 20, "{rows:?}");
+    // ...and within the spans, energy is power x time to the millijoule.
+    let covered = (rows.last().unwrap().0 - first_ts + first_span) as f64;
+    let q = |f: &str| db.scalar(DB, &format!("SELECT {f} FROM gpu WHERE node = 'node-m'"));
+    assert_eq!(q("SUM(span_ms)"), covered);
+    assert_eq!(q("SUM(energy_delta_mj)"), 400.0 * covered);
+    let rapl = db.scalar(
+        DB,
+        "SELECT SUM(energy_delta_uj) FROM rapl WHERE node = 'node-m'",
+    );
+    assert_eq!(rapl, 150.0 * covered * 1000.0);
 }
