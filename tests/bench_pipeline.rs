@@ -17,17 +17,13 @@ fn main() {
     let samples: u64 = args.next().map_or(1000, |a| a.parse().expect("SAMPLES"));
     let db_name = "bench";
 
-    let mq = Mosquitto::start();
-    let db = Influxd::start();
-    let ccfg = config_file(
-        "collector.toml",
-        &collector_config("bench", mq.port, &db.url(), db_name),
-    );
-    // First run: create the persistent session, then leave.
-    let mut first = start_collector(&ccfg);
-    assert!(wait_until(Duration::from_secs(20), || first
-        .log()
-        .contains("subscribed")));
+    // The first collector creates the persistent session, then leaves.
+    let Stack {
+        mq,
+        db,
+        collector_cfg: ccfg,
+        collector: mut first,
+    } = Stack::start("bench", db_name);
     first.stop();
 
     let configs: Vec<ConfigFile> = (0..agents)

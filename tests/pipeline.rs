@@ -8,14 +8,6 @@ use nodewatt_tests::*;
 
 const DB: &str = "nodewatt_test";
 
-fn wait_subscribed(c: &mut Proc) {
-    assert!(
-        wait_until(Duration::from_secs(20), || c.log().contains("subscribed")),
-        "collector did not subscribe:\n{}",
-        c.log()
-    );
-}
-
 fn count(db: &Influxd, node: &str) -> u64 {
     db.scalar(
         DB,
@@ -86,14 +78,12 @@ fn check_node(db: &Influxd, node: &str, n: u64, gpu_watts: &[f64]) {
 
 #[test]
 fn every_sample_arrives_once_with_exact_energy() {
-    let mq = Mosquitto::start();
-    let db = Influxd::start();
-    let ccfg = config_file(
-        "collector.toml",
-        &collector_config("e2e", mq.port, &db.url(), DB),
-    );
-    let mut collector = start_collector(&ccfg);
-    wait_subscribed(&mut collector);
+    let Stack {
+        mq,
+        db,
+        collector_cfg: _ccfg,
+        mut collector,
+    } = Stack::start("e2e", DB);
 
     let a = config_file(
         "a.toml",
@@ -135,23 +125,17 @@ fn every_sample_arrives_once_with_exact_energy() {
         0.0
     );
 
-    assert!(
-        collector.stop().is_some_and(|s| s.success()),
-        "{}",
-        collector.log()
-    );
+    collector.stop_cleanly();
 }
 
 #[test]
 fn broker_restart_and_collector_crash_lose_nothing() {
-    let mut mq = Mosquitto::start();
-    let db = Influxd::start();
-    let ccfg = config_file(
-        "collector.toml",
-        &collector_config("crashy", mq.port, &db.url(), DB),
-    );
-    let mut collector = start_collector(&ccfg);
-    wait_subscribed(&mut collector);
+    let Stack {
+        mut mq,
+        db,
+        collector_cfg: ccfg,
+        mut collector,
+    } = Stack::start("crashy", DB);
 
     let a = config_file(
         "a.toml",
@@ -185,11 +169,7 @@ fn broker_restart_and_collector_crash_lose_nothing() {
     }
     check_node(&db, "node-a", 150, &[350.0]);
     check_node(&db, "node-b", 150, &[250.0]);
-    assert!(
-        collector.stop().is_some_and(|s| s.success()),
-        "{}",
-        collector.log()
-    );
+    collector.stop_cleanly();
 }
 
 /// The largest `pending=` value the collector logged in its health lines.
@@ -210,14 +190,15 @@ fn max_logged_pending(log: &str) -> u64 {
 
 #[test]
 fn influxdb_outage_keeps_messages_unacknowledged_and_bounded() {
-    let mq = Mosquitto::start();
-    let mut db = Influxd::start();
-    let mut text = collector_config("outage", mq.port, &db.url(), DB);
     // A small bound, so the collector has to stop reading during the outage.
-    text = text.replace("[batch]\n", "[batch]\nmax_pending_messages = 25\n");
-    let ccfg = config_file("collector.toml", &text);
-    let mut collector = start_collector(&ccfg);
-    wait_subscribed(&mut collector);
+    let Stack {
+        mq,
+        mut db,
+        collector_cfg: ccfg,
+        mut collector,
+    } = Stack::start_with("outage", DB, "", |text| {
+        text.replace("[batch]\n", "[batch]\nmax_pending_messages = 25\n")
+    });
 
     let a = config_file(
         "a.toml",
@@ -252,23 +233,17 @@ fn influxdb_outage_keeps_messages_unacknowledged_and_bounded() {
     db.start_again();
     let mut collector = start_collector(&ccfg);
     check_node(&db, "node-a", 120, &[300.0]);
-    assert!(
-        collector.stop().is_some_and(|s| s.success()),
-        "{}",
-        collector.log()
-    );
+    collector.stop_cleanly();
 }
 
 #[test]
 fn killed_agent_is_marked_offline_by_its_last_will() {
-    let mq = Mosquitto::start();
-    let db = Influxd::start();
-    let ccfg = config_file(
-        "collector.toml",
-        &collector_config("will", mq.port, &db.url(), DB),
-    );
-    let mut collector = start_collector(&ccfg);
-    wait_subscribed(&mut collector);
+    let Stack {
+        mq,
+        db,
+        collector_cfg: _ccfg,
+        collector,
+    } = Stack::start("will", DB);
     let a = config_file(
         "a.toml",
         &agent_config("lab", "node-w", "100ms", mq.port, &[100.0]),
@@ -307,8 +282,8 @@ fn v2_write_path_against_a_real_server() {
         vm.url()
     );
     let ccfg = config_file("collector.toml", &text);
-    let mut collector = start_collector(&ccfg);
-    wait_subscribed(&mut collector);
+    let collector = start_collector(&ccfg);
+    wait_subscribed(&collector);
     let a = config_file(
         "a.toml",
         &agent_config("lab", "node-v", "50ms", mq.port, &[350.0, 350.0]),
@@ -334,14 +309,12 @@ fn v2_write_path_against_a_real_server() {
 /// that reaches InfluxDB still covers the whole run to the millijoule.
 #[test]
 fn outage_longer_than_the_outbox_merges_but_keeps_every_joule() {
-    let mut mq = Mosquitto::start();
-    let db = Influxd::start();
-    let ccfg = config_file(
-        "collector.toml",
-        &collector_config("merge", mq.port, &db.url(), DB),
-    );
-    let mut collector = start_collector(&ccfg);
-    wait_subscribed(&mut collector);
+    let Stack {
+        mut mq,
+        db,
+        collector_cfg: _ccfg,
+        collector: _collector,
+    } = Stack::start("merge", DB);
 
     mq.stop();
     let text = agent_config("lab", "node-m", "20ms", mq.port, &[400.0])

@@ -29,16 +29,12 @@ fn good_sample(node: &str, seq: u64) -> Sample {
 
 #[test]
 fn hostile_messages_are_rejected_counted_and_never_written() {
-    let mq = Mosquitto::start();
-    let db = Influxd::start();
-    let ccfg = config_file(
-        "collector.toml",
-        &collector_config("guard", mq.port, &db.url(), DB),
-    );
-    let mut collector = start_collector(&ccfg);
-    assert!(wait_until(Duration::from_secs(20), || collector
-        .log()
-        .contains("subscribed")));
+    let Stack {
+        mq,
+        db,
+        collector_cfg: _ccfg,
+        mut collector,
+    } = Stack::start("guard", DB);
 
     let topic = |node: &str| format!("nodewatt/v1/lab/{node}/sample");
     let json = |s: &Sample| s.to_json().into_bytes();
@@ -103,7 +99,7 @@ fn hostile_messages_are_rejected_counted_and_never_written() {
         log.contains("reason=\"name\"") || log.contains("reason=name"),
         "{log}"
     );
-    assert!(collector.stop().is_some_and(|s| s.success()));
+    collector.stop_cleanly();
 }
 
 #[test]
@@ -118,25 +114,17 @@ fn agents_publish_over_tls_with_a_password_from_a_file() {
         certs.path("server.pem").display(),
         certs.path("server.key").display(),
     );
-    let mq = Mosquitto::start_with(&extra);
-    let db = Influxd::start();
     std::fs::write(certs.path("pw"), "s3cret-pw\n").unwrap();
-    let collector_text = collector_config("tls", mq.port, &db.url(), DB).replace(
-        "[mqtt]\n",
-        &format!(
-            "[mqtt]\nusername = \"node-t\"\npassword_file = {:?}\n",
-            certs.path("pw")
-        ),
+    let login = format!(
+        "[mqtt]\nusername = \"node-t\"\npassword_file = {:?}\n",
+        certs.path("pw")
     );
-    let ccfg = config_file("collector.toml", &collector_text);
-    let collector = start_collector(&ccfg);
-    assert!(
-        wait_until(Duration::from_secs(20), || collector
-            .log()
-            .contains("subscribed")),
-        "{}",
-        collector.log()
-    );
+    let Stack {
+        mq: _mq,
+        db,
+        collector_cfg: _ccfg,
+        collector,
+    } = Stack::start_with("tls", DB, &extra, |t| t.replace("[mqtt]\n", &login));
 
     let tls_agent = |password_file: &std::path::Path| {
         agent_config("lab", "node-t", "50ms", tls_port, &[200.0])
@@ -181,25 +169,22 @@ fn shipped_acl_lets_a_node_publish_only_as_itself() {
     ];
     let passwd = password_file(dir.path(), &users);
     let acl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/mosquitto.acl");
-    let mq = Mosquitto::start_with(&format!(
+    std::fs::write(dir.path().join("pw-c"), "pw-c\n").unwrap();
+    let broker = format!(
         "allow_anonymous false\npassword_file {}\nacl_file {}\n",
         passwd.display(),
         acl.display()
-    ));
-    let db = Influxd::start();
-    std::fs::write(dir.path().join("pw-c"), "pw-c\n").unwrap();
-    let text = collector_config("acl", mq.port, &db.url(), DB).replace(
-        "[mqtt]\n",
-        &format!(
-            "[mqtt]\nusername = \"collector\"\npassword_file = {:?}\n",
-            dir.path().join("pw-c")
-        ),
     );
-    let ccfg = config_file("collector.toml", &text);
-    let collector = start_collector(&ccfg);
-    assert!(wait_until(Duration::from_secs(20), || collector
-        .log()
-        .contains("subscribed")));
+    let login = format!(
+        "[mqtt]\nusername = \"collector\"\npassword_file = {:?}\n",
+        dir.path().join("pw-c")
+    );
+    let Stack {
+        mq,
+        db,
+        collector_cfg: _ccfg,
+        collector,
+    } = Stack::start_with("acl", DB, &broker, |t| t.replace("[mqtt]\n", &login));
 
     let own = |node: &str, seq| {
         let mut s = good_sample(node, seq);

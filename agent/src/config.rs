@@ -12,21 +12,8 @@ use crate::queue::MAX_CAPACITY;
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
-    #[error("invalid config: {0}")]
-    Invalid(String),
-}
+pub use nodewatt_common::config::ConfigError;
+use nodewatt_common::config::{parse_toml, read_toml, resolve};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -255,28 +242,15 @@ fn default_rapl_range() -> u64 {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut cfg = Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                source,
-            },
-            other => other,
-        })?;
-        // Relative roots are relative to the config file, so a config and its fixture
+        let mut cfg: Config = read_toml(path)?;
+        cfg.validate()?;
+        // Relative paths are relative to the config file, so a config and its fixture
         // tree can travel together.
         let base = path.parent().unwrap_or(Path::new("."));
-        let a = &mut cfg.agent;
-        for p in [&mut a.sys_root, &mut a.proc_root] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
-        if let Some(p) = cfg.cpu.cgroup_root.as_mut().filter(|p| p.is_relative()) {
-            *p = base.join(&*p);
+        resolve(base, &mut cfg.agent.sys_root);
+        resolve(base, &mut cfg.agent.proc_root);
+        if let Some(p) = cfg.cpu.cgroup_root.as_mut() {
+            resolve(base, p);
         }
         if let Some(m) = cfg.mqtt.as_mut() {
             m.resolve_paths(base);
@@ -285,10 +259,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            source: Box::new(e),
-        })?;
+        let cfg: Config = parse_toml(text, Path::new("<inline>"))?;
         cfg.validate()?;
         Ok(cfg)
     }

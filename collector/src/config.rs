@@ -6,22 +6,8 @@ use std::time::Duration;
 use nodewatt_common::mqtt::MqttConfig;
 use serde::Deserialize;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
-    #[error("invalid config: {0}")]
-    Invalid(String),
-}
+pub use nodewatt_common::config::ConfigError;
+use nodewatt_common::config::{read_toml, resolve};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -203,21 +189,8 @@ impl Default for ValidationConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            what: "config",
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(e),
-        })?;
+        let mut cfg: Config = read_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
         if let Some(m) = cfg.mqtt.as_mut() {
             m.resolve_paths(base);
         }
@@ -226,7 +199,7 @@ impl Config {
             .into_iter()
             .flatten()
         {
-            fix(p);
+            resolve(base, p);
         }
         cfg.validate()?;
         Ok(cfg)

@@ -1,4 +1,4 @@
-use std::io::{BufRead, IsTerminal};
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,16 +37,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = match &cli.log_level {
-        Some(f) => tracing_subscriber::EnvFilter::new(f),
-        None => tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    nodewatt_common::init_logging(cli.log_level.as_deref());
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Validate => Ok(validate(std::io::stdin().lock())),
@@ -67,19 +58,10 @@ fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(async {
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("stopping");
-        };
-        nodewatt_collector::ingest::serve(cfg, shutdown).await
-    })?;
+    runtime.block_on(nodewatt_collector::ingest::serve(
+        cfg,
+        nodewatt_common::shutdown_signal(),
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 

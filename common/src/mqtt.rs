@@ -129,22 +129,20 @@ impl MqttConfig {
 
     /// Makes relative file paths relative to the config file's directory.
     pub fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
+        let tls = self.tls.as_mut();
+        let (ca, cert, key) = match tls {
+            Some(t) => (
+                Some(&mut t.ca_file),
+                t.client_cert_file.as_mut(),
+                t.client_key_file.as_mut(),
+            ),
+            None => (None, None, None),
         };
-        if let Some(p) = self.password_file.as_mut() {
-            fix(p);
-        }
-        if let Some(t) = self.tls.as_mut() {
-            fix(&mut t.ca_file);
-            if let Some(p) = t.client_cert_file.as_mut() {
-                fix(p);
-            }
-            if let Some(p) = t.client_key_file.as_mut() {
-                fix(p);
-            }
+        for p in [self.password_file.as_mut(), ca, cert, key]
+            .into_iter()
+            .flatten()
+        {
+            crate::config::resolve(base, p);
         }
     }
 

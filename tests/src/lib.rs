@@ -116,6 +116,17 @@ impl Proc {
         self.wait(Duration::from_secs(20))
     }
 
+    /// SIGTERM, and asserts the process exits with success (its log otherwise).
+    pub fn stop_cleanly(&mut self) {
+        let status = self.stop();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} did not stop cleanly ({status:?}):\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
     /// Waits for the process to exit by itself.
     pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
@@ -527,6 +538,50 @@ pub fn start_collector(cfg: &ConfigFile) -> Proc {
             .path()
             .join(format!("collector-{}.log", rand_suffix())),
     )
+}
+
+/// Waits until a collector logged its SubAck: from then on the broker keeps its messages.
+pub fn wait_subscribed(c: &Proc) {
+    assert!(
+        wait_until(Duration::from_secs(20), || c.log().contains("subscribed")),
+        "collector did not subscribe:\n{}",
+        c.log()
+    );
+}
+
+/// A broker, an InfluxDB and a subscribed collector: the servers every pipeline test needs.
+pub struct Stack {
+    pub mq: Mosquitto,
+    pub db: Influxd,
+    pub collector_cfg: ConfigFile,
+    pub collector: Proc,
+}
+
+impl Stack {
+    pub fn start(collector_id: &str, db_name: &str) -> Stack {
+        Self::start_with(collector_id, db_name, "", |text| text)
+    }
+
+    /// `broker_extra` goes into mosquitto's config; `edit` adjusts the collector's.
+    pub fn start_with(
+        collector_id: &str,
+        db_name: &str,
+        broker_extra: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Stack {
+        let mq = Mosquitto::start_with(broker_extra);
+        let db = Influxd::start();
+        let text = edit(collector_config(collector_id, mq.port, &db.url(), db_name));
+        let collector_cfg = config_file("collector.toml", &text);
+        let collector = start_collector(&collector_cfg);
+        wait_subscribed(&collector);
+        Stack {
+            mq,
+            db,
+            collector_cfg,
+            collector,
+        }
+    }
 }
 
 pub fn start_agent(cfg: &ConfigFile, count: u64) -> Proc {
