@@ -325,6 +325,7 @@ impl Config {
             }
             for (n, g) in sim.gpu.iter().enumerate() {
                 let at = format!("simulated.gpu[{n}]");
+                check_label(&format!("{at}.model"), &g.model)?;
                 match (g.power_w, g.profile.is_empty()) {
                     (Some(_), false) | (None, true) => {
                         return bad(format!("{at}: give exactly one of power_w or profile"))
@@ -362,6 +363,7 @@ impl Config {
             }
             for (n, r) in sim.rapl.iter().enumerate() {
                 let at = format!("simulated.rapl[{n}]");
+                check_label(&format!("{at}.name"), &r.name)?;
                 check_power(&at, r.power_w)?;
                 if r.max_energy_range_uj == 0 {
                     return bad(format!("{at}: max_energy_range_uj must be positive"));
@@ -414,6 +416,16 @@ fn check_name(what: &str, v: &str) -> Result<(), ConfigError> {
             "{what} {v:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."
         )))
     }
+}
+
+/// Free text that becomes a tag downstream: printable, no backslash, bounded.
+fn check_label(what: &str, v: &str) -> Result<(), ConfigError> {
+    if v.is_empty() || v.len() > 128 || v.chars().any(|c| c.is_control() || c == '\\') {
+        return Err(ConfigError::Invalid(format!(
+            "{what} {v:?} must be 1-128 printable characters without a backslash"
+        )));
+    }
+    Ok(())
 }
 
 fn check_power(at: &str, p: f64) -> Result<(), ConfigError> {
@@ -507,6 +519,8 @@ mod tests {
             "period = \"60s\"\nprofile = [{ at = \"0s\", power_w = -1.0 }]\n",
             "power_w = 1.0\nperiod = \"60s\"\nprofile = [{ at = \"0s\", power_w = 1.0 }]\n",
             "model = \"x\"\n",
+            "power_w = 1.0\nmodel = \"a\\\\b\"\n",
+            "power_w = 1.0\nmodel = \"\"\n",
         ] {
             assert!(Config::parse(&format!("{base}{bad}")).is_err(), "{bad}");
         }

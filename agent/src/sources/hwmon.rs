@@ -67,7 +67,10 @@ fn chip_channels(device: &str, dir: &Path) -> Vec<Channel> {
     } else {
         dir.join("device")
     };
-    let chip = sysfs::read_string(&attrs.join("name")).unwrap_or_else(|_| device.to_string());
+    let chip = sysfs::clean_name(
+        &sysfs::read_string(&attrs.join("name")).unwrap_or_default(),
+        device,
+    );
     let Ok(entries) = sysfs::sorted_entries(&attrs) else {
         return Vec::new();
     };
@@ -86,7 +89,10 @@ fn chip_channels(device: &str, dir: &Path) -> Vec<Channel> {
         .into_iter()
         .map(|(chan, kind, _, file)| {
             let path = attrs.join(&file);
-            let label = sysfs::read_string(&attrs.join(format!("{chan}_label"))).ok();
+            let label = sysfs::read_string(&attrs.join(format!("{chan}_label")))
+                .ok()
+                .map(|l| sysfs::clean_name(&l, ""))
+                .filter(|l| !l.is_empty());
             Channel {
                 chip: chip.clone(),
                 device: device.to_string(),

@@ -145,11 +145,14 @@ fn worker_main(
 
 /// Static identity, read once: UUID, PCI bus id and model never change while loaded.
 fn identity(d: &Device<'_>, index: u32) -> Gpu {
+    let clean = |r: Result<String, NvmlError>, fallback: &str| {
+        crate::sysfs::clean_name(&r.unwrap_or_default(), fallback)
+    };
     Gpu {
         index,
-        uuid: d.uuid().unwrap_or_default(),
-        pci_bus_id: d.pci_info().map(|p| p.bus_id).unwrap_or_default(),
-        model: d.name().unwrap_or_default(),
+        uuid: clean(d.uuid(), &format!("GPU-unknown-{index}")),
+        pci_bus_id: clean(d.pci_info().map(|p| p.bus_id), "unknown"),
+        model: clean(d.name(), "unknown"),
         ..Gpu::default()
     }
 }

@@ -55,7 +55,10 @@ impl Rapl {
 }
 
 fn open_domain(zone: String, path: &Path) -> Domain {
-    let name = sysfs::read_string(&path.join("name")).unwrap_or_else(|_| zone.clone());
+    let name = sysfs::clean_name(
+        &sysfs::read_string(&path.join("name")).unwrap_or_default(),
+        &zone,
+    );
     let max_energy_range_uj = sysfs::read_u64(&path.join("max_energy_range_uj")).unwrap_or(0);
     let energy_path = path.join("energy_uj");
     let energy = AttrFile::open(energy_path.clone()).map_err(|e| {

@@ -39,7 +39,10 @@ impl Thermal {
             .map(|(zone, path)| {
                 let temp_path = path.join("temp");
                 Zone {
-                    zone_type: sysfs::read_string(&path.join("type")).unwrap_or_default(),
+                    zone_type: sysfs::clean_name(
+                        &sysfs::read_string(&path.join("type")).unwrap_or_default(),
+                        "unknown",
+                    ),
                     temp: AttrFile::open(temp_path.clone())
                         .map_err(|e| format!("{zone} {}", sysfs::describe(&temp_path, &e))),
                     zone,
