@@ -36,6 +36,44 @@ pub struct Config {
     pub mqtt: Option<MqttConfig>,
     #[serde(default)]
     pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Attribute energy to jobs from the job registry.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The registry directory the scheduler's prolog writes (config/slurm/).
+    #[serde(default = "default_jobs_dir")]
+    pub dir: PathBuf,
+    /// Only files (and a directory) owned by this uid, and writable by nobody else, are
+    /// trusted. 0 (root) in production.
+    #[serde(default)]
+    pub owner_uid: u32,
+    /// How often running jobs' totals are sent (they are also sent when a job ends).
+    #[serde(with = "humantime_serde", default = "default_totals_interval")]
+    pub totals_interval: Duration,
+}
+
+fn default_jobs_dir() -> PathBuf {
+    PathBuf::from("/run/nodewatt/jobs")
+}
+fn default_totals_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            enabled: true,
+            dir: default_jobs_dir(),
+            owner_uid: 0,
+            totals_interval: default_totals_interval(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +293,7 @@ impl Config {
         if let Some(m) = cfg.mqtt.as_mut() {
             m.resolve_paths(base);
         }
+        resolve(base, &mut cfg.jobs.dir);
         Ok(cfg)
     }
 
@@ -290,6 +329,10 @@ impl Config {
         if let Some(m) = &self.mqtt {
             m.validate()
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        let t = self.jobs.totals_interval;
+        if t < Duration::from_secs(1) || t.subsec_nanos() % 1_000_000 != 0 {
+            return bad("jobs.totals_interval must be at least 1s, in whole milliseconds".into());
         }
         let o = &self.outbox;
         if !(16..=MAX_CAPACITY).contains(&o.capacity) {

@@ -95,13 +95,15 @@ fn load(path: &Path, clock: &Clock) -> anyhow::Result<(Config, Sampler)> {
     let cfg = Config::load(path)?;
     let node = cfg.node_name()?;
     let sources = build_sources(&cfg, &node)?;
+    let start_ms = clock.now_ms();
     let sampler = Sampler::new(
         sources,
         cfg.agent.cluster.clone(),
         node,
         cfg.agent.interval.as_millis() as u64,
-        clock.now_ms(),
-    );
+        start_ms,
+    )
+    .with_accounting(&cfg, start_ms);
     Ok((cfg, sampler))
 }
 
@@ -243,6 +245,20 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
         for p in &inv.problems {
             bad += 1;
             println!("{:<10} UNREADABLE   {p}", "");
+        }
+    }
+    if let Some(dir) = sampler.registry_dir() {
+        let mut registry =
+            nodewatt_agent::registry::Registry::new(dir.to_owned(), cfg.jobs.owner_uid);
+        let jobs = registry.jobs().len();
+        let rejected = registry.rejected_files;
+        println!(
+            "{:<10} ok           {jobs} jobs in {} ({rejected} files ignored)",
+            "jobs",
+            dir.display()
+        );
+        if rejected > 0 {
+            bad += 1;
         }
     }
     Ok(if strict && bad > 0 {

@@ -222,6 +222,27 @@ pub fn merge_into(older: &Sample, newer: &mut Sample) {
             None => newer.rapl.push(od.clone()),
         }
     }
+    for ou in &older.usage {
+        match newer
+            .usage
+            .iter_mut()
+            .find(|u| u.job == ou.job && u.project == ou.project && u.user == ou.user)
+        {
+            Some(u) => u.amounts.add(&ou.amounts),
+            None => newer.usage.push(ou.clone()),
+        }
+    }
+    // Totals are cumulative: the newer one of a job wins; an ended job's final total is
+    // only in the older sample and is kept.
+    for ot in &older.job_totals {
+        if !newer
+            .job_totals
+            .iter()
+            .any(|t| t.job == ot.job && t.since_ms == ot.since_ms)
+        {
+            newer.job_totals.push(ot.clone());
+        }
+    }
     // Mean power over the merged span, from the summed delta.
     for d in &mut newer.rapl {
         if let (Some(uj), true) = (d.energy_delta_uj, newer.span_ms > 0) {

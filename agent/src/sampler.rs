@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use nodewatt_wire::{Sample, SourceStatus};
 
+use crate::accounting::Accountant;
 use crate::config::Config;
 use crate::deltas::Deltas;
 use crate::sources::{
@@ -63,6 +64,7 @@ pub fn build_sources(cfg: &Config, node: &str) -> Result<Vec<Box<dyn Source>>, B
 
 pub struct Sampler {
     sources: Vec<Box<dyn Source>>,
+    accountant: Option<Accountant>,
     /// Last error per source, so a failure is logged when it starts or changes, not on
     /// every tick.
     last_error: Vec<Option<String>>,
@@ -79,6 +81,7 @@ impl Sampler {
         agent_start_ms: u64,
     ) -> Sampler {
         Sampler {
+            accountant: None,
             // Start-up already logged unavailable sources; their first failing sample
             // must not log the same reason again.
             last_error: sources.iter().map(|s| s.inventory().unavailable).collect(),
@@ -124,7 +127,29 @@ impl Sampler {
             });
         }
         self.deltas.apply(&mut s);
+        if let Some(a) = self.accountant.as_mut() {
+            a.account(&mut s);
+        }
         s
+    }
+
+    /// Attributes each sample's energy to the jobs of the registry.
+    pub fn with_accounting(mut self, cfg: &Config, agent_start_ms: u64) -> Sampler {
+        if cfg.jobs.enabled {
+            self.accountant = Some(Accountant::new(
+                cfg.jobs.dir.clone(),
+                cfg.jobs.owner_uid,
+                cfg.agent.proc_root.clone(),
+                agent_start_ms,
+                cfg.jobs.totals_interval.as_millis() as u64,
+            ));
+        }
+        self
+    }
+
+    /// Where the job registry is read from, when accounting is on.
+    pub fn registry_dir(&self) -> Option<&std::path::Path> {
+        self.accountant.as_ref().map(|a| a.registry_dir())
     }
 
     /// Reads every source once without publishing (so the first published sample has

@@ -30,10 +30,31 @@ fn normalise(mut s: Sample) -> Sample {
     s
 }
 
+/// golden.toml with the fixture's job registry trusted for whoever runs the test (the
+/// registry accepts files of one owner only; production uses root).
+fn golden_config() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(fixtures().join("golden.toml")).unwrap();
+    let node = fixtures().join("node");
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let text = text
+        .replace("\"node/sys\"", &format!("{:?}", node.join("sys")))
+        .replace("\"node/proc\"", &format!("{:?}", node.join("proc")))
+        .replace(
+            "\"node/run/nodewatt/jobs\"",
+            &format!("{:?}", node.join("run/nodewatt/jobs")),
+        )
+        .replace("owner_uid = 0", &format!("owner_uid = {me}"));
+    let path = dir.path().join("golden.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
 /// Set NODEWATT_UPDATE_GOLDEN=1 to rewrite tests/golden/once.json after an intended change.
 #[test]
 fn once_matches_golden_file() {
-    let config = fixtures().join("golden.toml");
+    let (_dir, config) = golden_config();
     let out = agent(&[
         "once",
         "--config",
@@ -81,11 +102,18 @@ fn once_matches_golden_file() {
     assert_eq!(sample.hwmon.len(), 9);
     assert_eq!(sample.thermal.len(), 2);
     assert_eq!(sample.cpu.as_ref().unwrap().jobs.len(), 2);
+    // GPU 0 belongs to job 1001 of proj-a; GPU 1 to nobody.
+    let a = sample.usage.iter().find(|u| u.project == "proj-a").unwrap();
+    assert_eq!(a.job.as_deref(), Some("1001"));
+    assert_eq!(a.amounts.gpu_uj, 350_000_000);
+    let idle = sample.usage.iter().find(|u| u.project == "_idle").unwrap();
+    assert_eq!(idle.amounts.gpu_uj, 100_000_000);
+    assert_eq!(sample.accounting.unwrap().jobs, 2);
 }
 
 #[test]
 fn once_is_one_json_line_by_default() {
-    let config = fixtures().join("golden.toml");
+    let (_dir, config) = golden_config();
     let out = agent(&[
         "once",
         "-c",
@@ -101,7 +129,7 @@ fn once_is_one_json_line_by_default() {
 
 #[test]
 fn check_lists_sources_devices_and_reasons() {
-    let config = fixtures().join("golden.toml");
+    let (_dir, config) = golden_config();
     let out = agent(&["check", "--config", config.to_str().unwrap(), "--strict"]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success(), "{text}");
@@ -113,6 +141,7 @@ fn check_lists_sources_devices_and_reasons() {
         "rapl       ok           5 domains: intel-rapl:0 package-0, intel-rapl:0:0 core, intel-rapl:0:1 dram, intel-rapl:1 package-1, intel-rapl:2 psys",
         "hwmon      ok           6 chips: 4 temperature, 2 fan, 1 power, 2 energy sensors",
         "thermal    ok           2 zones: acpitz, x86_pkg_temp",
+        "jobs       ok           2 jobs in ",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }

@@ -20,6 +20,43 @@ pub struct Config {
     pub batch: BatchConfig,
     #[serde(default)]
     pub validation: ValidationConfig,
+    #[serde(default)]
+    pub billing: BillingConfig,
+}
+
+/// Defaults for `usage` and `report`; command-line options override them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingConfig {
+    /// Price per facility kWh (IT energy × PUE).
+    #[serde(default)]
+    pub price_per_kwh: Option<f64>,
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    /// Power usage effectiveness of the facility: facility energy = IT energy × PUE.
+    #[serde(default = "default_pue")]
+    pub pue: f64,
+    /// Grid carbon intensity, grams CO2e per kWh.
+    #[serde(default)]
+    pub co2_g_per_kwh: Option<f64>,
+}
+
+fn default_currency() -> String {
+    "EUR".into()
+}
+fn default_pue() -> f64 {
+    1.0
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            price_per_kwh: None,
+            currency: default_currency(),
+            pue: default_pue(),
+            co2_g_per_kwh: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -89,7 +89,11 @@ impl Influx {
             write_url,
             query_url: endpoint(&cfg.url, "query", &[])?,
             api: cfg.api,
-            database: cfg.database.clone(),
+            // On v2 the v1-compatible /query maps the bucket to a database.
+            database: match cfg.api {
+                Api::V1 => cfg.database.clone(),
+                Api::V2 => cfg.bucket.clone().unwrap_or_default(),
+            },
             create_database: cfg.create_database,
             basic,
             token,
@@ -129,6 +133,32 @@ impl Influx {
                 resp.text().await.unwrap_or_default()
             ))),
         }
+    }
+
+    /// Runs an InfluxQL query through `/query` (on 2.x/3.x, the v1-compatible endpoint
+    /// with the bucket as database); timestamps in ms.
+    pub async fn query(&self, q: &str) -> Result<serde_json::Value, String> {
+        let mut url = self.query_url.clone();
+        url.query_pairs_mut()
+            .append_pair("db", &self.database)
+            .append_pair("epoch", "ms")
+            .append_pair("q", q);
+        let resp = self
+            .auth(self.client.get(url))
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach InfluxDB: {e}"))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("InfluxDB answered {status}: {}", text.trim()));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("InfluxDB answer is not JSON: {e}"))?;
+        if let Some(err) = v["results"][0]["error"].as_str().or(v["error"].as_str()) {
+            return Err(format!("InfluxDB: {err}"));
+        }
+        Ok(v)
     }
 
     pub async fn write(&self, body: &[u8]) -> Result<(), WriteError> {

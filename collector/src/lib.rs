@@ -1,5 +1,6 @@
 //! nodewatt collector: MQTT in, validated line protocol out to InfluxDB.
 
+pub mod billing;
 pub mod config;
 pub mod influx;
 pub mod ingest;

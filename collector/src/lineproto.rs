@@ -6,7 +6,7 @@
 //! InfluxDB 1.x has no unsigned type; validation guarantees they fit.
 
 use influxdb_line_protocol::builder::LineProtocolBuilder;
-use nodewatt_wire::{Sample, SensorKind, Status};
+use nodewatt_wire::{Amounts, Sample, SensorKind, Status};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value<'a> {
@@ -216,7 +216,68 @@ pub fn encode_sample(s: &Sample, out: &mut Vec<u8>) -> usize {
             &f,
         );
     }
+    // Usage per (project, user) on this node: jobs are summed, so series stay bounded
+    // by projects × users × nodes however many jobs run.
+    let mut by_owner: Vec<(&str, &str, Amounts, u64)> = Vec::new();
+    for u in &s.usage {
+        let user = u.user.as_deref().unwrap_or(NO_USER);
+        match by_owner
+            .iter_mut()
+            .find(|(p, us, _, _)| *p == u.project && *us == user)
+        {
+            Some((_, _, a, jobs)) => {
+                a.add(&u.amounts);
+                *jobs += u64::from(u.job.is_some());
+            }
+            None => by_owner.push((&u.project, user, u.amounts, u64::from(u.job.is_some()))),
+        }
+    }
+    for (project, user, a, jobs) in &by_owner {
+        let mut f = amount_fields(a);
+        f.i("span_ms", span).i("jobs", Some(*jobs));
+        let tags = [
+            ("cluster", c),
+            ("node", n),
+            ("project", *project),
+            ("user", *user),
+        ];
+        put(out, "usage", &tags, &f);
+    }
+
+    // One point per job, node and agent run (timestamp `since_ms`), overwritten by each
+    // newer total: summing a job's points gives its usage across agent restarts.
+    for t in &s.job_totals {
+        let mut f = amount_fields(&t.amounts);
+        let gpus = t.gpus.join(",");
+        f.i("start_ms", Some(t.start_ms))
+            .i("until_ms", Some(t.until_ms))
+            .b("ended", t.ended)
+            .s("gpus", Some(&gpus));
+        let tags = [
+            ("cluster", c),
+            ("job", t.job.as_str()),
+            ("node", n),
+            ("project", &t.project),
+            ("user", &t.user),
+        ];
+        points += usize::from(line(out, "job_total", &tags, &f.0, t.since_ms));
+    }
     points
+}
+
+/// The `user` tag of `_idle` usage (tags cannot be empty).
+pub const NO_USER: &str = "_none";
+
+fn amount_fields(a: &Amounts) -> Fields<'static> {
+    let mut f = Fields::default();
+    f.i("energy_gpu_uj", Some(a.gpu_uj))
+        .i("energy_cpu_uj", Some(a.cpu_uj))
+        .i("energy_dram_uj", Some(a.dram_uj))
+        .i("energy_other_uj", Some(a.other_uj))
+        .i("energy_uj", Some(a.energy_uj()))
+        .i("gpu_ms", Some(a.gpu_ms))
+        .i("cpu_us", Some(a.cpu_us));
+    f
 }
 
 /// A node's online/offline status, at the time it was set (or received, for a last will).
@@ -378,6 +439,62 @@ mod tests {
         assert_eq!(text(&out), expected.join("\n") + "\n");
         // The unreadable RAPL domain has no fields and writes nothing.
         assert_eq!(n, expected.len());
+    }
+
+    #[test]
+    fn usage_is_summed_per_project_and_user_and_job_totals_keyed_by_start() {
+        use nodewatt_wire::{JobTotal, Usage};
+        let mut s = Sample::new("a", "c1", "n1", 1000, 0);
+        s.ts_ms = 5_000;
+        s.span_ms = 1_000;
+        let amounts = |gpu_uj| Amounts {
+            gpu_uj,
+            gpu_ms: 1_000,
+            ..Amounts::default()
+        };
+        for (job, user, gpu_uj) in [
+            (Some("1"), Some("alice"), 10),
+            (Some("2"), Some("alice"), 20),
+        ] {
+            s.usage.push(Usage {
+                job: job.map(Into::into),
+                project: "p".into(),
+                user: user.map(Into::into),
+                amounts: amounts(gpu_uj),
+            });
+        }
+        s.usage.push(Usage {
+            job: None,
+            project: "_idle".into(),
+            user: None,
+            amounts: amounts(5),
+        });
+        s.job_totals.push(JobTotal {
+            job: "1".into(),
+            project: "p".into(),
+            user: "alice".into(),
+            start_ms: 1_000,
+            since_ms: 1_000,
+            until_ms: 5_000,
+            ended: true,
+            gpus: vec!["0".into(), "1".into()],
+            amounts: amounts(40),
+        });
+        let mut out = Vec::new();
+        encode_sample(&s, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("usage") || l.starts_with("job_total"))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "usage,cluster=c1,node=n1,project=p,user=alice energy_gpu_uj=30i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=30i,gpu_ms=2000i,cpu_us=0i,span_ms=1000i,jobs=2i 5000",
+                "usage,cluster=c1,node=n1,project=_idle,user=_none energy_gpu_uj=5i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=5i,gpu_ms=1000i,cpu_us=0i,span_ms=1000i,jobs=0i 5000",
+                "job_total,cluster=c1,job=1,node=n1,project=p,user=alice energy_gpu_uj=40i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=40i,gpu_ms=1000i,cpu_us=0i,start_ms=1000i,until_ms=5000i,ended=true,gpus=\"0,1\" 1000",
+            ]
+        );
     }
 
     #[test]

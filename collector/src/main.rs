@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nodewatt_collector::billing::{self, By, Format, Prices};
 use nodewatt_collector::config::Config;
+use nodewatt_collector::influx::Influx;
 use nodewatt_wire::Sample;
 
 /// nodewatt collector: subscribes to agent samples over MQTT, validates them, and writes
@@ -29,6 +31,38 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Energy (kWh by device class), GPU-hours and CPU core-hours per project, user, node
+    /// or job over a period, with cost and CO2e; for billing scripts use --format csv or
+    /// json (columns in docs/billing.md). The period is (FROM, TO]: consecutive periods
+    /// bill every joule once.
+    Usage {
+        /// Collector configuration file: the InfluxDB to read, and [billing] defaults.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Start of the period: a date (2026-11-01, UTC midnight) or RFC 3339.
+        #[arg(long, value_name = "TIME")]
+        from: String,
+        /// End of the period, same forms.
+        #[arg(long, value_name = "TIME")]
+        to: String,
+        /// Group by project, user, node, or job (whole-job totals of jobs that ran in the period).
+        #[arg(long, value_enum, default_value = "project")]
+        by: By,
+        /// Only this project.
+        #[arg(long, value_name = "NAME")]
+        project: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Price per facility kWh (overrides [billing] price_per_kwh).
+        #[arg(long, value_name = "PRICE")]
+        price_per_kwh: Option<f64>,
+        /// Facility energy = IT energy x PUE (overrides [billing] pue).
+        #[arg(long, value_name = "FACTOR")]
+        pue: Option<f64>,
+        /// Grid carbon intensity in g CO2e per kWh (overrides [billing] co2_g_per_kwh).
+        #[arg(long, value_name = "GRAMS")]
+        co2_g_per_kwh: Option<f64>,
+    },
     /// Read samples as JSON lines on stdin (e.g. `nodewatt-agent run` without [mqtt]),
     /// report each invalid line with its reason, and print a count per node at the end.
     /// Exits 1 if any line was invalid.
@@ -41,6 +75,38 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Validate => Ok(validate(std::io::stdin().lock())),
+        Command::Usage {
+            config,
+            from,
+            to,
+            by,
+            project,
+            format,
+            price_per_kwh,
+            pue,
+            co2_g_per_kwh,
+        } => (|| {
+            let cfg = Config::load(&config)?;
+            let b = &cfg.billing;
+            let prices = Prices {
+                pue: pue.unwrap_or(b.pue),
+                price_per_kwh: price_per_kwh.or(b.price_per_kwh),
+                currency: b.currency.clone(),
+                co2_g_per_kwh: co2_g_per_kwh.or(b.co2_g_per_kwh),
+            };
+            if !(prices.pue.is_finite() && prices.pue >= 1.0) {
+                anyhow::bail!("pue must be a number >= 1");
+            }
+            let from = billing::parse_time(&from).map_err(anyhow::Error::msg)?;
+            let to = billing::parse_time(&to).map_err(anyhow::Error::msg)?;
+            let groups = block_on(&cfg, |influx| async move {
+                billing::usage(&influx, by, from, to, project.as_deref()).await
+            })?
+            .map_err(anyhow::Error::msg)?;
+            let rows = billing::rows(&groups, by, &prices);
+            print!("{}", billing::render(&rows, by, format, &prices));
+            Ok(ExitCode::SUCCESS)
+        })(),
     };
     match result {
         Ok(code) => code,
@@ -49,6 +115,21 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Runs `f` with an InfluxDB client on a single-threaded runtime.
+fn block_on<F, Fut, T>(cfg: &Config, f: F) -> anyhow::Result<T>
+where
+    F: FnOnce(Influx) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    nodewatt_common::install_tls_provider();
+    let influx = Influx::new(&cfg.influxdb)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    Ok(runtime.block_on(f(influx)))
 }
 
 fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {

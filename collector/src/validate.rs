@@ -244,6 +244,33 @@ fn check_sample(s: &Sample) -> Result<(), Rejected> {
         in_range("hwmon value", h.value, -1e9, 1e9)?;
         fits_i64("hwmon energy_uj", h.energy_uj)?;
     }
+    let amounts = |a: &nodewatt_wire::Amounts| {
+        for v in [
+            a.gpu_uj, a.cpu_uj, a.dram_uj, a.other_uj, a.gpu_ms, a.cpu_us,
+        ] {
+            fits_i64("usage amount", Some(v))?;
+        }
+        Ok::<(), Rejected>(())
+    };
+    for u in &s.usage {
+        check_name("usage project", &u.project)?;
+        for v in [&u.job, &u.user].into_iter().flatten() {
+            check_name("usage job or user", v)?;
+        }
+        amounts(&u.amounts)?;
+    }
+    for t in &s.job_totals {
+        for v in [&t.job, &t.project, &t.user] {
+            check_name("job total name", v)?;
+        }
+        for g in &t.gpus {
+            check_name("job total gpu", g)?;
+        }
+        for v in [t.start_ms, t.since_ms, t.until_ms] {
+            fits_i64("job total time", Some(v))?;
+        }
+        amounts(&t.amounts)?;
+    }
     for t in &s.thermal {
         check_name("thermal zone", &t.zone)?;
         check_name("thermal type", &t.zone_type)?;

@@ -55,6 +55,105 @@ pub struct Sample {
     pub hwmon: Vec<HwmonSensor>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub thermal: Vec<ThermalZone>,
+    /// Energy and time of this sample's span attributed to jobs, one entry per job plus
+    /// one for the project `_idle` (what no job owned). Per node and span, the entries
+    /// sum exactly to the measured deltas of each device class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage: Vec<Usage>,
+    /// Cumulative usage of jobs, sent every `totals_interval` and when a job ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub job_totals: Vec<JobTotal>,
+    /// State of the job registry and the GPU cross-check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounting: Option<AccountingStats>,
+}
+
+/// The project that is billed for what no job used.
+pub const IDLE_PROJECT: &str = "_idle";
+
+/// Additive usage of one job (or of `_idle`) over a sample's `span_ms`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Scheduler job id; absent for `_idle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    pub project: String,
+    /// Absent for `_idle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(flatten)]
+    pub amounts: Amounts,
+}
+
+/// Energy by device class (microjoules), GPU time and CPU time. Additive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Amounts {
+    #[serde(default)]
+    pub gpu_uj: u64,
+    /// CPU packages (RAPL `package-*`).
+    #[serde(default)]
+    pub cpu_uj: u64,
+    /// Memory (RAPL `dram`).
+    #[serde(default)]
+    pub dram_uj: u64,
+    /// The rest of the node, from a node power meter when present.
+    #[serde(default)]
+    pub other_uj: u64,
+    /// GPU time: milliseconds summed over GPUs.
+    #[serde(default)]
+    pub gpu_ms: u64,
+    /// CPU time of the job's cgroup, microseconds (core-microseconds).
+    #[serde(default)]
+    pub cpu_us: u64,
+}
+
+impl Amounts {
+    pub fn add(&mut self, o: &Amounts) {
+        self.gpu_uj = self.gpu_uj.saturating_add(o.gpu_uj);
+        self.cpu_uj = self.cpu_uj.saturating_add(o.cpu_uj);
+        self.dram_uj = self.dram_uj.saturating_add(o.dram_uj);
+        self.other_uj = self.other_uj.saturating_add(o.other_uj);
+        self.gpu_ms = self.gpu_ms.saturating_add(o.gpu_ms);
+        self.cpu_us = self.cpu_us.saturating_add(o.cpu_us);
+    }
+
+    pub fn energy_uj(&self) -> u64 {
+        self.gpu_uj
+            .saturating_add(self.cpu_uj)
+            .saturating_add(self.dram_uj)
+            .saturating_add(self.other_uj)
+    }
+}
+
+/// A job's usage on this node since `since_ms` (the job's start, or this agent process's
+/// start if later). Updated in place: the newest message for a (job, node, since_ms) holds
+/// the total; summing over `since_ms` values covers agent restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobTotal {
+    pub job: String,
+    pub project: String,
+    pub user: String,
+    pub start_ms: u64,
+    pub since_ms: u64,
+    /// The last sample included.
+    pub until_ms: u64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ended: bool,
+    /// GPUs the job held on this node (indices or UUIDs, as the scheduler gave them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
+    #[serde(flatten)]
+    pub amounts: Amounts,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountingStats {
+    /// Jobs in the registry.
+    pub jobs: u32,
+    /// Registry files ignored since start (not root-owned, writable by others, malformed).
+    pub rejected_files: u64,
+    /// GPU processes of a job that does not own that GPU, seen since start.
+    pub foreign_gpu_processes: u64,
 }
 
 /// The agent's delivery state, stamped on each message as it is sent.
@@ -369,6 +468,9 @@ impl Sample {
             rapl: Vec::new(),
             hwmon: Vec::new(),
             thermal: Vec::new(),
+            usage: Vec::new(),
+            job_totals: Vec::new(),
+            accounting: None,
         }
     }
 

@@ -1,0 +1,447 @@
+//! Per sample: reads the job registry, turns the sample's deltas into per-job usage
+//! (`attribution`), keeps running per-job totals, and cross-checks GPU processes against
+//! the jobs that own the GPUs.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use nodewatt_wire::{AccountingStats, JobTotal, Sample, SensorKind};
+
+use crate::attribution::{attribute, GpuEnergy, Job, Measured};
+use crate::counter::step;
+use crate::registry::Registry;
+
+pub struct Accountant {
+    registry: Registry,
+    proc_root: PathBuf,
+    agent_start_ms: u64,
+    totals_interval_ms: u64,
+    last_ts: Option<u64>,
+    /// Cumulative cgroup CPU time per job at the previous sample.
+    job_cpu: HashMap<String, u64>,
+    /// Running jobs' totals since they started (or since this agent started).
+    totals: HashMap<String, (Job, JobTotal)>,
+    /// (GPU index, pid) pairs already reported as foreign.
+    foreign_seen: HashSet<(u32, u32)>,
+    stats: AccountingStats,
+}
+
+/// The job a process belongs to, from its /proc/<pid>/cgroup (`.../job_<id>/...`).
+pub fn job_of_cgroup(cgroup_file: &str) -> Option<&str> {
+    cgroup_file
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .flat_map(|path| path.split('/'))
+        .find_map(|part| part.strip_prefix("job_"))
+        .filter(|id| !id.is_empty())
+}
+
+/// Energy measured over the span by device class, from the sample's deltas, in µJ:
+/// CPU = top-level RAPL packages; DRAM = `dram` domains; other = a node power meter's
+/// energy (power × span) minus what GPUs, CPUs and DRAM account for. Subzones such as
+/// `core` are inside their package and `psys` overlaps everything, so neither is added.
+pub fn measured(s: &Sample, t0: u64) -> Measured {
+    let span = s.ts_ms.saturating_sub(t0);
+    let gpus: Vec<GpuEnergy> = s
+        .gpus
+        .iter()
+        .map(|g| GpuEnergy {
+            index: g.index,
+            uuid: g.uuid.clone(),
+            energy_uj: g.energy_delta_mj.map(|mj| mj.saturating_mul(1000)),
+        })
+        .collect();
+    let rapl = |pick: &dyn Fn(&nodewatt_wire::RaplDomain) -> bool| -> u64 {
+        s.rapl
+            .iter()
+            .filter(|d| pick(d))
+            .filter_map(|d| d.energy_delta_uj)
+            .sum()
+    };
+    let cpu_uj = rapl(&|d| d.parent.is_none() && d.name.starts_with("package"));
+    let dram_uj = rapl(&|d| d.name == "dram");
+    let gpu_uj: u64 = gpus.iter().filter_map(|g| g.energy_uj).sum();
+    let meter_uj: Option<u64> = s
+        .hwmon
+        .iter()
+        .filter(|h| h.kind == SensorKind::Power && h.chip == "power_meter")
+        .filter_map(|h| h.value)
+        .map(|w| (w.max(0.0) * span as f64 * 1000.0).round() as u64)
+        .reduce(|a, b| a + b);
+    let other_uj = meter_uj.map_or(0, |m| m.saturating_sub(gpu_uj + cpu_uj + dram_uj));
+    Measured {
+        t0,
+        t1: s.ts_ms,
+        gpus,
+        cpu_uj,
+        dram_uj,
+        other_uj,
+        cores: s.cpu.as_ref().map_or(0, |c| c.cores),
+        job_cpu_us: HashMap::new(),
+    }
+}
+
+impl Accountant {
+    pub fn new(
+        dir: PathBuf,
+        owner_uid: u32,
+        proc_root: PathBuf,
+        agent_start_ms: u64,
+        totals_interval_ms: u64,
+    ) -> Accountant {
+        Accountant {
+            registry: Registry::new(dir, owner_uid),
+            proc_root,
+            agent_start_ms,
+            totals_interval_ms: totals_interval_ms.max(1),
+            last_ts: None,
+            job_cpu: HashMap::new(),
+            totals: HashMap::new(),
+            foreign_seen: HashSet::new(),
+            stats: AccountingStats::default(),
+        }
+    }
+
+    pub fn registry_dir(&self) -> &std::path::Path {
+        self.registry.dir()
+    }
+
+    /// Fills `usage`, `job_totals` and `accounting` of a sample whose deltas are set.
+    pub fn account(&mut self, s: &mut Sample) {
+        let jobs: Vec<Job> = self.registry.jobs().to_vec();
+        let t0 = self.last_ts.replace(s.ts_ms);
+
+        // CPU time per job over the span, from the cumulative cgroup counters.
+        let mut job_cpu_us = HashMap::new();
+        let mut cpu_now = HashMap::new();
+        for jc in s.cpu.iter().flat_map(|c| &c.jobs) {
+            let delta = match self.job_cpu.get(&jc.job) {
+                Some(prev) => step(*prev, jc.cpu_usage_us, None).delta().unwrap_or(0),
+                // First seen: all of it is new if the job started within this span.
+                None => {
+                    let started = jobs.iter().find(|j| j.id == jc.job).map(|j| j.start_ms);
+                    if started.zip(t0).is_some_and(|(st, t0)| st > t0) {
+                        jc.cpu_usage_us
+                    } else {
+                        0
+                    }
+                }
+            };
+            job_cpu_us.insert(jc.job.clone(), delta);
+            cpu_now.insert(jc.job.clone(), jc.cpu_usage_us);
+        }
+        self.job_cpu = cpu_now;
+
+        if let Some(t0) = t0.filter(|t0| *t0 < s.ts_ms) {
+            let mut m = measured(s, t0);
+            m.job_cpu_us = job_cpu_us;
+            s.usage = attribute(&jobs, &m);
+        }
+
+        self.update_totals(s, &jobs, t0);
+        self.cross_check(s, &jobs);
+        self.stats.jobs = jobs.len() as u32;
+        self.stats.rejected_files = self.registry.rejected_files;
+        s.accounting = Some(self.stats);
+    }
+
+    fn update_totals(&mut self, s: &mut Sample, jobs: &[Job], t0: Option<u64>) {
+        for job in jobs {
+            self.totals.entry(job.id.clone()).or_insert_with(|| {
+                let total = JobTotal {
+                    job: job.id.clone(),
+                    project: job.project.clone(),
+                    user: job.user.clone(),
+                    start_ms: job.start_ms,
+                    since_ms: job.start_ms.max(self.agent_start_ms),
+                    until_ms: s.ts_ms,
+                    ended: false,
+                    gpus: job.gpus.clone(),
+                    amounts: Default::default(),
+                };
+                (job.clone(), total)
+            });
+        }
+        for u in &s.usage {
+            if let Some((_, t)) = u.job.as_ref().and_then(|id| self.totals.get_mut(id)) {
+                t.amounts.add(&u.amounts);
+            }
+        }
+        // Jobs gone from the registry have ended: their final totals go out now.
+        let running: HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        let ended: Vec<String> = self
+            .totals
+            .keys()
+            .filter(|id| !running.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in ended {
+            if let Some((_, mut t)) = self.totals.remove(&id) {
+                t.ended = true;
+                t.until_ms = s.ts_ms;
+                s.job_totals.push(t);
+            }
+        }
+        // Running jobs' totals at every totals interval boundary.
+        let iv = self.totals_interval_ms;
+        if t0.is_some_and(|t0| t0 / iv != s.ts_ms / iv) {
+            let mut running: Vec<&mut (Job, JobTotal)> = self.totals.values_mut().collect();
+            running.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+            for (_, t) in running {
+                t.until_ms = s.ts_ms;
+                s.job_totals.push(t.clone());
+            }
+        }
+    }
+
+    /// A GPU process that belongs to a job other than the GPU's owner is reported, not
+    /// silently billed: the GPU's energy still goes to its owner (or `_idle`).
+    fn cross_check(&mut self, s: &Sample, jobs: &[Job]) {
+        for g in &s.gpus {
+            let owners: Vec<&str> = jobs
+                .iter()
+                .filter(|j| j.holds(g.index, &g.uuid))
+                .map(|j| j.id.as_str())
+                .collect();
+            for &pid in &g.pids {
+                if self.foreign_seen.contains(&(g.index, pid)) {
+                    continue;
+                }
+                let path = self.proc_root.join(pid.to_string()).join("cgroup");
+                let Ok(text) = std::fs::read_to_string(&path) else {
+                    continue;
+                };
+                let Some(job) = job_of_cgroup(&text) else {
+                    continue;
+                };
+                if !owners.contains(&job) {
+                    self.foreign_seen.insert((g.index, pid));
+                    self.stats.foreign_gpu_processes += 1;
+                    tracing::warn!(
+                        gpu = g.index,
+                        pid,
+                        job,
+                        owner = ?owners,
+                        "a process of job {job} uses GPU {} which that job does not own; not billed to it",
+                        g.index
+                    );
+                }
+            }
+        }
+        // Forget pairs whose process is gone.
+        let live: HashSet<(u32, u32)> = s
+            .gpus
+            .iter()
+            .flat_map(|g| g.pids.iter().map(move |p| (g.index, *p)))
+            .collect();
+        self.foreign_seen.retain(|k| live.contains(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodewatt_wire::{Cpu, Gpu, JobCpu, RaplDomain};
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn job_from_cgroup_file() {
+        let v2 = "0::/system.slice/slurmstepd.scope/job_1234/step_0/user/task_0\n";
+        assert_eq!(job_of_cgroup(v2), Some("1234"));
+        let v1 =
+            "12:cpuacct,cpu:/slurm/uid_1000/job_77/step_batch\n4:memory:/slurm/uid_1000/job_77\n";
+        assert_eq!(job_of_cgroup(v1), Some("77"));
+        assert_eq!(
+            job_of_cgroup("0::/user.slice/user-1000.slice/session-3.scope\n"),
+            None
+        );
+        assert_eq!(job_of_cgroup("garbage"), None);
+    }
+
+    fn sample(
+        ts: u64,
+        gpu_delta_mj: Option<u64>,
+        pids: Vec<u32>,
+        job_cpu: &[(&str, u64)],
+    ) -> Sample {
+        let mut s = Sample::new("t", "c", "n", 1000, 0);
+        s.ts_ms = ts;
+        s.gpus = (0..2)
+            .map(|i| Gpu {
+                index: i,
+                uuid: format!("GPU-{i}"),
+                energy_delta_mj: gpu_delta_mj,
+                pids: if i == 1 { pids.clone() } else { vec![] },
+                ..Gpu::default()
+            })
+            .collect();
+        s.rapl.push(RaplDomain {
+            zone: "intel-rapl:0".into(),
+            name: "package-0".into(),
+            parent: None,
+            energy_uj: Some(0),
+            max_energy_range_uj: 0,
+            energy_delta_uj: gpu_delta_mj.map(|_| 80_000_000),
+            power_w: None,
+            error: None,
+        });
+        s.cpu = Some(Cpu {
+            cores: 4,
+            jobs: job_cpu
+                .iter()
+                .map(|(j, us)| JobCpu {
+                    job: j.to_string(),
+                    cgroup: String::new(),
+                    cpu_usage_us: *us,
+                })
+                .collect(),
+            ..Cpu::default()
+        });
+        s
+    }
+
+    struct Env {
+        dir: tempfile::TempDir,
+        proc: tempfile::TempDir,
+        acc: Accountant,
+    }
+
+    fn env() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let proc = tempfile::tempdir().unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let acc = Accountant::new(dir.path().into(), me, proc.path().into(), 0, 60_000);
+        Env { dir, proc, acc }
+    }
+
+    fn add_job(e: &Env, id: &str, gpus: &str, start: u64) {
+        let text =
+            format!("job={id}\nproject=proj-{id}\nuser=u{id}\ngpus={gpus}\nstart_ms={start}\n");
+        std::fs::write(e.dir.path().join(format!("{id}.job")), text).unwrap();
+    }
+
+    #[test]
+    fn bills_jobs_and_reports_totals_when_they_end() {
+        let mut e = env();
+        add_job(&e, "7", "0", 500);
+        let mut s = sample(1_000, None, vec![], &[("7", 1_000_000)]);
+        e.acc.account(&mut s);
+        assert!(s.usage.is_empty(), "first sample: no deltas");
+
+        let mut s = sample(2_000, Some(300_000), vec![], &[("7", 3_000_000)]);
+        e.acc.account(&mut s);
+        let job = s
+            .usage
+            .iter()
+            .find(|u| u.job.as_deref() == Some("7"))
+            .unwrap();
+        assert_eq!(job.project, "proj-7");
+        assert_eq!(job.amounts.gpu_uj, 300_000_000);
+        assert_eq!(job.amounts.gpu_ms, 1_000);
+        assert_eq!(job.amounts.cpu_us, 2_000_000);
+        assert_eq!(job.amounts.cpu_uj, 40_000_000, "2 of 4 core-seconds");
+        let idle = s.usage.iter().find(|u| u.project == "_idle").unwrap();
+        assert_eq!(idle.amounts.gpu_uj, 300_000_000, "GPU 1 belongs to nobody");
+        assert!(s.job_totals.is_empty());
+
+        std::fs::remove_file(e.dir.path().join("7.job")).unwrap();
+        let mut s = sample(3_000, Some(300_000), vec![], &[]);
+        e.acc.account(&mut s);
+        assert_eq!(s.job_totals.len(), 1);
+        let t = &s.job_totals[0];
+        assert!(t.ended);
+        assert_eq!((t.job.as_str(), t.since_ms, t.until_ms), ("7", 500, 3_000));
+        assert_eq!(t.amounts.gpu_uj, 300_000_000);
+        assert!(
+            s.usage.iter().all(|u| u.job.is_none()),
+            "after its end, nothing"
+        );
+    }
+
+    #[test]
+    fn running_totals_go_out_at_each_interval_boundary() {
+        let mut e = env();
+        add_job(&e, "8", "0,1", 0);
+        for ts in [59_000, 60_000, 61_000] {
+            let mut s = sample(ts, Some(1), vec![], &[]);
+            e.acc.account(&mut s);
+            assert_eq!(s.job_totals.len(), usize::from(ts == 60_000), "at {ts}");
+        }
+    }
+
+    #[test]
+    fn foreign_gpu_processes_are_counted_once() {
+        let mut e = env();
+        add_job(&e, "7", "0", 0);
+        add_job(&e, "9", "1", 0);
+        let pid_dir = e.proc.path().join("4242");
+        std::fs::create_dir(&pid_dir).unwrap();
+        // A process of job 7 on GPU 1, which job 9 owns.
+        std::fs::write(
+            pid_dir.join("cgroup"),
+            "0::/system.slice/slurmstepd.scope/job_7/step_0\n",
+        )
+        .unwrap();
+        for ts in [1_000, 2_000] {
+            let mut s = sample(ts, Some(5), vec![4242], &[]);
+            e.acc.account(&mut s);
+            assert_eq!(s.accounting.unwrap().foreign_gpu_processes, 1);
+            assert_eq!(s.accounting.unwrap().jobs, 2);
+        }
+        // Its energy stays with the owner.
+        let mut s = sample(3_000, Some(5), vec![4242], &[]);
+        e.acc.account(&mut s);
+        let nine = s
+            .usage
+            .iter()
+            .find(|u| u.job.as_deref() == Some("9"))
+            .unwrap();
+        assert_eq!(nine.amounts.gpu_uj, 5_000);
+    }
+
+    #[test]
+    fn measured_classes_from_rapl_and_a_node_meter() {
+        let mut s = sample(2_000, Some(100_000), vec![], &[]);
+        s.rapl.push(RaplDomain {
+            zone: "intel-rapl:0:0".into(),
+            name: "core".into(),
+            parent: Some("intel-rapl:0".into()),
+            energy_uj: Some(0),
+            max_energy_range_uj: 0,
+            energy_delta_uj: Some(50_000_000),
+            power_w: None,
+            error: None,
+        });
+        s.rapl.push(RaplDomain {
+            zone: "intel-rapl:0:1".into(),
+            name: "dram".into(),
+            parent: Some("intel-rapl:0".into()),
+            energy_uj: Some(0),
+            max_energy_range_uj: 0,
+            energy_delta_uj: Some(10_000_000),
+            power_w: None,
+            error: None,
+        });
+        s.hwmon.push(nodewatt_wire::HwmonSensor {
+            chip: "power_meter".into(),
+            device: "hwmon3".into(),
+            sensor: "power1".into(),
+            label: None,
+            kind: SensorKind::Power,
+            value: Some(500.0),
+            energy_uj: None,
+            error: None,
+        });
+        let m = measured(&s, 1_000);
+        assert_eq!(m.cpu_uj, 80_000_000, "core is inside the package");
+        assert_eq!(m.dram_uj, 10_000_000);
+        assert_eq!(
+            m.gpus.iter().filter_map(|g| g.energy_uj).sum::<u64>(),
+            200_000_000
+        );
+        // 500 W for 1 s = 500 J, minus 290 J measured by parts.
+        assert_eq!(m.other_uj, 210_000_000);
+    }
+}

@@ -1,0 +1,394 @@
+//! Who used what in one sample's span: pure functions, no I/O.
+//!
+//! - A GPU's energy and GPU time go to the job that holds it, for the part of the span
+//!   after the job started; the rest of the span goes to `_idle`.
+//! - CPU package, DRAM and other node energy are split by each job's cgroup CPU time
+//!   against the node's CPU capacity (cores × span); the unused capacity's share goes to
+//!   `_idle`, so a job is billed for the CPUs it used, not for the whole socket.
+//! - Every split is integer largest-remainder apportionment: per device class the parts
+//!   sum exactly to the measured delta, in microjoules and milliseconds.
+
+use std::collections::HashMap;
+
+use nodewatt_wire::{Amounts, Usage, IDLE_PROJECT};
+
+/// A running job as the registry describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: String,
+    pub project: String,
+    pub user: String,
+    /// GPU indices or UUIDs, as the scheduler gave them.
+    pub gpus: Vec<String>,
+    pub start_ms: u64,
+}
+
+impl Job {
+    pub fn holds(&self, index: u32, uuid: &str) -> bool {
+        self.gpus
+            .iter()
+            .any(|g| g == uuid || g.parse::<u32>() == Ok(index))
+    }
+}
+
+/// One GPU's energy over the span; `None` when the delta is unknown (first sample, reset).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuEnergy {
+    pub index: u32,
+    pub uuid: String,
+    pub energy_uj: Option<u64>,
+}
+
+/// What was measured over the span (t0, t1].
+#[derive(Debug, Clone, Default)]
+pub struct Measured {
+    pub t0: u64,
+    pub t1: u64,
+    pub gpus: Vec<GpuEnergy>,
+    pub cpu_uj: u64,
+    pub dram_uj: u64,
+    pub other_uj: u64,
+    /// Logical CPUs of the node.
+    pub cores: u32,
+    /// CPU time of each job's cgroup over the span, microseconds.
+    pub job_cpu_us: HashMap<String, u64>,
+}
+
+/// Splits `total` in proportion to `weights` so that the parts sum exactly to `total`:
+/// each part is rounded down, and the units left over go to the largest remainders
+/// (ties to the earlier weight). All-zero weights give everything to the last part.
+pub fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
+    let Some(last) = weights.len().checked_sub(1) else {
+        return Vec::new();
+    };
+    let sum: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    let mut parts = vec![0u64; weights.len()];
+    if sum == 0 {
+        parts[last] = total;
+        return parts;
+    }
+    let mut remainders: Vec<(u128, usize)> = Vec::with_capacity(weights.len());
+    for (i, &w) in weights.iter().enumerate() {
+        let p = u128::from(total) * u128::from(w);
+        parts[i] = (p / sum) as u64;
+        remainders.push((p % sum, i));
+    }
+    let left = total - parts.iter().sum::<u64>();
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(_, i) in remainders.iter().take(left as usize) {
+        parts[i] += 1;
+    }
+    parts
+}
+
+/// Usage of each job in `jobs` (in order) that ran in the span, then `_idle`.
+pub fn attribute(jobs: &[Job], m: &Measured) -> Vec<Usage> {
+    let span = m.t1.saturating_sub(m.t0);
+    if span == 0 {
+        return Vec::new();
+    }
+    let n = jobs.len();
+    let idle = n;
+    let mut amounts = vec![Amounts::default(); n + 1];
+    // How much of the span each job was running (it started at start_ms).
+    let running: Vec<u64> = jobs
+        .iter()
+        .map(|j| m.t1.saturating_sub(j.start_ms.max(m.t0)).min(span))
+        .collect();
+
+    for g in &m.gpus {
+        let mut w = vec![0u64; n + 1];
+        for (i, j) in jobs.iter().enumerate() {
+            if j.holds(g.index, &g.uuid) {
+                w[i] = running[i];
+            }
+        }
+        // Two jobs claiming one GPU (a scheduler misconfiguration) share it.
+        w[idle] = span - w[..n].iter().copied().max().unwrap_or(0);
+        for (a, ms) in amounts.iter_mut().zip(apportion(span, &w)) {
+            a.gpu_ms += ms;
+        }
+        if let Some(e) = g.energy_uj {
+            for (a, uj) in amounts.iter_mut().zip(apportion(e, &w)) {
+                a.gpu_uj += uj;
+            }
+        }
+    }
+
+    let mut w: Vec<u64> = jobs
+        .iter()
+        .map(|j| m.job_cpu_us.get(&j.id).copied().unwrap_or(0))
+        .collect();
+    for (a, us) in amounts.iter_mut().zip(&w) {
+        a.cpu_us = *us;
+    }
+    let capacity_us = u64::from(m.cores) * span * 1000;
+    w.push(capacity_us.saturating_sub(w.iter().sum()));
+    for (part, uj) in amounts.iter_mut().zip(apportion(m.cpu_uj, &w)) {
+        part.cpu_uj += uj;
+    }
+    for (part, uj) in amounts.iter_mut().zip(apportion(m.dram_uj, &w)) {
+        part.dram_uj += uj;
+    }
+    for (part, uj) in amounts.iter_mut().zip(apportion(m.other_uj, &w)) {
+        part.other_uj += uj;
+    }
+
+    let mut out: Vec<Usage> = jobs
+        .iter()
+        .zip(&amounts)
+        .zip(&running)
+        .filter(|((_, a), r)| **r > 0 || **a != Amounts::default())
+        .map(|((j, a), _)| Usage {
+            job: Some(j.id.clone()),
+            project: j.project.clone(),
+            user: Some(j.user.clone()),
+            amounts: *a,
+        })
+        .collect();
+    if amounts[idle] != Amounts::default() {
+        out.push(Usage {
+            job: None,
+            project: IDLE_PROJECT.to_string(),
+            user: None,
+            amounts: amounts[idle],
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn job(id: &str, project: &str, gpus: &[&str], start_ms: u64) -> Job {
+        Job {
+            id: id.into(),
+            project: project.into(),
+            user: "alice".into(),
+            gpus: gpus.iter().map(|g| g.to_string()).collect(),
+            start_ms,
+        }
+    }
+
+    fn gpu(index: u32, energy_uj: u64) -> GpuEnergy {
+        GpuEnergy {
+            index,
+            uuid: format!("GPU-{index}"),
+            energy_uj: Some(energy_uj),
+        }
+    }
+
+    fn total(u: &[Usage]) -> Amounts {
+        let mut t = Amounts::default();
+        for x in u {
+            t.add(&x.amounts);
+        }
+        t
+    }
+
+    fn find<'a>(u: &'a [Usage], project: &str) -> &'a Amounts {
+        &u.iter().find(|x| x.project == project).unwrap().amounts
+    }
+
+    #[test]
+    fn apportion_is_exact_and_fair() {
+        assert_eq!(apportion(10, &[1, 1, 1]), [4, 3, 3]);
+        assert_eq!(apportion(100, &[1, 3]), [25, 75]);
+        assert_eq!(apportion(7, &[0, 0]), [0, 7]);
+        assert_eq!(apportion(0, &[5, 5]), [0, 0]);
+        assert_eq!(
+            apportion(u64::MAX, &[u64::MAX, u64::MAX])
+                .iter()
+                .map(|&x| x as u128)
+                .sum::<u128>(),
+            u64::MAX as u128
+        );
+        assert!(apportion(5, &[]).is_empty());
+    }
+
+    #[test]
+    fn exclusive_gpus_go_to_their_jobs() {
+        let jobs = [
+            job("1", "proj-a", &["0", "1"], 0),
+            job("2", "proj-b", &["GPU-2"], 0),
+        ];
+        let m = Measured {
+            t0: 1_000,
+            t1: 2_000,
+            gpus: vec![
+                gpu(0, 300_000_000),
+                gpu(1, 310_000_000),
+                gpu(2, 200_000_000),
+                gpu(3, 60_000_000),
+            ],
+            ..Measured::default()
+        };
+        let u = attribute(&jobs, &m);
+        assert_eq!(find(&u, "proj-a").gpu_uj, 610_000_000);
+        assert_eq!(find(&u, "proj-a").gpu_ms, 2_000);
+        assert_eq!(find(&u, "proj-b").gpu_uj, 200_000_000, "matched by UUID");
+        assert_eq!(find(&u, "_idle").gpu_uj, 60_000_000);
+        assert_eq!(find(&u, "_idle").gpu_ms, 1_000);
+        assert!(u
+            .iter()
+            .find(|x| x.project == "_idle")
+            .unwrap()
+            .job
+            .is_none());
+    }
+
+    #[test]
+    fn no_jobs_everything_is_idle() {
+        let m = Measured {
+            t0: 0,
+            t1: 1_000,
+            gpus: vec![gpu(0, 5)],
+            cpu_uj: 7,
+            dram_uj: 3,
+            cores: 4,
+            ..Measured::default()
+        };
+        let u = attribute(&[], &m);
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].project, "_idle");
+        assert_eq!(u[0].amounts.energy_uj(), 15);
+    }
+
+    #[test]
+    fn shared_sockets_split_by_cgroup_cpu_time() {
+        let jobs = [job("1", "a", &[], 0), job("2", "b", &[], 0)];
+        let mut m = Measured {
+            t0: 0,
+            t1: 1_000,
+            cpu_uj: 100_000_000,
+            dram_uj: 10_000_000,
+            cores: 4, // capacity 4 core-seconds
+            ..Measured::default()
+        };
+        m.job_cpu_us.insert("1".into(), 2_000_000); // two cores busy
+        m.job_cpu_us.insert("2".into(), 1_000_000); // one core
+        let u = attribute(&jobs, &m);
+        assert_eq!(find(&u, "a").cpu_uj, 50_000_000);
+        assert_eq!(find(&u, "b").cpu_uj, 25_000_000);
+        assert_eq!(find(&u, "_idle").cpu_uj, 25_000_000);
+        assert_eq!(find(&u, "a").dram_uj, 5_000_000);
+        assert_eq!(find(&u, "a").cpu_us, 2_000_000);
+        // More CPU time than capacity (accounting skew): jobs share all of it.
+        m.job_cpu_us.insert("1".into(), 9_000_000);
+        let u = attribute(&jobs, &m);
+        assert!(u
+            .iter()
+            .all(|x| x.project != "_idle" || x.amounts.cpu_uj == 0));
+        assert_eq!(total(&u).cpu_uj, 100_000_000);
+    }
+
+    #[test]
+    fn a_job_starting_mid_span_gets_its_part() {
+        let jobs = [job("1", "a", &["0"], 1_250)];
+        let m = Measured {
+            t0: 1_000,
+            t1: 2_000,
+            gpus: vec![gpu(0, 1_000_000)],
+            ..Measured::default()
+        };
+        let u = attribute(&jobs, &m);
+        assert_eq!((find(&u, "a").gpu_uj, find(&u, "a").gpu_ms), (750_000, 750));
+        assert_eq!(
+            (find(&u, "_idle").gpu_uj, find(&u, "_idle").gpu_ms),
+            (250_000, 250)
+        );
+        // A job that starts after the span is not billed for it.
+        let later = [job("1", "a", &["0"], 2_000)];
+        assert!(attribute(&later, &m).iter().all(|x| x.job.is_none()));
+    }
+
+    #[test]
+    fn a_job_that_ended_gets_nothing_of_the_span() {
+        // The registry no longer lists the job: its GPU's span is idle.
+        let m = Measured {
+            t0: 1_000,
+            t1: 2_000,
+            gpus: vec![gpu(0, 1_000)],
+            ..Measured::default()
+        };
+        let u = attribute(&[], &m);
+        assert_eq!(find(&u, "_idle").gpu_uj, 1_000);
+    }
+
+    #[test]
+    fn unknown_gpu_delta_still_counts_time() {
+        let jobs = [job("1", "a", &["0"], 0)];
+        let m = Measured {
+            t0: 0,
+            t1: 500,
+            gpus: vec![GpuEnergy {
+                index: 0,
+                uuid: "GPU-0".into(),
+                energy_uj: None,
+            }],
+            ..Measured::default()
+        };
+        let u = attribute(&jobs, &m);
+        assert_eq!(find(&u, "a").gpu_ms, 500);
+        assert_eq!(find(&u, "a").gpu_uj, 0);
+    }
+
+    #[test]
+    fn first_sample_attributes_nothing() {
+        let m = Measured {
+            t0: 5,
+            t1: 5,
+            gpus: vec![gpu(0, 1)],
+            ..Measured::default()
+        };
+        assert!(attribute(&[job("1", "a", &["0"], 0)], &m).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn energy_and_gpu_time_are_conserved(
+            span in 1u64..120_000,
+            gpu_uj in proptest::collection::vec(proptest::option::of(0u64..1_000_000_000_000), 0..9),
+            cpu_uj in 0u64..1_000_000_000_000,
+            dram_uj in 0u64..100_000_000_000,
+            other_uj in 0u64..100_000_000_000,
+            cores in 0u32..256,
+            jobs_spec in proptest::collection::vec((0u64..200_000, proptest::collection::vec(0u32..10, 0..3), 0u64..100_000_000_000), 0..6),
+        ) {
+            let t0 = 1_000_000u64;
+            let t1 = t0 + span;
+            let jobs: Vec<Job> = jobs_spec.iter().enumerate().map(|(i, (start, gpus, _))| Job {
+                id: i.to_string(),
+                project: format!("p{}", i % 3),
+                user: "u".into(),
+                gpus: gpus.iter().map(|g| g.to_string()).collect(),
+                start_ms: t0 - 100_000 + start,
+            }).collect();
+            let m = Measured {
+                t0,
+                t1,
+                gpus: gpu_uj.iter().enumerate().map(|(i, e)| GpuEnergy { index: i as u32, uuid: format!("GPU-{i}"), energy_uj: *e }).collect(),
+                cpu_uj,
+                dram_uj,
+                other_uj,
+                cores,
+                job_cpu_us: jobs_spec.iter().enumerate().map(|(i, (_, _, cpu))| (i.to_string(), *cpu)).collect(),
+            };
+            let u = attribute(&jobs, &m);
+            let t = total(&u);
+            prop_assert_eq!(t.gpu_uj, gpu_uj.iter().flatten().sum::<u64>());
+            prop_assert_eq!(t.cpu_uj, cpu_uj);
+            prop_assert_eq!(t.dram_uj, dram_uj);
+            prop_assert_eq!(t.other_uj, other_uj);
+            prop_assert_eq!(t.gpu_ms, span * gpu_uj.len() as u64);
+            // Nobody is billed for time before their job started.
+            for x in u.iter().filter(|x| x.job.is_some()) {
+                let j = jobs.iter().find(|j| Some(&j.id) == x.job.as_ref()).unwrap();
+                let ran = t1.saturating_sub(j.start_ms.max(t0));
+                prop_assert!(x.amounts.gpu_ms <= ran * j.gpus.len() as u64 * 2);
+            }
+        }
+    }
+}

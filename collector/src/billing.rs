@@ -1,0 +1,418 @@
+//! `nodewatt-collector usage`: energy, GPU-hours and CPU core-hours per project, user,
+//! node or job over a period, read from InfluxDB with InfluxQL, with cost and CO2e.
+//!
+//! A period (from, to] sums the additive `usage` records whose timestamp lies in it;
+//! each record covers the span just before its timestamp, so consecutive periods bill
+//! every joule exactly once. `--by job` reads `job_total`: whole-job totals of jobs that
+//! ran during the period.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::influx::Influx;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    Project,
+    User,
+    Job,
+    Node,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Prices {
+    pub pue: f64,
+    pub price_per_kwh: Option<f64>,
+    pub currency: String,
+    pub co2_g_per_kwh: Option<f64>,
+}
+
+/// Integer sums straight from InfluxDB: the audit trail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Sums {
+    pub gpu_uj: u64,
+    pub cpu_uj: u64,
+    pub dram_uj: u64,
+    pub other_uj: u64,
+    pub gpu_ms: u64,
+    pub cpu_us: u64,
+}
+
+impl Sums {
+    pub fn energy_uj(&self) -> u64 {
+        self.gpu_uj + self.cpu_uj + self.dram_uj + self.other_uj
+    }
+    fn add(&mut self, o: &Sums) {
+        self.gpu_uj += o.gpu_uj;
+        self.cpu_uj += o.cpu_uj;
+        self.dram_uj += o.dram_uj;
+        self.other_uj += o.other_uj;
+        self.gpu_ms += o.gpu_ms;
+        self.cpu_us += o.cpu_us;
+    }
+}
+
+/// One line of the bill. CSV and JSON use these field names, in this order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    pub key: String,
+    pub project: String,
+    pub user: String,
+    pub energy_uj: u64,
+    pub energy_kwh: f64,
+    pub gpu_kwh: f64,
+    pub cpu_kwh: f64,
+    pub dram_kwh: f64,
+    pub other_kwh: f64,
+    pub gpu_hours: f64,
+    pub cpu_core_hours: f64,
+    pub pue: f64,
+    pub facility_kwh: f64,
+    pub cost: Option<f64>,
+    pub currency: String,
+    pub co2e_kg: Option<f64>,
+}
+
+pub const CSV_HEADER: &str = "key,project,user,energy_uj,energy_kwh,gpu_kwh,cpu_kwh,dram_kwh,other_kwh,gpu_hours,cpu_core_hours,pue,facility_kwh,cost,currency,co2e_kg";
+
+const UJ_PER_KWH: f64 = 3.6e12;
+
+pub fn row(key: String, project: String, user: String, s: &Sums, p: &Prices) -> Row {
+    let kwh = |uj: u64| uj as f64 / UJ_PER_KWH;
+    let energy_kwh = kwh(s.energy_uj());
+    let facility_kwh = energy_kwh * p.pue;
+    Row {
+        key,
+        project,
+        user,
+        energy_uj: s.energy_uj(),
+        energy_kwh,
+        gpu_kwh: kwh(s.gpu_uj),
+        cpu_kwh: kwh(s.cpu_uj),
+        dram_kwh: kwh(s.dram_uj),
+        other_kwh: kwh(s.other_uj),
+        gpu_hours: s.gpu_ms as f64 / 3.6e6,
+        cpu_core_hours: s.cpu_us as f64 / 3.6e9,
+        pue: p.pue,
+        facility_kwh,
+        cost: p.price_per_kwh.map(|price| facility_kwh * price),
+        currency: p.currency.clone(),
+        co2e_kg: p.co2_g_per_kwh.map(|g| facility_kwh * g / 1000.0),
+    }
+}
+
+/// `2026-11-01` (UTC midnight) or RFC 3339 (`2026-11-01T12:00:00Z`, `...+01:00`), as
+/// Unix ms.
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    let bad = |e: &dyn std::fmt::Display| {
+        format!("{s:?} is neither a date (2026-11-01) nor RFC 3339: {e}")
+    };
+    // humantime reads UTC only; a numeric offset is applied here.
+    let (base, offset_s) = match s.len().checked_sub(6).map(|i| s.split_at(i)) {
+        Some((head, off))
+            if head.contains('T') && (off.starts_with('+') || off.starts_with('-')) =>
+        {
+            let h: i64 = off[1..3].parse().map_err(|e| bad(&e))?;
+            let m: i64 = off[4..6].parse().map_err(|e| bad(&e))?;
+            let sign = if off.starts_with('-') { -1 } else { 1 };
+            (format!("{head}Z"), sign * (h * 3600 + m * 60))
+        }
+        _ if s.len() == 10 && s.as_bytes().get(4) == Some(&b'-') => (format!("{s}T00:00:00Z"), 0),
+        _ => (s.to_string(), 0),
+    };
+    let t = humantime::parse_rfc3339_weak(&base).map_err(|e| bad(&e))?;
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{s:?} is before 1970"))?
+        .as_millis() as i64;
+    u64::try_from(ms - offset_s * 1000).map_err(|_| format!("{s:?} is before 1970"))
+}
+
+/// Project names come from the registry's rules; refusing anything else keeps the
+/// query free of injection.
+pub fn check_project(p: &str) -> Result<(), String> {
+    let ok = !p.is_empty()
+        && p.len() <= 64
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "project {p:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
+}
+
+const SUMS: &str = "SUM(\"energy_gpu_uj\") AS gpu_uj, SUM(\"energy_cpu_uj\") AS cpu_uj, \
+SUM(\"energy_dram_uj\") AS dram_uj, SUM(\"energy_other_uj\") AS other_uj, \
+SUM(\"gpu_ms\") AS gpu_ms, SUM(\"cpu_us\") AS cpu_us";
+
+pub fn query(by: By, from_ms: u64, to_ms: u64, project: Option<&str>) -> String {
+    let filter = project.map_or(String::new(), |p| format!(" AND \"project\" = '{p}'"));
+    match by {
+        By::Job => format!(
+            "SELECT {SUMS} FROM \"job_total\" WHERE time <= {to_ms}ms AND \"until_ms\" > {from_ms}{filter} GROUP BY \"job\", \"project\", \"user\""
+        ),
+        _ => {
+            let tag = match by {
+                By::Project => "project",
+                By::User => "user",
+                _ => "node",
+            };
+            format!(
+                "SELECT {SUMS} FROM \"usage\" WHERE time > {from_ms}ms AND time <= {to_ms}ms{filter} GROUP BY \"{tag}\""
+            )
+        }
+    }
+}
+
+/// Sums per group from an InfluxQL answer, keyed by the group's tags in `by` order.
+/// Series come back in no stable order, so they are sorted.
+pub fn parse_answer(v: &serde_json::Value, by: By) -> Result<Vec<(Vec<String>, Sums)>, String> {
+    let tags: &[&str] = match by {
+        By::Project => &["project"],
+        By::User => &["user"],
+        By::Node => &["node"],
+        By::Job => &["job", "project", "user"],
+    };
+    let mut out = Vec::new();
+    for series in v["results"][0]["series"].as_array().into_iter().flatten() {
+        let cols: Vec<&str> = series["columns"]
+            .as_array()
+            .ok_or("InfluxDB answer without columns")?
+            .iter()
+            .filter_map(|c| c.as_str())
+            .collect();
+        let row = &series["values"][0];
+        let get = |name: &str| -> Result<u64, String> {
+            let i = cols
+                .iter()
+                .position(|c| *c == name)
+                .ok_or(format!("no column {name}"))?;
+            match &row[i] {
+                serde_json::Value::Null => Ok(0),
+                x => x
+                    .as_u64()
+                    .or_else(|| x.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                    .ok_or(format!("{name} = {x} is not a count")),
+            }
+        };
+        let sums = Sums {
+            gpu_uj: get("gpu_uj")?,
+            cpu_uj: get("cpu_uj")?,
+            dram_uj: get("dram_uj")?,
+            other_uj: get("other_uj")?,
+            gpu_ms: get("gpu_ms")?,
+            cpu_us: get("cpu_us")?,
+        };
+        let key: Vec<String> = tags
+            .iter()
+            .map(|t| series["tags"][t].as_str().unwrap_or_default().to_string())
+            .collect();
+        out.push((key, sums));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+pub fn rows(groups: &[(Vec<String>, Sums)], by: By, p: &Prices) -> Vec<Row> {
+    groups
+        .iter()
+        .map(|(k, s)| {
+            let (key, project, user) = match by {
+                By::Job => (k[0].clone(), k[1].clone(), k[2].clone()),
+                By::Project => (k[0].clone(), k[0].clone(), String::new()),
+                By::User => (k[0].clone(), String::new(), k[0].clone()),
+                By::Node => (k[0].clone(), String::new(), String::new()),
+            };
+            row(key, project, user, s, p)
+        })
+        .collect()
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or(String::new(), |x| format!("{x:.digits$}"))
+}
+
+pub fn render(rows: &[Row], by: By, format: Format, p: &Prices) -> String {
+    match format {
+        Format::Json => serde_json::to_string_pretty(rows).expect("rows serialise") + "\n",
+        Format::Csv => {
+            let mut out = String::from(CSV_HEADER);
+            out.push('\n');
+            for r in rows {
+                let _ = writeln!(
+                    out,
+                    "{},{},{},{},{:.9},{:.9},{:.9},{:.9},{:.9},{:.6},{:.6},{},{:.9},{},{},{}",
+                    r.key,
+                    r.project,
+                    r.user,
+                    r.energy_uj,
+                    r.energy_kwh,
+                    r.gpu_kwh,
+                    r.cpu_kwh,
+                    r.dram_kwh,
+                    r.other_kwh,
+                    r.gpu_hours,
+                    r.cpu_core_hours,
+                    r.pue,
+                    r.facility_kwh,
+                    opt(r.cost, 6),
+                    r.currency,
+                    opt(r.co2e_kg, 6)
+                );
+            }
+            out
+        }
+        Format::Table => {
+            let head = match by {
+                By::Project => "project",
+                By::User => "user",
+                By::Node => "node",
+                By::Job => "job",
+            };
+            let mut out = format!(
+                "{head:<16} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10}\n",
+                "energy_kWh",
+                "gpu_kWh",
+                "cpu_kWh",
+                "dram_kWh",
+                "other_kWh",
+                "GPU_h",
+                "core_h",
+                format!("cost_{}", p.currency),
+                "CO2e_kg"
+            );
+            let mut total = Sums::default();
+            let mut line = |name: &str, r: &Row| {
+                let _ = writeln!(
+                    out,
+                    "{name:<16} {:>12.6} {:>10.6} {:>10.6} {:>10.6} {:>10.6} {:>10.3} {:>10.3} {:>12} {:>10}",
+                    r.energy_kwh, r.gpu_kwh, r.cpu_kwh, r.dram_kwh, r.other_kwh, r.gpu_hours,
+                    r.cpu_core_hours, opt(r.cost, 2), opt(r.co2e_kg, 3)
+                );
+            };
+            for r in rows {
+                line(&r.key, r);
+            }
+            for r in rows {
+                total.add(&Sums {
+                    gpu_uj: (r.gpu_kwh * UJ_PER_KWH).round() as u64,
+                    cpu_uj: (r.cpu_kwh * UJ_PER_KWH).round() as u64,
+                    dram_uj: (r.dram_kwh * UJ_PER_KWH).round() as u64,
+                    other_uj: (r.other_kwh * UJ_PER_KWH).round() as u64,
+                    gpu_ms: (r.gpu_hours * 3.6e6).round() as u64,
+                    cpu_us: (r.cpu_core_hours * 3.6e9).round() as u64,
+                });
+            }
+            let t = row("TOTAL".into(), String::new(), String::new(), &total, p);
+            line("TOTAL", &t);
+            out
+        }
+    }
+}
+
+pub async fn usage(
+    influx: &Influx,
+    by: By,
+    from_ms: u64,
+    to_ms: u64,
+    project: Option<&str>,
+) -> Result<Vec<(Vec<String>, Sums)>, String> {
+    if let Some(p) = project {
+        check_project(p)?;
+    }
+    if from_ms >= to_ms {
+        return Err("--from must be before --to".into());
+    }
+    let v = influx.query(&query(by, from_ms, to_ms, project)).await?;
+    parse_answer(&v, by)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prices() -> Prices {
+        Prices {
+            pue: 1.25,
+            price_per_kwh: Some(0.2),
+            currency: "EUR".into(),
+            co2_g_per_kwh: Some(400.0),
+        }
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(parse_time("1970-01-02").unwrap(), 86_400_000);
+        assert_eq!(
+            parse_time("2026-11-01T00:00:00Z").unwrap(),
+            1_793_491_200_000
+        );
+        assert_eq!(
+            parse_time("2026-11-01T01:00:00+01:00").unwrap(),
+            1_793_491_200_000
+        );
+        assert_eq!(
+            parse_time("2026-10-31T19:00:00-05:00").unwrap(),
+            1_793_491_200_000
+        );
+        assert!(parse_time("last month").is_err());
+        assert!(parse_time("2026-11-01T00:00:00+xx:00").is_err());
+    }
+
+    #[test]
+    fn queries() {
+        assert_eq!(
+            query(By::Project, 1, 2, Some("p-1")),
+            "SELECT SUM(\"energy_gpu_uj\") AS gpu_uj, SUM(\"energy_cpu_uj\") AS cpu_uj, SUM(\"energy_dram_uj\") AS dram_uj, SUM(\"energy_other_uj\") AS other_uj, SUM(\"gpu_ms\") AS gpu_ms, SUM(\"cpu_us\") AS cpu_us FROM \"usage\" WHERE time > 1ms AND time <= 2ms AND \"project\" = 'p-1' GROUP BY \"project\""
+        );
+        assert!(query(By::Job, 1, 2, None).contains("FROM \"job_total\" WHERE time <= 2ms AND \"until_ms\" > 1 GROUP BY \"job\", \"project\", \"user\""));
+        assert!(check_project("x' OR 1=1 --").is_err());
+    }
+
+    #[test]
+    fn answers_to_rows_with_cost_and_co2() {
+        let v: serde_json::Value = serde_json::from_str(r#"{"results":[{"statement_id":0,"series":[
+            {"name":"usage","tags":{"project":"b"},"columns":["time","gpu_uj","cpu_uj","dram_uj","other_uj","gpu_ms","cpu_us"],"values":[[0,3600000000000,0,0,0,3600000,0]]},
+            {"name":"usage","tags":{"project":"a"},"columns":["time","gpu_uj","cpu_uj","dram_uj","other_uj","gpu_ms","cpu_us"],"values":[[0,7200000000000,3600000000000,null,0,7200000,3600000000]]}
+        ]}]}"#).unwrap();
+        let groups = parse_answer(&v, By::Project).unwrap();
+        assert_eq!(groups[0].0, ["a"], "sorted by key");
+        let rows = rows(&groups, By::Project, &prices());
+        let a = &rows[0];
+        assert_eq!(a.energy_uj, 10_800_000_000_000);
+        assert_eq!((a.energy_kwh, a.gpu_kwh, a.cpu_kwh), (3.0, 2.0, 1.0));
+        assert_eq!((a.gpu_hours, a.cpu_core_hours), (2.0, 1.0));
+        assert_eq!(a.facility_kwh, 3.75);
+        assert!((a.cost.unwrap() - 0.75).abs() < 1e-12);
+        assert!((a.co2e_kg.unwrap() - 1.5).abs() < 1e-12);
+
+        let csv = render(&rows, By::Project, Format::Csv, &prices());
+        let mut lines = csv.lines();
+        assert_eq!(lines.next(), Some(CSV_HEADER));
+        assert_eq!(
+            lines.next(),
+            Some("a,a,,10800000000000,3.000000000,2.000000000,1.000000000,0.000000000,0.000000000,2.000000,1.000000,1.25,3.750000000,0.750000,EUR,1.500000")
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&rows, By::Project, Format::Json, &prices())).unwrap();
+        assert_eq!(json[1]["key"], "b");
+        assert_eq!(json[1]["energy_uj"], 3_600_000_000_000u64);
+        let table = render(&rows, By::Project, Format::Table, &prices());
+        assert!(
+            table.lines().last().unwrap().starts_with("TOTAL"),
+            "{table}"
+        );
+        assert!(table.contains("4.000000"), "total energy in kWh:\n{table}");
+    }
+}

@@ -1,0 +1,220 @@
+//! Billing end to end: simulated GPUs with known power, jobs of two projects appearing
+//! and disappearing in the job registry, real mosquitto and influxd, and the `usage`
+//! command's totals checked against the ground truth of the scenario.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nodewatt_tests::*;
+
+const DB: &str = "nodewatt_billing";
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn write_job(dir: &Path, id: &str, project: &str, user: &str, gpus: &str, start_ms: u64) {
+    let text =
+        format!("job={id}\nproject={project}\nuser={user}\ngpus={gpus}\nstart_ms={start_ms}\n");
+    // Like the prolog: write aside, then rename into place.
+    let tmp = dir.join(format!(".{id}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join(format!("{id}.job"))).unwrap();
+}
+
+fn usage(cfg: &ConfigFile, by: &str, from: u64, to: u64) -> serde_json::Value {
+    let out = Command::new(bin("nodewatt-collector"))
+        .args([
+            "usage",
+            "--by",
+            by,
+            "--format",
+            "json",
+            "--from",
+            &rfc3339(from),
+            "--to",
+            &rfc3339(to),
+        ])
+        .arg("--config")
+        .arg(&cfg.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn field(rows: &serde_json::Value, key: &str, f: &str) -> f64 {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == key)
+        .and_then(|r| r[f].as_f64())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
+    let Stack {
+        mq,
+        db,
+        collector_cfg,
+        collector,
+    } = Stack::start("billing", DB);
+    let registry = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(registry.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+
+    // GPU 0 at 300 W, GPU 1 at 500 W, RAPL package at 150 W, 50 ms samples for 4 s.
+    let text = agent_config("lab", "node-b", "50ms", mq.port, &[300.0, 500.0])
+        + &format!(
+            "[jobs]\ndir = {:?}\nowner_uid = {me}\ntotals_interval = \"1s\"\n",
+            registry.path()
+        );
+    let a = config_file("agent.toml", &text);
+
+    let t_begin = now_ms();
+    write_job(registry.path(), "101", "proj-a", "alice", "0", t_begin);
+    let mut agent = start_agent(&a, 80);
+    std::thread::sleep(Duration::from_millis(1_000));
+    let b_start = now_ms();
+    write_job(registry.path(), "102", "proj-b", "bob", "1", b_start);
+    std::thread::sleep(Duration::from_millis(1_000));
+    let a_end = now_ms();
+    std::fs::remove_file(registry.path().join("101.job")).unwrap();
+    let status = agent.wait(Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "{}", agent.log());
+    let t_end = now_ms();
+
+    // Wait for all 80 samples in InfluxDB.
+    let all = wait_until(Duration::from_secs(30), || {
+        db.scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'node-b'") == 80.0
+    });
+    assert!(all, "{}", collector.log());
+    let (from, to) = (t_begin - 60_000, t_end + 60_000);
+    let rows = usage(&collector_cfg, "project", from, to);
+
+    // Exact: everything attributed, idle included, equals what the hardware counted.
+    let gpu_uj = db.scalar(
+        DB,
+        "SELECT SUM(energy_delta_mj) FROM gpu WHERE node = 'node-b'",
+    ) * 1000.0;
+    let rapl_uj = db.scalar(
+        DB,
+        "SELECT SUM(energy_delta_uj) FROM rapl WHERE node = 'node-b'",
+    );
+    let span_ms = db.scalar(DB, "SELECT SUM(span_ms) FROM agent WHERE node = 'node-b'");
+    let sum = |f: &str| -> f64 {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[f].as_f64().unwrap())
+            .sum()
+    };
+    let uj_per_kwh = 3.6e12;
+    assert_eq!(
+        sum("energy_uj"),
+        gpu_uj + rapl_uj,
+        "every joule, to the microjoule"
+    );
+    assert!((sum("gpu_kwh") * uj_per_kwh - gpu_uj).abs() < 1.0);
+    assert!((sum("cpu_kwh") * uj_per_kwh - rapl_uj).abs() < 1.0);
+    assert!(
+        (sum("gpu_hours") * 3.6e6 - 2.0 * span_ms).abs() < 1e-6,
+        "both GPUs, all the time"
+    );
+
+    // Against the scenario. Job 101 owned GPU 0 from before the first sample until its
+    // file was removed; job 102 owned GPU 1 from its start_ms to the end. The registry is
+    // read at each sample, so a removal is seen up to one interval (50 ms) late, and a job
+    // file that lands just after a sample's registry read loses up to one interval: the
+    // tolerance is one interval of that GPU's power, plus one for timer jitter.
+    let last_tick = db
+        .rows(DB, "SELECT LAST(seq) FROM agent WHERE node = 'node-b'")
+        .first()
+        .and_then(|(_, r)| r["time"].as_u64())
+        .unwrap();
+    let first_tick = last_tick - span_ms as u64;
+    let a_expected_j = 300.0 * a_end.saturating_sub(first_tick.max(t_begin)) as f64 / 1000.0;
+    let b_expected_j = 500.0 * (last_tick - b_start) as f64 / 1000.0;
+    let a_j = field(&rows, "proj-a", "gpu_kwh") * 3.6e6;
+    let b_j = field(&rows, "proj-b", "gpu_kwh") * 3.6e6;
+    eprintln!("proj-a {a_j:.3} J (scenario {a_expected_j:.3} J), proj-b {b_j:.3} J (scenario {b_expected_j:.3} J)");
+    assert!(
+        (a_j - a_expected_j).abs() <= 300.0 * 0.05 * 2.0,
+        "proj-a {a_j} J, expected {a_expected_j} J"
+    );
+    assert!(
+        (b_j - b_expected_j).abs() <= 500.0 * 0.05 * 2.0,
+        "proj-b {b_j} J, expected {b_expected_j} J"
+    );
+    assert!(
+        field(&rows, "_idle", "gpu_kwh") > 0.0,
+        "GPU 1 before job 102, GPU 0 after job 101"
+    );
+
+    // By user and by job agree with by project.
+    let users = usage(&collector_cfg, "user", from, to);
+    assert!(
+        (field(&users, "alice", "energy_kwh") - field(&rows, "proj-a", "energy_kwh")).abs() < 1e-12
+    );
+    let jobs = usage(&collector_cfg, "job", from, to);
+    let job_a = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "101")
+        .expect("job 101 total");
+    assert_eq!(job_a["project"], "proj-a");
+    assert_eq!(job_a["user"], "alice");
+    assert_eq!(
+        job_a["energy_uj"].as_u64().unwrap() as f64,
+        field(&rows, "proj-a", "energy_uj"),
+        "the job's total equals its per-interval usage"
+    );
+    assert!(jobs.as_array().unwrap().iter().any(|r| r["key"] == "102"));
+
+    // A period that ends before the run bills nothing; CSV is the documented format.
+    assert!(usage(&collector_cfg, "project", from, t_begin - 30_000)
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let csv = Command::new(bin("nodewatt-collector"))
+        .args([
+            "usage",
+            "--format",
+            "csv",
+            "--price-per-kwh",
+            "0.25",
+            "--pue",
+            "1.2",
+            "--from",
+            &rfc3339(from),
+            "--to",
+            &rfc3339(to),
+            "--config",
+        ])
+        .arg(&collector_cfg.path)
+        .output()
+        .unwrap();
+    let csv = String::from_utf8(csv.stdout).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("key,project,user,energy_uj,energy_kwh,gpu_kwh,cpu_kwh,dram_kwh,other_kwh,gpu_hours,cpu_core_hours,pue,facility_kwh,cost,currency,co2e_kg")
+    );
+    assert_eq!(lines.count(), 3, "{csv}");
+}
