@@ -737,3 +737,153 @@ pub fn password_file(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
     }
     p
 }
+
+/// A private single-node Slurm (Debian's slurm-wlm and munge, started without systemd):
+/// its own munged socket and key, config, state directories and ports, four fake GPUs
+/// (symlinks to /dev/null), and the repository's prolog and epilog writing the job
+/// registry in `jobs`. Needs root, as slurmd runs prologs as root.
+pub struct Slurm {
+    pub dir: TempDir,
+    pub jobs: PathBuf,
+    _munged: Proc,
+    _ctld: Proc,
+    _slurmd: Proc,
+}
+
+impl Slurm {
+    pub fn start() -> Slurm {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the Slurm tests need root (slurmd runs prologs as root)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let jobs = d.join("jobs");
+        for sub in ["state", "spool", "dev"] {
+            std::fs::create_dir(d.join(sub)).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for i in 0..4 {
+            std::os::unix::fs::symlink("/dev/null", d.join(format!("dev/nvidia{i}"))).unwrap();
+        }
+        let mut key = [0u8; 128];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut key)
+            .unwrap();
+        std::fs::write(d.join("munge.key"), key).unwrap();
+        std::fs::set_permissions(d.join("munge.key"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let munged = Proc::spawn(
+            "munged",
+            Command::new(require("munged"))
+                .args(["-F", "-f"])
+                .arg(format!("--socket={}", d.join("munge.sock").display()))
+                .arg(format!("--key-file={}", d.join("munge.key").display()))
+                .arg(format!("--log-file={}", d.join("munged.log").display()))
+                .arg(format!("--pid-file={}", d.join("munged.pid").display()))
+                .arg(format!("--seed-file={}", d.join("munged.seed").display())),
+            d.join("munged.out"),
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || d.join("munge.sock").exists()),
+            "munged did not start"
+        );
+
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for script in ["prolog", "epilog"] {
+            let wrapper = format!(
+                "#!/bin/sh\nNODEWATT_JOBS_DIR={} exec {}\n",
+                jobs.display(),
+                repo.join("config/slurm")
+                    .join(script)
+                    .canonicalize()
+                    .unwrap()
+                    .display()
+            );
+            std::fs::write(d.join(script), wrapper).unwrap();
+            std::fs::set_permissions(d.join(script), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+        }
+        let conf = format!(
+            "ClusterName=nwtest\nSlurmctldHost=localhost\nSlurmctldPort={ctld}\nSlurmdPort={slurmd}\n\
+             SlurmUser=root\nSlurmdUser=root\nAuthType=auth/munge\nAuthInfo=socket={d}/munge.sock\n\
+             StateSaveLocation={d}/state\nSlurmdSpoolDir={d}/spool\n\
+             SlurmctldPidFile={d}/slurmctld.pid\nSlurmdPidFile={d}/slurmd.pid\n\
+             SlurmctldLogFile={d}/slurmctld.log\nSlurmdLogFile={d}/slurmd.log\n\
+             ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nMpiDefault=none\n\
+             SchedulerType=sched/builtin\nSelectType=select/cons_tres\nSelectTypeParameters=CR_Core\n\
+             AccountingStorageType=accounting_storage/none\nJobAcctGatherType=jobacct_gather/none\n\
+             JobCompType=jobcomp/none\nGresTypes=gpu\nSlurmdParameters=config_overrides\n\
+             Prolog={d}/prolog\nEpilog={d}/epilog\nReturnToService=2\n\
+             NodeName=localhost CPUs=8 RealMemory=1000 Gres=gpu:4 State=UNKNOWN\n\
+             PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP\n",
+            ctld = free_port(),
+            slurmd = free_port(),
+            d = d.display()
+        );
+        std::fs::write(d.join("slurm.conf"), conf).unwrap();
+        std::fs::write(
+            d.join("gres.conf"),
+            format!(
+                "AutoDetect=off\nName=gpu File={}/dev/nvidia[0-3]\n",
+                d.display()
+            ),
+        )
+        .unwrap();
+        let ctld = Proc::spawn(
+            "slurmctld",
+            Command::new(require("slurmctld"))
+                .arg("-D")
+                .arg("-f")
+                .arg(d.join("slurm.conf")),
+            d.join("slurmctld.out"),
+        );
+        let slurmd = Proc::spawn(
+            "slurmd",
+            Command::new(require("slurmd"))
+                .args(["-D", "-N", "localhost", "-f"])
+                .arg(d.join("slurm.conf")),
+            d.join("slurmd.out"),
+        );
+        let s = Slurm {
+            dir,
+            jobs,
+            _munged: munged,
+            _ctld: ctld,
+            _slurmd: slurmd,
+        };
+        let idle = wait_until(Duration::from_secs(30), || {
+            s.command("sinfo", &["-h", "-o", "%T"]).trim() == "idle"
+        });
+        assert!(
+            idle,
+            "slurm did not come up: {}",
+            std::fs::read_to_string(s.dir.path().join("slurmctld.log")).unwrap_or_default()
+        );
+        s
+    }
+
+    /// Runs a Slurm client command against this cluster; its stdout.
+    pub fn command(&self, program: &str, args: &[&str]) -> String {
+        let out = Command::new(require(program))
+            .args(args)
+            .env("SLURM_CONF", self.dir.path().join("slurm.conf"))
+            .output()
+            .expect("slurm command runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `sbatch --parsable` with these arguments; the job id.
+    pub fn sbatch(&self, args: &[&str]) -> String {
+        let mut all = vec!["--parsable", "-o", "/dev/null"];
+        all.extend_from_slice(args);
+        let id = self.command("sbatch", &all).trim().to_string();
+        assert!(
+            !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()),
+            "sbatch gave {id:?}"
+        );
+        id
+    }
+}
