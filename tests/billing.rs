@@ -217,4 +217,60 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
         Some("key,project,user,energy_uj,energy_kwh,gpu_kwh,cpu_kwh,dram_kwh,other_kwh,gpu_hours,cpu_core_hours,pue,facility_kwh,cost,currency,co2e_kg")
     );
     assert_eq!(lines.count(), 3, "{csv}");
+
+    // Reports: a job's whole run, and a project over the period.
+    let out_dir = tempfile::tempdir().unwrap();
+    let report = |args: &[&str], name: &str| -> (String, String) {
+        let md = out_dir.path().join(name);
+        let out = Command::new(bin("nodewatt-collector"))
+            .arg("report")
+            .args(args)
+            .args(["--pue", "1.2", "--co2-g-per-kwh", "300", "--output"])
+            .arg(&md)
+            .arg("--config")
+            .arg(&collector_cfg.path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            std::fs::read_to_string(&md).unwrap(),
+            std::fs::read_to_string(md.with_extension("svg")).unwrap(),
+        )
+    };
+    let (md, svg) = report(&["--job", "101"], "job-101.md");
+    if let Some(keep) = std::env::var_os("NODEWATT_KEEP_REPORT") {
+        std::fs::write(std::path::Path::new(&keep).with_extension("md"), &md).unwrap();
+        std::fs::write(std::path::Path::new(&keep).with_extension("svg"), &svg).unwrap();
+    }
+    assert!(
+        md.starts_with("# Energy report: job 101 (project proj-a)"),
+        "{md}"
+    );
+    let gpu_j = job_a["gpu_kwh"].as_f64().unwrap() * 3.6e6;
+    assert!(
+        md.contains(&format!("| GPU | {:.6} | {:.3} |", gpu_j / 3.6e6, gpu_j)),
+        "{md}"
+    );
+    assert!(md.contains("| GPU models | Sim H100 |"), "{md}");
+    assert!(md.contains("| GPUs | node-b: 0 |"), "{md}");
+    assert!(md.contains("| Facility (× PUE 1.2) |"), "{md}");
+    assert!(md.contains("![Power by device class](job-101.svg)"));
+    assert!(svg.contains("<polyline") && svg.trim_end().ends_with("</svg>"));
+    let (md, _) = report(
+        &[
+            "--project",
+            "proj-b",
+            "--from",
+            &rfc3339(from),
+            "--to",
+            &rfc3339(to),
+        ],
+        "proj-b.md",
+    );
+    assert!(md.contains("| Users | bob |"), "{md}");
+    assert!(md.contains(" CO2e (facility energy × 300"), "{md}");
 }

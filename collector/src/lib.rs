@@ -5,5 +5,6 @@ pub mod config;
 pub mod influx;
 pub mod ingest;
 pub mod lineproto;
+pub mod report;
 pub mod stats;
 pub mod validate;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use nodewatt_collector::billing::{self, By, Format, Prices};
 use nodewatt_collector::config::Config;
 use nodewatt_collector::influx::Influx;
+use nodewatt_collector::report;
 use nodewatt_wire::Sample;
 
 /// nodewatt collector: subscribes to agent samples over MQTT, validates them, and writes
@@ -63,6 +64,36 @@ enum Command {
         #[arg(long, value_name = "GRAMS")]
         co2_g_per_kwh: Option<f64>,
     },
+    /// Write an energy report in Markdown, with an SVG chart of power by device class next
+    /// to it, for one job (its whole run) or one project over a period.
+    Report {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The job to report on.
+        #[arg(
+            long,
+            value_name = "ID",
+            conflicts_with = "project",
+            required_unless_present = "project"
+        )]
+        job: Option<String>,
+        /// The project to report on (needs --from and --to).
+        #[arg(long, value_name = "NAME", requires = "from", requires = "to")]
+        project: Option<String>,
+        #[arg(long, value_name = "TIME")]
+        from: Option<String>,
+        #[arg(long, value_name = "TIME")]
+        to: Option<String>,
+        /// Markdown file to write; the chart goes beside it with the extension .svg.
+        #[arg(long, short, value_name = "FILE.md")]
+        output: PathBuf,
+        #[arg(long, value_name = "PRICE")]
+        price_per_kwh: Option<f64>,
+        #[arg(long, value_name = "FACTOR")]
+        pue: Option<f64>,
+        #[arg(long, value_name = "GRAMS")]
+        co2_g_per_kwh: Option<f64>,
+    },
     /// Read samples as JSON lines on stdin (e.g. `nodewatt-agent run` without [mqtt]),
     /// report each invalid line with its reason, and print a count per node at the end.
     /// Exits 1 if any line was invalid.
@@ -75,6 +106,47 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Validate => Ok(validate(std::io::stdin().lock())),
+        Command::Report {
+            config,
+            job,
+            project,
+            from,
+            to,
+            output,
+            price_per_kwh,
+            pue,
+            co2_g_per_kwh,
+        } => (|| {
+            let cfg = Config::load(&config)?;
+            let prices = prices(&cfg, price_per_kwh, pue, co2_g_per_kwh)?;
+            let period = match (&from, &to) {
+                (Some(f), Some(t)) => Some((
+                    billing::parse_time(f).map_err(anyhow::Error::msg)?,
+                    billing::parse_time(t).map_err(anyhow::Error::msg)?,
+                )),
+                _ => None,
+            };
+            let subject = match (job, project) {
+                (Some(j), _) => report::Subject::Job(j),
+                (None, Some(p)) => report::Subject::Project(p),
+                (None, None) => anyhow::bail!("give --job or --project"),
+            };
+            let data = block_on(&cfg, |influx| async move {
+                report::gather(&influx, &subject, period).await
+            })?
+            .map_err(anyhow::Error::msg)?;
+            let chart = output.with_extension("svg");
+            let chart_name = chart
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            std::fs::write(&chart, report::svg(&data.series))
+                .with_context(|| format!("writing {}", chart.display()))?;
+            let md = report::markdown(&data, &prices, &chart_name, &cfg.influxdb.database);
+            std::fs::write(&output, md).with_context(|| format!("writing {}", output.display()))?;
+            println!("wrote {} and {}", output.display(), chart.display());
+            Ok(ExitCode::SUCCESS)
+        })(),
         Command::Usage {
             config,
             from,
@@ -87,16 +159,7 @@ fn main() -> ExitCode {
             co2_g_per_kwh,
         } => (|| {
             let cfg = Config::load(&config)?;
-            let b = &cfg.billing;
-            let prices = Prices {
-                pue: pue.unwrap_or(b.pue),
-                price_per_kwh: price_per_kwh.or(b.price_per_kwh),
-                currency: b.currency.clone(),
-                co2_g_per_kwh: co2_g_per_kwh.or(b.co2_g_per_kwh),
-            };
-            if !(prices.pue.is_finite() && prices.pue >= 1.0) {
-                anyhow::bail!("pue must be a number >= 1");
-            }
+            let prices = prices(&cfg, price_per_kwh, pue, co2_g_per_kwh)?;
             let from = billing::parse_time(&from).map_err(anyhow::Error::msg)?;
             let to = billing::parse_time(&to).map_err(anyhow::Error::msg)?;
             let groups = block_on(&cfg, |influx| async move {
@@ -115,6 +178,26 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Billing settings: command-line options over the config's [billing] section.
+fn prices(
+    cfg: &Config,
+    price_per_kwh: Option<f64>,
+    pue: Option<f64>,
+    co2_g_per_kwh: Option<f64>,
+) -> anyhow::Result<Prices> {
+    let b = &cfg.billing;
+    let p = Prices {
+        pue: pue.unwrap_or(b.pue),
+        price_per_kwh: price_per_kwh.or(b.price_per_kwh),
+        currency: b.currency.clone(),
+        co2_g_per_kwh: co2_g_per_kwh.or(b.co2_g_per_kwh),
+    };
+    if !(p.pue.is_finite() && p.pue >= 1.0) {
+        anyhow::bail!("pue must be a number >= 1");
+    }
+    Ok(p)
 }
 
 /// Runs `f` with an InfluxDB client on a single-threaded runtime.
