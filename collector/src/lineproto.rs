@@ -97,6 +97,11 @@ pub fn encode_sample(s: &Sample, out: &mut Vec<u8>) -> usize {
             .i("outbox_merges", Some(o.merges))
             .i("outbox_reconnects", Some(o.reconnects));
     }
+    if let Some(a) = s.accounting {
+        f.i("registry_jobs", Some(u64::from(a.jobs)))
+            .i("registry_rejected_files", Some(a.rejected_files))
+            .i("foreign_gpu_processes", Some(a.foreign_gpu_processes));
+    }
     put(out, "agent", &[("cluster", c), ("node", n)], &f);
 
     for src in &s.sources {

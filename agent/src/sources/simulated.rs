@@ -160,7 +160,12 @@ impl SimGpu {
             mem_total_bytes: Some(self.mem_total_bytes),
             sm_clock_mhz: Some(if util > 0.0 { 1980 } else { 345 }),
             mem_clock_mhz: Some(2619),
-            clock_event_reasons: Some(if util > 0.0 { 0 } else { 0x1 }),
+            // Idle below any load; power-capped at the TDP, like a real board.
+            clock_event_reasons: Some(match mw {
+                0 => 0x1,
+                p if p >= self.tdp_mw => 0x4,
+                _ => 0,
+            }),
             ecc_corrected: Some(0),
             ecc_uncorrected: Some(0),
             pids: Vec::new(),
