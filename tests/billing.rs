@@ -4,7 +4,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nodewatt_tests::*;
@@ -32,28 +31,11 @@ fn write_job(dir: &Path, id: &str, project: &str, user: &str, gpus: &str, start_
 }
 
 fn usage(cfg: &ConfigFile, by: &str, from: u64, to: u64) -> serde_json::Value {
-    let out = Command::new(bin("nodewatt-collector"))
-        .args([
-            "usage",
-            "--by",
-            by,
-            "--format",
-            "json",
-            "--from",
-            &rfc3339(from),
-            "--to",
-            &rfc3339(to),
-        ])
-        .arg("--config")
-        .arg(&cfg.path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let (from, to) = (rfc3339(from), rfc3339(to));
+    let args = [
+        "usage", "--by", by, "--format", "json", "--from", &from, "--to", &to,
+    ];
+    serde_json::from_str(&collector_cli(cfg, &args)).unwrap()
 }
 
 fn field(rows: &serde_json::Value, key: &str, f: &str) -> f64 {
@@ -192,8 +174,10 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
         .as_array()
         .unwrap()
         .is_empty());
-    let csv = Command::new(bin("nodewatt-collector"))
-        .args([
+    let (from_s, to_s) = (rfc3339(from), rfc3339(to));
+    let csv = collector_cli(
+        &collector_cfg,
+        &[
             "usage",
             "--format",
             "csv",
@@ -202,15 +186,11 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
             "--pue",
             "1.2",
             "--from",
-            &rfc3339(from),
+            &from_s,
             "--to",
-            &rfc3339(to),
-            "--config",
-        ])
-        .arg(&collector_cfg.path)
-        .output()
-        .unwrap();
-    let csv = String::from_utf8(csv.stdout).unwrap();
+            &to_s,
+        ],
+    );
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
@@ -222,20 +202,18 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
     let out_dir = tempfile::tempdir().unwrap();
     let report = |args: &[&str], name: &str| -> (String, String) {
         let md = out_dir.path().join(name);
-        let out = Command::new(bin("nodewatt-collector"))
-            .arg("report")
-            .args(args)
-            .args(["--pue", "1.2", "--co2-g-per-kwh", "300", "--output"])
-            .arg(&md)
-            .arg("--config")
-            .arg(&collector_cfg.path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let md_path = md.to_str().unwrap();
+        let mut all = vec![
+            "report",
+            "--pue",
+            "1.2",
+            "--co2-g-per-kwh",
+            "300",
+            "--output",
+            md_path,
+        ];
+        all.extend_from_slice(args);
+        collector_cli(&collector_cfg, &all);
         (
             std::fs::read_to_string(&md).unwrap(),
             std::fs::read_to_string(md.with_extension("svg")).unwrap(),

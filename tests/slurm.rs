@@ -107,19 +107,16 @@ fn prolog_and_epilog_feed_the_registry_and_the_agent_bills_the_job() {
     // And the billing command shows the project.
     let now = std::time::SystemTime::now();
     let rfc = |t: std::time::SystemTime| humantime::format_rfc3339(t).to_string();
-    let out = std::process::Command::new(bin("nodewatt-collector"))
-        .args(["usage", "--by", "project", "--format", "csv"])
-        .args([
-            "--from",
-            &rfc(now - Duration::from_secs(600)),
-            "--to",
-            &rfc(now + Duration::from_secs(60)),
-        ])
-        .arg("--config")
-        .arg(&collector_cfg.path)
-        .output()
-        .unwrap();
-    let csv = String::from_utf8(out.stdout).unwrap();
+    let (from, to) = (
+        rfc(now - Duration::from_secs(600)),
+        rfc(now + Duration::from_secs(60)),
+    );
+    let csv = collector_cli(
+        &collector_cfg,
+        &[
+            "usage", "--by", "project", "--format", "csv", "--from", &from, "--to", &to,
+        ],
+    );
     assert!(
         csv.lines().any(|l| l.starts_with("proj-slurm,proj-slurm,")),
         "{csv}"

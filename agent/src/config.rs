@@ -448,15 +448,12 @@ impl Config {
 
 /// Cluster and node names become MQTT topic levels and InfluxDB tags: keep them plain.
 fn check_name(what: &str, v: &str) -> Result<(), ConfigError> {
-    let ok = !v.is_empty()
-        && v.len() <= 64
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+    if nodewatt_wire::is_plain_name(v) {
         Ok(())
     } else {
         Err(ConfigError::Invalid(format!(
-            "{what} {v:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."
+            "{what} {v:?} must be {}",
+            nodewatt_wire::PLAIN_NAME_RULE
         )))
     }
 }

@@ -71,18 +71,15 @@ pub fn parse_job(text: &str) -> Result<Job, String> {
     })
 }
 
-/// Registry names become tags: 1-64 of A-Z a-z 0-9 . _ - (Slurm job ids, accounts,
-/// user names and GPU UUIDs all fit).
+/// Registry names become tags and query literals (Slurm job ids, accounts, user names
+/// and GPU UUIDs all fit the rule).
 fn name(what: &str, v: &str) -> Result<String, String> {
-    let ok = !v.is_empty()
-        && v.len() <= 64
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+    if nodewatt_wire::is_plain_name(v) {
         Ok(v.to_string())
     } else {
         Err(format!(
-            "{what} {v:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+            "{what} {v:?} must be {}",
+            nodewatt_wire::PLAIN_NAME_RULE
         ))
     }
 }

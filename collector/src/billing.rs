@@ -136,19 +136,13 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
     u64::try_from(ms - offset_s * 1000).map_err(|_| format!("{s:?} is before 1970"))
 }
 
-/// Project names come from the registry's rules; refusing anything else keeps the
-/// query free of injection.
+/// Names come from the registry's rules; refusing anything else keeps the query free of
+/// injection.
 pub fn check_project(p: &str) -> Result<(), String> {
-    let ok = !p.is_empty()
-        && p.len() <= 64
-        && p.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+    if nodewatt_wire::is_plain_name(p) {
         Ok(())
     } else {
-        Err(format!(
-            "project {p:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
-        ))
+        Err(format!("{p:?} must be {}", nodewatt_wire::PLAIN_NAME_RULE))
     }
 }
 

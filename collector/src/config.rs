@@ -244,12 +244,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
-        let id_ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 64
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        };
+        let id_ok = nodewatt_wire::is_plain_name;
         if !id_ok(&self.collector.id) {
             return bad("collector.id must be 1-64 characters of A-Z a-z 0-9 - _ .");
         }

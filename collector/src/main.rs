@@ -24,6 +24,20 @@ struct Cli {
     command: Command,
 }
 
+/// Billing factors; each overrides the config's [billing] value.
+#[derive(clap::Args)]
+struct PriceArgs {
+    /// Price per facility kWh (IT energy x PUE).
+    #[arg(long, value_name = "PRICE")]
+    price_per_kwh: Option<f64>,
+    /// Power usage effectiveness: facility energy = IT energy x PUE.
+    #[arg(long, value_name = "FACTOR")]
+    pue: Option<f64>,
+    /// Grid carbon intensity, g CO2e per kWh.
+    #[arg(long, value_name = "GRAMS")]
+    co2_g_per_kwh: Option<f64>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the MQTT → InfluxDB pipeline until SIGTERM or SIGINT.
@@ -54,15 +68,8 @@ enum Command {
         project: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
-        /// Price per facility kWh (overrides [billing] price_per_kwh).
-        #[arg(long, value_name = "PRICE")]
-        price_per_kwh: Option<f64>,
-        /// Facility energy = IT energy x PUE (overrides [billing] pue).
-        #[arg(long, value_name = "FACTOR")]
-        pue: Option<f64>,
-        /// Grid carbon intensity in g CO2e per kWh (overrides [billing] co2_g_per_kwh).
-        #[arg(long, value_name = "GRAMS")]
-        co2_g_per_kwh: Option<f64>,
+        #[command(flatten)]
+        prices: PriceArgs,
     },
     /// Write an energy report in Markdown, with an SVG chart of power by device class next
     /// to it, for one job (its whole run) or one project over a period.
@@ -87,12 +94,8 @@ enum Command {
         /// Markdown file to write; the chart goes beside it with the extension .svg.
         #[arg(long, short, value_name = "FILE.md")]
         output: PathBuf,
-        #[arg(long, value_name = "PRICE")]
-        price_per_kwh: Option<f64>,
-        #[arg(long, value_name = "FACTOR")]
-        pue: Option<f64>,
-        #[arg(long, value_name = "GRAMS")]
-        co2_g_per_kwh: Option<f64>,
+        #[command(flatten)]
+        prices: PriceArgs,
     },
     /// Read samples as JSON lines on stdin (e.g. `nodewatt-agent run` without [mqtt]),
     /// report each invalid line with its reason, and print a count per node at the end.
@@ -113,12 +116,10 @@ fn main() -> ExitCode {
             from,
             to,
             output,
-            price_per_kwh,
-            pue,
-            co2_g_per_kwh,
+            prices,
         } => (|| {
             let cfg = Config::load(&config)?;
-            let prices = prices(&cfg, price_per_kwh, pue, co2_g_per_kwh)?;
+            let prices = resolve_prices(&cfg, &prices)?;
             let period = match (&from, &to) {
                 (Some(f), Some(t)) => Some((
                     billing::parse_time(f).map_err(anyhow::Error::msg)?,
@@ -154,12 +155,10 @@ fn main() -> ExitCode {
             by,
             project,
             format,
-            price_per_kwh,
-            pue,
-            co2_g_per_kwh,
+            prices,
         } => (|| {
             let cfg = Config::load(&config)?;
-            let prices = prices(&cfg, price_per_kwh, pue, co2_g_per_kwh)?;
+            let prices = resolve_prices(&cfg, &prices)?;
             let from = billing::parse_time(&from).map_err(anyhow::Error::msg)?;
             let to = billing::parse_time(&to).map_err(anyhow::Error::msg)?;
             let groups = block_on(&cfg, |influx| async move {
@@ -181,18 +180,13 @@ fn main() -> ExitCode {
 }
 
 /// Billing settings: command-line options over the config's [billing] section.
-fn prices(
-    cfg: &Config,
-    price_per_kwh: Option<f64>,
-    pue: Option<f64>,
-    co2_g_per_kwh: Option<f64>,
-) -> anyhow::Result<Prices> {
+fn resolve_prices(cfg: &Config, args: &PriceArgs) -> anyhow::Result<Prices> {
     let b = &cfg.billing;
     let p = Prices {
-        pue: pue.unwrap_or(b.pue),
-        price_per_kwh: price_per_kwh.or(b.price_per_kwh),
+        pue: args.pue.unwrap_or(b.pue),
+        price_per_kwh: args.price_per_kwh.or(b.price_per_kwh),
         currency: b.currency.clone(),
-        co2_g_per_kwh: co2_g_per_kwh.or(b.co2_g_per_kwh),
+        co2_g_per_kwh: args.co2_g_per_kwh.or(b.co2_g_per_kwh),
     };
     if !(p.pue.is_finite() && p.pue >= 1.0) {
         anyhow::bail!("pue must be a number >= 1");

@@ -584,6 +584,23 @@ impl Stack {
     }
 }
 
+/// Runs `nodewatt-collector <args> --config <cfg>` to completion, asserts success, and
+/// returns its stdout.
+pub fn collector_cli(cfg: &ConfigFile, args: &[&str]) -> String {
+    let out = Command::new(bin("nodewatt-collector"))
+        .args(args)
+        .arg("--config")
+        .arg(&cfg.path)
+        .output()
+        .expect("nodewatt-collector runs");
+    assert!(
+        out.status.success(),
+        "nodewatt-collector {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
 pub fn start_agent(cfg: &ConfigFile, count: u64) -> Proc {
     Proc::spawn(
         "agent",

@@ -386,6 +386,19 @@ pub fn clock_event_reason_names(mask: u64) -> Vec<String> {
         .collect()
 }
 
+/// The naming rule for clusters, nodes, projects, users, jobs and collector ids: 1-64
+/// characters of `A-Z a-z 0-9 . _ -`. Such a name is a valid MQTT topic level and
+/// InfluxDB tag value, and safe inside an InfluxQL string literal.
+pub fn is_plain_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// The rule of [`is_plain_name`] in words, for error messages.
+pub const PLAIN_NAME_RULE: &str = "1-64 characters of A-Z a-z 0-9 . _ -";
+
 /// Topic root: `nodewatt/v1/<cluster>/<node>/sample` and `.../status`.
 pub const TOPIC_ROOT: &str = "nodewatt/v1";
 
