@@ -380,3 +380,70 @@ fn outage_longer_than_the_outbox_merges_but_keeps_every_joule() {
     );
     assert_eq!(rapl, 150.0 * covered * 1000.0);
 }
+
+/// Two collectors in one shared-subscription group split the messages: each gets some,
+/// and every sample lands exactly once.
+#[test]
+fn collectors_in_a_share_group_split_the_load() {
+    let with_group =
+        |t: String| t.replace("[collector]\n", "[collector]\nshare_group = \"pool\"\n");
+    let Stack {
+        mq,
+        db,
+        collector_cfg: _a_cfg,
+        collector: mut first,
+    } = Stack::start_with("pool-a", DB, "", with_group);
+    let second_cfg = config_file(
+        "collector.toml",
+        &with_group(collector_config("pool-b", mq.port, &db.url(), DB)),
+    );
+    let mut second = start_collector(&second_cfg);
+    wait_subscribed(&second);
+
+    let a = config_file(
+        "a.toml",
+        &agent_config("lab", "node-a", "20ms", mq.port, &[350.0]),
+    );
+    let b = config_file(
+        "b.toml",
+        &agent_config("lab", "node-b", "20ms", mq.port, &[250.0]),
+    );
+    let (mut pa, mut pb) = (start_agent(&a, 100), start_agent(&b, 100));
+    for p in [&mut pa, &mut pb] {
+        assert!(
+            p.wait(Duration::from_secs(60)).is_some_and(|s| s.success()),
+            "{}",
+            p.log()
+        );
+    }
+    check_node(&db, "node-a", 100, &[350.0]);
+    check_node(&db, "node-b", 100, &[250.0]);
+
+    // Both took part; between them they saw every sample once.
+    let per_collector = |db: &Influxd| -> Vec<(String, f64)> {
+        db.rows(
+            DB,
+            "SELECT LAST(messages_in) FROM nodewatt_collector GROUP BY collector",
+        )
+        .iter()
+        .map(|(tags, r)| {
+            (
+                tags["collector"].as_str().unwrap().to_string(),
+                r["last"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+    };
+    let split = wait_until(Duration::from_secs(10), || {
+        per_collector(&db).iter().map(|(_, n)| n).sum::<f64>() >= 200.0
+    });
+    let counts = per_collector(&db);
+    assert!(split, "{counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(
+        counts.iter().all(|(_, n)| *n > 0.0),
+        "each collector got a share: {counts:?}"
+    );
+    first.stop_cleanly();
+    second.stop_cleanly();
+}
