@@ -108,6 +108,7 @@ CONF
       -e "s|^dir = \"/run/nodewatt/jobs\"|dir = \"$demo/jobs/local\"|" \
       -e "s/^owner_uid = 0/owner_uid = $uid/" \
       -e "s/^# port = 1883 .*/port = $mqtt_port/" \
+      -e "s|^state_file = .*|state_file = \"$demo/run/outbox-local.jsonl\"|" \
       config/agent.toml >"$demo/config/agent-local.toml"
   local i=0
   for node in "${sim_nodes[@]}"; do

@@ -447,3 +447,53 @@ fn collectors_in_a_share_group_split_the_load() {
     first.stop_cleanly();
     second.stop_cleanly();
 }
+
+/// An agent stopped while the broker is down saves what it could not send; after a
+/// restart it sends it, so a restart during an outage loses nothing.
+#[test]
+fn agent_restart_during_an_outage_loses_nothing_with_a_state_file() {
+    let Stack {
+        mut mq,
+        db,
+        collector_cfg: _ccfg,
+        collector: _collector,
+    } = Stack::start("restart", DB);
+    mq.stop();
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("outbox.jsonl");
+    let text = agent_config("lab", "node-r", "20ms", mq.port, &[300.0])
+        + &format!("[outbox]\nstate_file = {file:?}\n");
+    let a = config_file("a.toml", &text);
+
+    let mut first = start_agent(&a, 30);
+    std::thread::sleep(Duration::from_millis(1_500)); // 30 samples taken, none sent
+    first.stop_cleanly();
+    assert!(
+        first.log().contains("saved unacknowledged samples"),
+        "{}",
+        first.log()
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 30);
+
+    mq.restart();
+    let mut second = start_agent(&a, 5);
+    assert!(
+        second
+            .wait(Duration::from_secs(60))
+            .is_some_and(|s| s.success()),
+        "{}",
+        second.log()
+    );
+    assert!(second
+        .log()
+        .contains("resending samples saved by the previous run"));
+    assert!(!file.exists());
+    let all = wait_until(Duration::from_secs(30), || {
+        db.scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'node-r'") == 35.0
+    });
+    assert!(
+        all,
+        "{} of 35",
+        db.scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'node-r'")
+    );
+}

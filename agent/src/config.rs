@@ -85,6 +85,10 @@ pub struct OutboxConfig {
     /// Samples published and awaiting their PubAck at once.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Where unacknowledged samples are saved when the agent stops, to be sent after the
+    /// next start (a restart during a broker outage then loses nothing).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 fn default_outbox_capacity() -> usize {
@@ -99,6 +103,7 @@ impl Default for OutboxConfig {
         OutboxConfig {
             capacity: default_outbox_capacity(),
             max_in_flight: default_max_in_flight(),
+            state_file: None,
         }
     }
 }
@@ -294,6 +299,9 @@ impl Config {
             m.resolve_paths(base);
         }
         resolve(base, &mut cfg.jobs.dir);
+        if let Some(p) = cfg.outbox.state_file.as_mut() {
+            resolve(base, p);
+        }
         Ok(cfg)
     }
 

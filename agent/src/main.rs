@@ -176,6 +176,7 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
         max_in_flight: cfg.outbox.max_in_flight,
         reconnect_initial: mqtt.reconnect_initial,
         reconnect_max: mqtt.reconnect_max,
+        state_file: cfg.outbox.state_file.clone(),
     };
     // Sampling runs on its own thread and never waits for the network; the
     // single-threaded runtime only moves samples to the broker.

@@ -188,8 +188,8 @@ impl Outbox {
         }
     }
 
-    #[cfg(test)]
-    fn samples(&self) -> Vec<&Sample> {
+    /// All samples, oldest first (for saving at shutdown).
+    pub fn samples(&self) -> Vec<&Sample> {
         self.entries.iter().map(|e| &*e.sample).collect()
     }
 }
