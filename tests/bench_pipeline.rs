@@ -44,10 +44,7 @@ fn main() {
     let started = Instant::now();
     let mut procs: Vec<Proc> = configs.iter().map(|c| start_agent(c, samples)).collect();
     for p in &mut procs {
-        let ok = p
-            .wait(Duration::from_secs(600))
-            .is_some_and(|s| s.success());
-        assert!(ok, "agent failed: {}", p.log());
+        p.wait_success(Duration::from_secs(600));
     }
     let produced = started.elapsed();
     let total = agents as u64 * samples;

@@ -77,8 +77,7 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
     std::thread::sleep(Duration::from_millis(1_000));
     let a_end = now_ms();
     std::fs::remove_file(registry.path().join("101.job")).unwrap();
-    let status = agent.wait(Duration::from_secs(60));
-    assert!(status.is_some_and(|s| s.success()), "{}", agent.log());
+    agent.wait_success(Duration::from_secs(60));
     let t_end = now_ms();
 
     // Wait for all 80 samples in InfluxDB.

@@ -140,11 +140,7 @@ fn every_panel_query_returns_data_from_the_documented_schema() {
     let (fc, gc) = (config_file("f.toml", &f), config_file("g.toml", &g));
     let mut agents = [start_agent(&fc, 40), start_agent(&gc, 40)];
     for a in &mut agents {
-        assert!(
-            a.wait(Duration::from_secs(60)).is_some_and(|s| s.success()),
-            "{}",
-            a.log()
-        );
+        a.wait_success(Duration::from_secs(60));
     }
     let arrived = wait_until(Duration::from_secs(30), || {
         db.scalar(DB, "SELECT COUNT(seq) FROM agent") >= 80.0

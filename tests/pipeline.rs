@@ -15,6 +15,23 @@ fn count(db: &Influxd, node: &str) -> u64 {
     ) as u64
 }
 
+/// Agents node-a (one GPU at 350 W) and node-b (250 W) sampling every 20 ms, `count`
+/// samples each; keep the configs alive while the agents run.
+fn node_a_and_b(mqtt_port: u16, count: u64) -> (Vec<ConfigFile>, Vec<Proc>) {
+    let configs = vec![
+        config_file(
+            "a.toml",
+            &agent_config("lab", "node-a", "20ms", mqtt_port, &[350.0]),
+        ),
+        config_file(
+            "b.toml",
+            &agent_config("lab", "node-b", "20ms", mqtt_port, &[250.0]),
+        ),
+    ];
+    let agents = configs.iter().map(|c| start_agent(c, count)).collect();
+    (configs, agents)
+}
+
 /// Waits until InfluxDB holds `n` samples of `node`, then checks each arrived once, in
 /// full, with energy equal to power × time to the millijoule.
 fn check_node(db: &Influxd, node: &str, n: u64, gpu_watts: &[f64]) {
@@ -95,12 +112,7 @@ fn every_sample_arrives_once_with_exact_energy() {
     );
     let (mut pa, mut pb) = (start_agent(&a, 40), start_agent(&b, 40));
     for p in [&mut pa, &mut pb] {
-        let status = p.wait(Duration::from_secs(60));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "agent failed:\n{}",
-            p.log()
-        );
+        p.wait_success(Duration::from_secs(60));
     }
     check_node(&db, "node-a", 40, &[350.0, 700.0]);
     check_node(&db, "node-b", 40, &[100.0]);
@@ -137,15 +149,7 @@ fn broker_restart_and_collector_crash_lose_nothing() {
         mut collector,
     } = Stack::start("crashy", DB);
 
-    let a = config_file(
-        "a.toml",
-        &agent_config("lab", "node-a", "20ms", mq.port, &[350.0]),
-    );
-    let b = config_file(
-        "b.toml",
-        &agent_config("lab", "node-b", "20ms", mq.port, &[250.0]),
-    );
-    let (mut pa, mut pb) = (start_agent(&a, 150), start_agent(&b, 150));
+    let (_configs, mut agents) = node_a_and_b(mq.port, 150);
 
     std::thread::sleep(Duration::from_millis(700));
     mq.restart(); // agents queue meanwhile; the collector's session survives
@@ -154,13 +158,8 @@ fn broker_restart_and_collector_crash_lose_nothing() {
     std::thread::sleep(Duration::from_millis(300));
     let mut collector = start_collector(&ccfg);
 
-    for p in [&mut pa, &mut pb] {
-        let status = p.wait(Duration::from_secs(60));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "agent failed:\n{}",
-            p.log()
-        );
+    for p in &mut agents {
+        p.wait_success(Duration::from_secs(60));
         assert!(
             p.log().contains("connected to the MQTT broker again"),
             "{}",
@@ -208,12 +207,7 @@ fn influxdb_outage_keeps_messages_unacknowledged_and_bounded() {
     std::thread::sleep(Duration::from_millis(400));
     db.stop();
     // The broker takes everything from the agent while InfluxDB is down.
-    let status = pa.wait(Duration::from_secs(60));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "agent failed:\n{}",
-        pa.log()
-    );
+    pa.wait_success(Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(600));
     assert!(
         collector.running(),
@@ -289,9 +283,7 @@ fn v2_write_path_against_a_real_server() {
         &agent_config("lab", "node-v", "50ms", mq.port, &[350.0, 350.0]),
     );
     let mut agent = start_agent(&a, 30);
-    assert!(agent
-        .wait(Duration::from_secs(60))
-        .is_some_and(|s| s.success()));
+    agent.wait_success(Duration::from_secs(60));
     // VictoriaMetrics names series <measurement>_<field>.
     let ok = wait_until(Duration::from_secs(30), || {
         vm.count_samples(r#"gpu_power_w{node="node-v"}"#) == 60
@@ -323,12 +315,7 @@ fn outage_longer_than_the_outbox_merges_but_keeps_every_joule() {
     let mut agent = start_agent(&a, 100);
     std::thread::sleep(Duration::from_millis(2_600)); // all 100 taken, outbox merged
     mq.restart();
-    let status = agent.wait(Duration::from_secs(60));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "agent failed:\n{}",
-        agent.log()
-    );
+    agent.wait_success(Duration::from_secs(60));
 
     // Every sample is accounted for: points + samples merged into them = 100.
     let folded = |db: &Influxd| {
@@ -400,21 +387,9 @@ fn collectors_in_a_share_group_split_the_load() {
     let mut second = start_collector(&second_cfg);
     wait_subscribed(&second);
 
-    let a = config_file(
-        "a.toml",
-        &agent_config("lab", "node-a", "20ms", mq.port, &[350.0]),
-    );
-    let b = config_file(
-        "b.toml",
-        &agent_config("lab", "node-b", "20ms", mq.port, &[250.0]),
-    );
-    let (mut pa, mut pb) = (start_agent(&a, 100), start_agent(&b, 100));
-    for p in [&mut pa, &mut pb] {
-        assert!(
-            p.wait(Duration::from_secs(60)).is_some_and(|s| s.success()),
-            "{}",
-            p.log()
-        );
+    let (_configs, mut agents) = node_a_and_b(mq.port, 100);
+    for p in &mut agents {
+        p.wait_success(Duration::from_secs(60));
     }
     check_node(&db, "node-a", 100, &[350.0]);
     check_node(&db, "node-b", 100, &[250.0]);
@@ -477,13 +452,7 @@ fn agent_restart_during_an_outage_loses_nothing_with_a_state_file() {
 
     mq.restart();
     let mut second = start_agent(&a, 5);
-    assert!(
-        second
-            .wait(Duration::from_secs(60))
-            .is_some_and(|s| s.success()),
-        "{}",
-        second.log()
-    );
+    second.wait_success(Duration::from_secs(60));
     assert!(second
         .log()
         .contains("resending samples saved by the previous run"));

@@ -150,8 +150,7 @@ fn agents_publish_over_tls_with_a_password_from_a_file() {
 
     let good = config_file("good.toml", &tls_agent(&certs.path("pw")));
     let mut agent = start_agent(&good, 20);
-    let status = agent.wait(Duration::from_secs(60));
-    assert!(status.is_some_and(|s| s.success()), "{}", agent.log());
+    agent.wait_success(Duration::from_secs(60));
     let arrived = wait_until(Duration::from_secs(30), || {
         db.scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'node-t'") == 20.0
     });

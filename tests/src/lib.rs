@@ -127,6 +127,17 @@ impl Proc {
         );
     }
 
+    /// Waits for the process to exit by itself and asserts it succeeded (its log otherwise).
+    pub fn wait_success(&mut self, timeout: Duration) {
+        let status = self.wait(timeout);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} failed or did not finish ({status:?}):\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
     /// Waits for the process to exit by itself.
     pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
