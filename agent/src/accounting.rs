@@ -23,6 +23,9 @@ pub struct Accountant {
     totals: HashMap<String, (Job, JobTotal)>,
     /// (GPU index, pid) pairs already reported as foreign.
     foreign_seen: HashSet<(u32, u32)>,
+    /// The job of each live GPU process (`None`: not in a job). A process never changes
+    /// job, so its cgroup file is read once, not on every sample.
+    pid_job: HashMap<u32, Option<String>>,
     stats: AccountingStats,
 }
 
@@ -98,6 +101,7 @@ impl Accountant {
             job_cpu: HashMap::new(),
             totals: HashMap::new(),
             foreign_seen: HashSet::new(),
+            pid_job: HashMap::new(),
             stats: AccountingStats::default(),
         }
     }
@@ -197,6 +201,9 @@ impl Accountant {
     /// A GPU process that belongs to a job other than the GPU's owner is reported, not
     /// silently billed: the GPU's energy still goes to its owner (or `_idle`).
     fn cross_check(&mut self, s: &Sample, jobs: &[Job]) {
+        let live: HashSet<u32> = s.gpus.iter().flat_map(|g| g.pids.iter().copied()).collect();
+        self.pid_job.retain(|pid, _| live.contains(pid));
+        self.foreign_seen.retain(|(_, pid)| live.contains(pid));
         for g in &s.gpus {
             let owners: Vec<&str> = jobs
                 .iter()
@@ -207,13 +214,13 @@ impl Accountant {
                 if self.foreign_seen.contains(&(g.index, pid)) {
                     continue;
                 }
-                let path = self.proc_root.join(pid.to_string()).join("cgroup");
-                let Ok(text) = std::fs::read_to_string(&path) else {
-                    continue;
-                };
-                let Some(job) = job_of_cgroup(&text) else {
-                    continue;
-                };
+                let proc_root = &self.proc_root;
+                let job = self.pid_job.entry(pid).or_insert_with(|| {
+                    let path = proc_root.join(pid.to_string()).join("cgroup");
+                    let text = std::fs::read_to_string(path).ok()?;
+                    job_of_cgroup(&text).map(str::to_string)
+                });
+                let Some(job) = job.as_deref() else { continue };
                 if !owners.contains(&job) {
                     self.foreign_seen.insert((g.index, pid));
                     self.stats.foreign_gpu_processes += 1;
@@ -228,13 +235,6 @@ impl Accountant {
                 }
             }
         }
-        // Forget pairs whose process is gone.
-        let live: HashSet<(u32, u32)> = s
-            .gpus
-            .iter()
-            .flat_map(|g| g.pids.iter().map(move |p| (g.index, *p)))
-            .collect();
-        self.foreign_seen.retain(|k| live.contains(k));
     }
 }
 
@@ -399,6 +399,34 @@ mod tests {
             .find(|u| u.job.as_deref() == Some("9"))
             .unwrap();
         assert_eq!(nine.amounts.gpu_uj, 5_000);
+        // A legitimate process of job 9 on GPU 1: its cgroup file is read once and its
+        // job remembered while it lives (a process never changes job).
+        let legit = e.proc.path().join("4343");
+        std::fs::create_dir(&legit).unwrap();
+        std::fs::write(
+            legit.join("cgroup"),
+            "0::/system.slice/slurmstepd.scope/job_9/step_0\n",
+        )
+        .unwrap();
+        e.acc
+            .account(&mut sample(4_000, Some(5), vec![4242, 4343], &[]));
+        std::fs::write(
+            legit.join("cgroup"),
+            "0::/system.slice/slurmstepd.scope/job_7/step_0\n",
+        )
+        .unwrap();
+        let mut s = sample(5_000, Some(5), vec![4242, 4343], &[]);
+        e.acc.account(&mut s);
+        assert_eq!(
+            s.accounting.unwrap().foreign_gpu_processes,
+            1,
+            "not read again"
+        );
+        // Once gone, the pid is forgotten; a new process with that pid is read afresh.
+        e.acc.account(&mut sample(6_000, Some(5), vec![4242], &[]));
+        let mut s = sample(7_000, Some(5), vec![4242, 4343], &[]);
+        e.acc.account(&mut s);
+        assert_eq!(s.accounting.unwrap().foreign_gpu_processes, 2);
     }
 
     #[test]
