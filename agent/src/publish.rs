@@ -122,7 +122,6 @@ impl Link {
             reconnects: self.stats.reconnects,
         };
         while let Some((id, sample)) = self.outbox.take_next() {
-            let mut sample = sample.clone();
             sample.outbox = Some(stats);
             let payload = sample.to_json();
             match self

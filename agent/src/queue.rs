@@ -63,10 +63,11 @@ impl Outbox {
         self.entries.is_empty()
     }
 
+    /// In-flight samples are the oldest ones (see the type's invariant): count the prefix.
     pub fn in_flight(&self) -> usize {
         self.entries
             .iter()
-            .filter(|e| e.in_flight.is_some())
+            .take_while(|e| e.in_flight.is_some())
             .count()
     }
 
@@ -89,23 +90,17 @@ impl Outbox {
 
     /// Merges the chosen adjacent pair of waiting samples; false if there is none.
     fn merge_one(&mut self) -> bool {
-        let waiting: Vec<usize> = (0..self.entries.len())
-            .filter(|&i| self.entry(i).in_flight.is_none())
-            .collect();
-        let pairs: Vec<(usize, usize)> = waiting
-            .windows(2)
-            .filter(|w| w[1] == w[0] + 1)
-            .map(|w| (w[0], w[1]))
-            .collect();
-        let chosen = pairs
-            .iter()
-            .find(|(a, b)| self.entry(*a).sample.merged == self.entry(*b).sample.merged)
-            .or(pairs.first());
-        let Some(&(older, newer)) = chosen else {
+        // Waiting samples are the contiguous run after the in-flight prefix.
+        let first_waiting = self.in_flight();
+        let len = self.entries.len();
+        if len < first_waiting + 2 {
             return false;
-        };
+        }
+        let older = (first_waiting..len - 1)
+            .find(|&i| self.entry(i).sample.merged == self.entry(i + 1).sample.merged)
+            .unwrap_or(first_waiting);
         let removed = self.remove_at(older);
-        merge_into(&removed.sample, &mut self.entry_mut(newer - 1).sample);
+        merge_into(&removed.sample, &mut self.entry_mut(older).sample);
         self.merges += 1;
         true
     }
@@ -145,13 +140,14 @@ impl Outbox {
 
     /// The oldest sample not yet handed to the client, unless `max_in_flight` are already
     /// out; marks it as sent.
-    pub fn take_next(&mut self) -> Option<(u64, &Sample)> {
-        if self.in_flight() >= self.max_in_flight {
+    pub fn take_next(&mut self) -> Option<(u64, &mut Sample)> {
+        let next = self.in_flight();
+        if next >= self.max_in_flight || next >= self.entries.len() {
             return None;
         }
-        let e = self.entries.iter_mut().find(|e| e.in_flight.is_none())?;
+        let e = self.entry_mut(next);
         e.in_flight = Some(InFlight::Sent);
-        Some((e.id, &e.sample))
+        Some((e.id, &mut e.sample))
     }
 
     /// Returns a sample taken by `take_next` to waiting (the client could not take it).
@@ -361,6 +357,69 @@ mod tests {
         assert!(
             !o.ack(1),
             "an ack from the old connection matches nothing after reset"
+        );
+    }
+
+    #[test]
+    fn merge_sums_usage_per_job_and_keeps_final_job_totals() {
+        use nodewatt_wire::{Amounts, JobTotal, Usage};
+        let usage = |job: Option<&str>, project: &str, gpu_uj| Usage {
+            job: job.map(Into::into),
+            project: project.into(),
+            user: job.map(|_| "alice".into()),
+            amounts: Amounts {
+                gpu_uj,
+                gpu_ms: 1_000,
+                ..Amounts::default()
+            },
+        };
+        let total = |job: &str, gpu_uj, ended| JobTotal {
+            job: job.into(),
+            project: "p".into(),
+            user: "alice".into(),
+            since_ms: 1,
+            ended,
+            amounts: Amounts {
+                gpu_uj,
+                ..Amounts::default()
+            },
+            ..JobTotal::default()
+        };
+        let mut old = sample(0);
+        old.usage = vec![
+            usage(Some("1"), "p", 10),
+            usage(Some("2"), "p", 20),
+            usage(None, "_idle", 5),
+        ];
+        old.job_totals = vec![total("1", 100, false), total("2", 200, true)];
+        let mut new = sample(1);
+        new.usage = vec![usage(Some("1"), "p", 1), usage(None, "_idle", 2)];
+        new.job_totals = vec![total("1", 101, false)];
+        merge_into(&old, &mut new);
+
+        let gpu = |job: Option<&str>| {
+            new.usage
+                .iter()
+                .find(|u| u.job.as_deref() == job)
+                .unwrap()
+                .amounts
+        };
+        assert_eq!((gpu(Some("1")).gpu_uj, gpu(Some("1")).gpu_ms), (11, 2_000));
+        assert_eq!(
+            gpu(Some("2")).gpu_uj,
+            20,
+            "a job only the older sample billed"
+        );
+        assert_eq!(gpu(None).gpu_uj, 7);
+        let totals: Vec<(&str, u64, bool)> = new
+            .job_totals
+            .iter()
+            .map(|t| (t.job.as_str(), t.amounts.gpu_uj, t.ended))
+            .collect();
+        assert_eq!(
+            totals,
+            [("1", 101, false), ("2", 200, true)],
+            "newer total wins; the final one is kept"
         );
     }
 
