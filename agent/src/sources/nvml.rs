@@ -320,6 +320,79 @@ mod tests {
         assert!(explain_init_error(&NvmlError::NoPermission).contains("/dev/nvidia"));
     }
 
+    /// A worker that answers each request only when the test lets it, standing in for
+    /// the NVML thread (whose calls can hang when a GPU falls off the bus).
+    fn gated_source(timeout_ms: u64) -> (NvmlSource, SyncSender<()>) {
+        let (req_tx, req_rx) = mpsc::sync_channel::<TickMs>(1);
+        let (resp_tx, resp_rx) = mpsc::sync_channel(1);
+        let (gate_tx, gate_rx) = mpsc::sync_channel::<()>(8);
+        std::thread::spawn(move || {
+            while let Ok(at) = req_rx.recv() {
+                if gate_rx.recv().is_err() {
+                    return;
+                }
+                let gpu = Gpu {
+                    index: 0,
+                    uuid: "GPU-x".into(),
+                    ..Gpu::default()
+                };
+                if resp_tx.send((at, vec![gpu])).is_err() {
+                    return;
+                }
+            }
+        });
+        let src = NvmlSource {
+            worker: Some(Worker {
+                requests: req_tx,
+                responses: resp_rx,
+                busy: false,
+            }),
+            unavailable: None,
+            devices: vec!["0 test GPU-x".into()],
+            timeout: Duration::from_millis(timeout_ms),
+        };
+        (src, gate_tx)
+    }
+
+    #[test]
+    fn a_stuck_call_costs_samples_their_gpus_not_the_agent() {
+        let (mut src, gate) = gated_source(50);
+        let mut s = crate::testutil::empty_sample();
+        gate.send(()).unwrap();
+        assert_eq!(src.read(1, &mut s).unwrap(), 1);
+
+        // NVML hangs: this sample times out, the next one does not queue another call.
+        let err = src.read(2, &mut s).unwrap_err().to_string();
+        assert!(err.contains("did not answer within 50 ms"), "{err}");
+        // (This answer comes from the path that neither sends nor waits.)
+        let err = src.read(3, &mut s).unwrap_err().to_string();
+        assert!(err.contains("still stuck"), "{err}");
+
+        // It recovers once the hung call returns: the late answer is discarded and fresh
+        // readings are taken.
+        gate.send(()).unwrap();
+        gate.send(()).unwrap();
+        let mut fresh = None;
+        for at in 4..1_000 {
+            let mut s = crate::testutil::empty_sample();
+            match src.read(at, &mut s) {
+                Ok(n) => {
+                    fresh = Some((n, s.gpus.len()));
+                    break;
+                }
+                Err(e) => assert!(e.0.contains("still stuck"), "{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(fresh, Some((1, 1)), "one GPU, only the fresh readings");
+
+        // The thread is gone: said once, for good.
+        drop(gate);
+        let _ = src.read(5, &mut s);
+        let err = src.read(6, &mut s).unwrap_err().to_string();
+        assert!(err.contains("NVML thread has stopped"), "{err}");
+    }
+
     /// On a machine without the NVIDIA driver (CI), the source says so clearly and the
     /// sample carries the reason; on a GPU machine it finds at least one GPU.
     #[test]
