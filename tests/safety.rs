@@ -157,6 +157,54 @@ fn agents_publish_over_tls_with_a_password_from_a_file() {
     assert!(arrived, "{}", collector.log());
 }
 
+/// A broker that requires client certificates: an agent with `client_cert_file` and
+/// `client_key_file` gets in, one without is refused and keeps retrying.
+#[test]
+fn agents_authenticate_with_a_client_certificate() {
+    let certs = Certs::new();
+    let tls_port = free_port();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        certs.path("ca.pem").display(),
+        certs.path("server.pem").display(),
+        certs.path("server.key").display(),
+    );
+    let Stack {
+        mq: _mq,
+        db,
+        collector_cfg: _ccfg,
+        collector,
+    } = Stack::start_with("mtls", DB, &extra, |t| t);
+    let agent_with = |client: &str| {
+        agent_config("lab", "node-c", "50ms", tls_port, &[200.0])
+            + &format!("[mqtt.tls]\nca_file = {:?}\n{client}", certs.path("ca.pem"))
+    };
+
+    let without = config_file("without.toml", &agent_with(""));
+    let mut refused = start_agent(&without, 5);
+    assert!(
+        wait_until(Duration::from_secs(20), || refused
+            .log()
+            .contains("MQTT connection failed")),
+        "{}",
+        refused.log()
+    );
+    assert!(refused.running());
+    refused.stop();
+
+    let client = format!(
+        "client_cert_file = {:?}\nclient_key_file = {:?}\n",
+        certs.path("client.pem"),
+        certs.path("client.key")
+    );
+    let with = config_file("with.toml", &agent_with(&client));
+    start_agent(&with, 10).wait_success(Duration::from_secs(60));
+    let arrived = wait_until(Duration::from_secs(30), || {
+        db.scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'node-c'") == 10.0
+    });
+    assert!(arrived, "{}", collector.log());
+}
+
 /// The shipped ACL (config/mosquitto.acl): a node may publish only its own topics.
 #[test]
 fn shipped_acl_lets_a_node_publish_only_as_itself() {

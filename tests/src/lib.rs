@@ -666,7 +666,8 @@ pub fn publish_raw_as(port: u16, login: Option<(&str, &str)>, messages: &[(Strin
     let _ = client.disconnect();
 }
 
-/// A throwaway CA and a server certificate for 127.0.0.1, made with openssl.
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made
+/// with openssl.
 pub struct Certs {
     pub dir: TempDir,
 }
@@ -703,35 +704,40 @@ impl Certs {
             "-subj",
             "/CN=nodewatt test CA",
         ]);
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ]);
+        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        // A server certificate for 127.0.0.1 and a client certificate, both signed by the CA.
+        for (name, cn, ext) in [
+            ("server", "127.0.0.1", "san.ext"),
+            ("client", "node-c", "client.ext"),
+        ] {
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            let subject = format!("/CN={cn}");
+            run(&[
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+                &subject,
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+            ]);
+        }
         Certs { dir }
     }
 
