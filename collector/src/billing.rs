@@ -138,7 +138,7 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
 
 /// Names come from the registry's rules; refusing anything else keeps the query free of
 /// injection.
-pub fn check_project(p: &str) -> Result<(), String> {
+pub fn check_plain_name(p: &str) -> Result<(), String> {
     if nodewatt_wire::is_plain_name(p) {
         Ok(())
     } else {
@@ -323,7 +323,7 @@ pub async fn usage(
     project: Option<&str>,
 ) -> Result<Vec<(Vec<String>, Sums)>, String> {
     if let Some(p) = project {
-        check_project(p)?;
+        check_plain_name(p)?;
     }
     if from_ms >= to_ms {
         return Err("--from must be before --to".into());
@@ -371,7 +371,7 @@ mod tests {
             "SELECT SUM(\"energy_gpu_uj\") AS gpu_uj, SUM(\"energy_cpu_uj\") AS cpu_uj, SUM(\"energy_dram_uj\") AS dram_uj, SUM(\"energy_other_uj\") AS other_uj, SUM(\"gpu_ms\") AS gpu_ms, SUM(\"cpu_us\") AS cpu_us FROM \"usage\" WHERE time > 1ms AND time <= 2ms AND \"project\" = 'p-1' GROUP BY \"project\""
         );
         assert!(query(By::Job, 1, 2, None).contains("FROM \"job_total\" WHERE time <= 2ms AND \"until_ms\" > 1 GROUP BY \"job\", \"project\", \"user\""));
-        assert!(check_project("x' OR 1=1 --").is_err());
+        assert!(check_plain_name("x' OR 1=1 --").is_err());
     }
 
     #[test]

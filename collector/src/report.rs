@@ -270,10 +270,6 @@ fn strings(v: &serde_json::Value, col: usize) -> Vec<String> {
     out
 }
 
-fn check(name: &str) -> Result<(), String> {
-    crate::billing::check_project(name)
-}
-
 /// Reads what a report needs from InfluxDB.
 pub async fn gather(
     influx: &Influx,
@@ -284,7 +280,7 @@ pub async fn gather(
     let filter;
     match subject {
         Subject::Job(job) => {
-            check(job)?;
+            crate::billing::check_plain_name(job)?;
             let v = influx
                 .query(&format!(
                     "SELECT project, \"user\", node, gpus, start_ms, until_ms, energy_gpu_uj, energy_cpu_uj, energy_dram_uj, energy_other_uj, gpu_ms, cpu_us FROM \"job_total\" WHERE \"job\" = '{job}'"
@@ -341,7 +337,7 @@ pub async fn gather(
             filter = format!("\"project\" = '{}' AND ({users}) AND ({nodes})", d.project);
         }
         Subject::Project(p) => {
-            check(p)?;
+            crate::billing::check_plain_name(p)?;
             let (from, to) = period.ok_or("a project report needs --from and --to")?;
             d.from_ms = from;
             d.to_ms = to;
@@ -362,7 +358,7 @@ pub async fn gather(
         }
     }
     for n in d.nodes.clone() {
-        check(&n)?;
+        crate::billing::check_plain_name(&n)?;
         let v = influx
             .query(&format!(
                 "SHOW TAG VALUES FROM \"gpu\" WITH KEY = \"model\" WHERE \"node\" = '{n}'"
