@@ -13,7 +13,7 @@ fn good_sample(node: &str, seq: u64) -> Sample {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let mut s = Sample::new("raw-test", "lab", node, 1000, now);
+    let mut s = Sample::new("raw-test", "lab".parse().unwrap(), node.parse().unwrap(), 1000, now);
     s.ts_ms = now - now % 1000 - seq * 1000;
     s.seq = seq;
     s.gpus.push(Gpu {
@@ -235,7 +235,7 @@ fn shipped_acl_lets_a_node_publish_only_as_itself() {
 
     let own = |node: &str, seq| {
         let mut s = good_sample(node, seq);
-        s.cluster = "mycluster".into();
+        s.cluster = "mycluster".parse().unwrap();
         (
             format!("nodewatt/v1/mycluster/{node}/sample"),
             s.to_json().into_bytes(),

@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
     let interval = cfg.agent.interval.as_millis() as u64;
     let mut sampler = Sampler::new(
         build_sources(&cfg, &node)?,
-        "bench".into(),
+        "bench".parse()?,
         node,
         interval,
         0,

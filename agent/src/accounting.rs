@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use nodewatt_wire::{AccountingStats, JobTotal, Sample, SensorKind};
+use nodewatt_wire::{AccountingStats, JobId, JobTotal, Sample, SensorKind};
 
 use crate::attribution::{attribute, GpuEnergy, Job, Measured};
 use crate::counter::step;
@@ -18,14 +18,14 @@ pub struct Accountant {
     totals_interval_ms: u64,
     last_ts: Option<u64>,
     /// Cumulative cgroup CPU time per job at the previous sample.
-    job_cpu: HashMap<String, u64>,
+    job_cpu: HashMap<JobId, u64>,
     /// Running jobs' totals since they started (or since this agent started).
-    totals: HashMap<String, (Job, JobTotal)>,
+    totals: HashMap<JobId, (Job, JobTotal)>,
     /// (GPU index, pid) pairs already reported as foreign.
     foreign_seen: HashSet<(u32, u32)>,
     /// The job of each live GPU process (`None`: not in a job). A process never changes
     /// job, so its cgroup file is read once, not on every sample.
-    pid_job: HashMap<u32, Option<String>>,
+    pid_job: HashMap<u32, Option<JobId>>,
     stats: AccountingStats,
 }
 
@@ -54,15 +54,16 @@ pub fn measured(s: &Sample, t0: u64) -> Measured {
             energy_uj: g.energy_delta_mj.map(|mj| mj.saturating_mul(1000)),
         })
         .collect();
-    let rapl = |pick: &dyn Fn(&nodewatt_wire::RaplDomain) -> bool| -> u64 {
+    // The wire's class rule: the collector checks usage against the same sums.
+    let rapl = |pick: fn(&nodewatt_wire::RaplDomain) -> bool| -> u64 {
         s.rapl
             .iter()
             .filter(|d| pick(d))
             .filter_map(|d| d.energy_delta_uj)
             .sum()
     };
-    let cpu_uj = rapl(&|d| d.parent.is_none() && d.name.starts_with("package"));
-    let dram_uj = rapl(&|d| d.name == "dram");
+    let cpu_uj = rapl(nodewatt_wire::check::is_cpu_package);
+    let dram_uj = rapl(nodewatt_wire::check::is_dram);
     let gpu_uj: u64 = gpus.iter().filter_map(|g| g.energy_uj).sum();
     let meter_uj: Option<u64> = s
         .hwmon
@@ -173,7 +174,7 @@ impl Accountant {
         }
         // Jobs gone from the registry have ended: their final totals go out now.
         let running: HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-        let ended: Vec<String> = self
+        let ended: Vec<JobId> = self
             .totals
             .keys()
             .filter(|id| !running.contains(id.as_str()))
@@ -218,7 +219,7 @@ impl Accountant {
                 let job = self.pid_job.entry(pid).or_insert_with(|| {
                     let path = proc_root.join(pid.to_string()).join("cgroup");
                     let text = std::fs::read_to_string(path).ok()?;
-                    job_of_cgroup(&text).map(str::to_string)
+                    job_of_cgroup(&text).and_then(|id| JobId::new(id).ok())
                 });
                 let Some(job) = job.as_deref() else { continue };
                 if !owners.contains(&job) {
@@ -241,6 +242,7 @@ impl Accountant {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::n;
     use nodewatt_wire::{Cpu, Gpu, JobCpu, RaplDomain};
     use std::os::unix::fs::PermissionsExt;
 
@@ -264,7 +266,7 @@ mod tests {
         pids: Vec<u32>,
         job_cpu: &[(&str, u64)],
     ) -> Sample {
-        let mut s = Sample::new("t", "c", "n", 1000, 0);
+        let mut s = crate::testutil::empty_sample();
         s.ts_ms = ts;
         s.gpus = (0..2)
             .map(|i| Gpu {
@@ -290,7 +292,7 @@ mod tests {
             jobs: job_cpu
                 .iter()
                 .map(|(j, us)| JobCpu {
-                    job: j.to_string(),
+                    job: n(j),
                     cgroup: String::new(),
                     cpu_usage_us: *us,
                 })

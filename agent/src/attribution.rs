@@ -10,16 +10,16 @@
 
 use std::collections::HashMap;
 
-use nodewatt_wire::{Amounts, Usage, IDLE_PROJECT};
+use nodewatt_wire::{Amounts, GpuRef, JobId, Project, Usage, User};
 
 /// A running job as the registry describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
-    pub id: String,
-    pub project: String,
-    pub user: String,
+    pub id: JobId,
+    pub project: Project,
+    pub user: User,
     /// GPU indices or UUIDs, as the scheduler gave them.
-    pub gpus: Vec<String>,
+    pub gpus: Vec<GpuRef>,
     pub start_ms: u64,
 }
 
@@ -51,7 +51,7 @@ pub struct Measured {
     /// Logical CPUs of the node.
     pub cores: u32,
     /// CPU time of each job's cgroup over the span, microseconds.
-    pub job_cpu_us: HashMap<String, u64>,
+    pub job_cpu_us: HashMap<JobId, u64>,
 }
 
 /// Splits `total` in proportion to `weights` so that the parts sum exactly to `total`:
@@ -149,7 +149,7 @@ pub fn attribute(jobs: &[Job], m: &Measured) -> Vec<Usage> {
     if amounts[idle] != Amounts::default() {
         out.push(Usage {
             job: None,
-            project: IDLE_PROJECT.to_string(),
+            project: Project::idle(),
             user: None,
             amounts: amounts[idle],
         });
@@ -160,14 +160,15 @@ pub fn attribute(jobs: &[Job], m: &Measured) -> Vec<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::n;
     use proptest::prelude::*;
 
     fn job(id: &str, project: &str, gpus: &[&str], start_ms: u64) -> Job {
         Job {
-            id: id.into(),
-            project: project.into(),
-            user: "alice".into(),
-            gpus: gpus.iter().map(|g| g.to_string()).collect(),
+            id: n(id),
+            project: n(project),
+            user: n("alice"),
+            gpus: gpus.iter().map(|g| n(&g.to_string())).collect(),
             start_ms,
         }
     }
@@ -267,8 +268,8 @@ mod tests {
             cores: 4, // capacity 4 core-seconds
             ..Measured::default()
         };
-        m.job_cpu_us.insert("1".into(), 2_000_000); // two cores busy
-        m.job_cpu_us.insert("2".into(), 1_000_000); // one core
+        m.job_cpu_us.insert(n("1"), 2_000_000); // two cores busy
+        m.job_cpu_us.insert(n("2"), 1_000_000); // one core
         let u = attribute(&jobs, &m);
         assert_eq!(find(&u, "a").cpu_uj, 50_000_000);
         assert_eq!(find(&u, "b").cpu_uj, 25_000_000);
@@ -276,7 +277,7 @@ mod tests {
         assert_eq!(find(&u, "a").dram_uj, 5_000_000);
         assert_eq!(find(&u, "a").cpu_us, 2_000_000);
         // More CPU time than capacity (accounting skew): jobs share all of it.
-        m.job_cpu_us.insert("1".into(), 9_000_000);
+        m.job_cpu_us.insert(n("1"), 9_000_000);
         let u = attribute(&jobs, &m);
         assert!(u
             .iter()
@@ -360,10 +361,10 @@ mod tests {
             let t0 = 1_000_000u64;
             let t1 = t0 + span;
             let jobs: Vec<Job> = jobs_spec.iter().enumerate().map(|(i, (start, gpus, _))| Job {
-                id: i.to_string(),
-                project: format!("p{}", i % 3),
-                user: "u".into(),
-                gpus: gpus.iter().map(|g| g.to_string()).collect(),
+                id: n(&i.to_string()),
+                project: n(&format!("p{}", i % 3)),
+                user: n("u"),
+                gpus: gpus.iter().map(|g| n(&g.to_string())).collect(),
                 start_ms: t0 - 100_000 + start,
             }).collect();
             let m = Measured {
@@ -374,7 +375,7 @@ mod tests {
                 dram_uj,
                 other_uj,
                 cores,
-                job_cpu_us: jobs_spec.iter().enumerate().map(|(i, (_, _, cpu))| (i.to_string(), *cpu)).collect(),
+                job_cpu_us: jobs_spec.iter().enumerate().map(|(i, (_, _, cpu))| (n(&i.to_string()), *cpu)).collect(),
             };
             let u = attribute(&jobs, &m);
             let t = total(&u);

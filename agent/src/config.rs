@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nodewatt_common::mqtt::MqttConfig;
+use nodewatt_wire::NodeName;
 use serde::Deserialize;
 
 use crate::queue::MAX_CAPACITY;
@@ -112,10 +113,10 @@ impl Default for OutboxConfig {
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Cluster name; part of every message and topic.
-    pub cluster: String,
+    pub cluster: NodeName,
     /// Node name; the host name when absent.
     #[serde(default)]
-    pub node: Option<String>,
+    pub node: Option<NodeName>,
     /// Sampling interval, e.g. "1s", "100ms", "1m".
     #[serde(with = "humantime_serde", default = "default_interval")]
     pub interval: Duration,
@@ -325,10 +326,6 @@ impl Config {
         if i.subsec_nanos() % 1_000_000 != 0 {
             return bad("agent.interval must be a whole number of milliseconds".into());
         }
-        check_name("agent.cluster", &self.agent.cluster)?;
-        if let Some(node) = &self.agent.node {
-            check_name("agent.node", node)?;
-        }
         if let Some(t) = self.nvml.timeout {
             if t.is_zero() {
                 return bad("nvml.timeout must be greater than zero".into());
@@ -425,7 +422,7 @@ impl Config {
     }
 
     /// The node name: configured, or this host's name.
-    pub fn node_name(&self) -> Result<String, ConfigError> {
+    pub fn node_name(&self) -> Result<NodeName, ConfigError> {
         match &self.agent.node {
             Some(n) => Ok(n.clone()),
             None => {
@@ -435,9 +432,9 @@ impl Config {
                             "agent.node is not set and the host name cannot be read: {e}"
                         ))
                     })?;
-                let name = raw.trim().to_string();
-                check_name("host name (set agent.node)", &name)?;
-                Ok(name)
+                NodeName::new(raw.trim()).map_err(|e| {
+                    ConfigError::Invalid(format!("{e}: set agent.node (the host name does not fit)"))
+                })
             }
         }
     }
@@ -451,18 +448,6 @@ impl Config {
 
     pub fn nvml_timeout(&self) -> Duration {
         self.nvml.timeout.unwrap_or(self.agent.interval / 2)
-    }
-}
-
-/// Cluster and node names become MQTT topic levels and InfluxDB tags: keep them plain.
-fn check_name(what: &str, v: &str) -> Result<(), ConfigError> {
-    if nodewatt_wire::is_plain_name(v) {
-        Ok(())
-    } else {
-        Err(ConfigError::Invalid(format!(
-            "{what} {v:?} must be {}",
-            nodewatt_wire::PLAIN_NAME_RULE
-        )))
     }
 }
 

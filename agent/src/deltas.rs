@@ -61,7 +61,7 @@ mod tests {
     use nodewatt_wire::{Gpu, RaplDomain};
 
     fn sample(ts: u64, gpu_mj: Option<u64>, rapl_uj: Option<u64>) -> Sample {
-        let mut s = Sample::new("t", "c", "n", 1000, 0);
+        let mut s = crate::testutil::empty_sample();
         s.ts_ms = ts;
         s.gpus.push(Gpu {
             index: 0,

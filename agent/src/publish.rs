@@ -12,7 +12,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use nodewatt_common::backoff::Backoff;
-use nodewatt_wire::{sample_topic, status_topic, OutboxStats, Sample, Status};
+use nodewatt_wire::{sample_topic, status_topic, NodeName, OutboxStats, Sample, Status};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
@@ -24,8 +24,8 @@ pub const MAX_PACKET_BYTES: usize = 256 * 1024;
 
 pub struct PublisherSettings {
     pub options: MqttOptions,
-    pub cluster: String,
-    pub node: String,
+    pub cluster: NodeName,
+    pub node: NodeName,
     pub outbox_capacity: usize,
     pub max_in_flight: usize,
     pub reconnect_initial: Duration,
@@ -313,9 +313,10 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::n;
 
     fn sample(node: &str, seq: u64) -> Sample {
-        let mut s = Sample::new("a", "c", node, 1000, 0);
+        let mut s = Sample::new("a", n("c"), n(node), 1000, 0);
         s.seq = seq;
         s.ts_ms = 1_000 + seq;
         s

@@ -250,10 +250,11 @@ pub fn merge_into(older: &Sample, newer: &mut Sample) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::n;
     use nodewatt_wire::{Gpu, RaplDomain};
 
     fn sample(seq: u64) -> Sample {
-        let mut s = Sample::new("t", "c", "n", 1000, 0);
+        let mut s = crate::testutil::empty_sample();
         s.seq = seq;
         s.ts_ms = 1_000 * (seq + 1);
         s.span_ms = 1_000;
@@ -364,9 +365,9 @@ mod tests {
     fn merge_sums_usage_per_job_and_keeps_final_job_totals() {
         use nodewatt_wire::{Amounts, JobTotal, Usage};
         let usage = |job: Option<&str>, project: &str, gpu_uj| Usage {
-            job: job.map(Into::into),
-            project: project.into(),
-            user: job.map(|_| "alice".into()),
+            job: job.map(n),
+            project: n(project),
+            user: job.map(|_| n("alice")),
             amounts: Amounts {
                 gpu_uj,
                 gpu_ms: 1_000,
@@ -374,16 +375,19 @@ mod tests {
             },
         };
         let total = |job: &str, gpu_uj, ended| JobTotal {
-            job: job.into(),
-            project: "p".into(),
-            user: "alice".into(),
+            job: n(job),
+            project: n("p"),
+            user: n("alice"),
+            start_ms: 0,
             since_ms: 1,
+            until_ms: 0,
+            gpus: Vec::new(),
             ended,
             amounts: Amounts {
                 gpu_uj,
                 ..Amounts::default()
             },
-            ..JobTotal::default()
+
         };
         let mut old = sample(0);
         old.usage = vec![

@@ -41,15 +41,15 @@ pub fn parse_job(text: &str) -> Result<Job, String> {
             .ok_or_else(|| format!("line {line:?} is not key=value"))?;
         let v = v.trim();
         match k.trim() {
-            "job" => job = Some(name("job", v)?),
-            "project" => project = Some(name("project", v)?),
-            "user" => user = Some(name("user", v)?),
+            "job" => job = Some(name(v)?),
+            "project" => project = Some(name(v)?),
+            "user" => user = Some(name(v)?),
             "gpus" => {
                 gpus = v
                     .split(',')
                     .map(str::trim)
                     .filter(|g| !g.is_empty())
-                    .map(|g| name("gpu", g))
+                    .map(name)
                     .collect::<Result<_, _>>()?
             }
             "start_ms" => {
@@ -71,17 +71,10 @@ pub fn parse_job(text: &str) -> Result<Job, String> {
     })
 }
 
-/// Registry names become tags and query literals (Slurm job ids, accounts, user names
-/// and GPU UUIDs all fit the rule).
-fn name(what: &str, v: &str) -> Result<String, String> {
-    if nodewatt_wire::is_plain_name(v) {
-        Ok(v.to_string())
-    } else {
-        Err(format!(
-            "{what} {v:?} must be {}",
-            nodewatt_wire::PLAIN_NAME_RULE
-        ))
-    }
+/// Registry names are parsed into the wire's name types here, where they enter: a file
+/// with a name that breaks its rule is rejected with the rule, not billed to `_idle`.
+fn name<T: std::str::FromStr<Err = nodewatt_wire::NameError>>(v: &str) -> Result<T, String> {
+    v.parse().map_err(|e: nodewatt_wire::NameError| e.to_string())
 }
 
 /// Why a file or the directory is not trusted, if it is not.
@@ -249,7 +242,7 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("42.job"), dir.path().join("45.job")).unwrap();
 
         let mut r = Registry::new(dir.path().to_owned(), me);
-        let ids: Vec<String> = r.jobs().iter().map(|j| j.id.clone()).collect();
+        let ids: Vec<String> = r.jobs().iter().map(|j| j.id.to_string()).collect();
         assert_eq!(ids, ["42"]);
         assert_eq!(r.rejected_files, 3);
         // Each problem is counted once, not on every scan.

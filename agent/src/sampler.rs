@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use nodewatt_wire::{Sample, SourceStatus};
+use nodewatt_wire::{NodeName, Sample, SourceStatus};
 
 use crate::accounting::Accountant;
 use crate::config::Config;
@@ -75,8 +75,8 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(
         sources: Vec<Box<dyn Source>>,
-        cluster: String,
-        node: String,
+        cluster: NodeName,
+        node: NodeName,
         interval_ms: u64,
         agent_start_ms: u64,
     ) -> Sampler {
@@ -87,7 +87,7 @@ impl Sampler {
             last_error: sources.iter().map(|s| s.inventory().unavailable).collect(),
             deltas: Deltas::default(),
             sources,
-            template: Sample::new(AGENT, &cluster, &node, interval_ms, agent_start_ms),
+            template: Sample::new(AGENT, cluster, node, interval_ms, agent_start_ms),
         }
     }
 

@@ -51,23 +51,8 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
-/// A name read from hardware made fit to be a tag downstream: control characters and
-/// backslashes become `_`, at most 128 characters, and `fallback` when nothing is left.
-/// The collector rejects a message with an unfit name, so one odd label must not cost
-/// the node all its data.
-pub fn clean_name(raw: &str, fallback: &str) -> String {
-    let cleaned: String = raw
-        .trim()
-        .chars()
-        .take(128)
-        .map(|c| if c.is_control() || c == '\\' { '_' } else { c })
-        .collect();
-    if cleaned.is_empty() {
-        fallback.to_string()
-    } else {
-        cleaned
-    }
-}
+/// A name read from hardware made into a label the collector accepts (the wire's rule).
+pub use nodewatt_wire::name::clean_label as clean_name;
 
 /// Reads a short text attribute (a name, a label), trimmed.
 pub fn read_string(path: &Path) -> io::Result<String> {
@@ -146,14 +131,6 @@ mod tests {
                 "intel-rapl:1"
             ]
         );
-    }
-
-    #[test]
-    fn names_are_cleaned() {
-        assert_eq!(clean_name("  Package id 0\n", "x"), "Package id 0");
-        assert_eq!(clean_name("a\tb\\c\u{7}", "x"), "a_b_c_");
-        assert_eq!(clean_name("   ", "fallback"), "fallback");
-        assert_eq!(clean_name(&"y".repeat(300), "x").len(), 128);
     }
 
     #[test]

@@ -79,5 +79,13 @@ pub fn unprivileged<T>(f: impl FnOnce() -> T) -> T {
 }
 
 pub fn empty_sample() -> Sample {
-    Sample::new("test", "c", "n", 1000, 0)
+    Sample::new("test", n("c"), n("n"), 1000, 0)
+}
+
+/// A name of any wire name type, for tests: `n::<Project>("p")`, or inferred.
+pub fn n<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    s.parse().unwrap()
 }

@@ -8,9 +8,11 @@
 
 use std::fmt::Write as _;
 
+use nodewatt_wire::Project;
 use serde::Serialize;
 
 use crate::influx::Influx;
+use crate::influxql;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum By {
@@ -47,16 +49,30 @@ pub struct Sums {
 }
 
 impl Sums {
+    /// Saturates only past 5 million kWh in one row, which [`Sums::checked_add`] refuses
+    /// first for sums read from InfluxDB.
     pub fn energy_uj(&self) -> u64 {
-        self.gpu_uj + self.cpu_uj + self.dram_uj + self.other_uj
+        self.gpu_uj
+            .saturating_add(self.cpu_uj)
+            .saturating_add(self.dram_uj)
+            .saturating_add(self.other_uj)
     }
-    fn add(&mut self, o: &Sums) {
-        self.gpu_uj += o.gpu_uj;
-        self.cpu_uj += o.cpu_uj;
-        self.dram_uj += o.dram_uj;
-        self.other_uj += o.other_uj;
-        self.gpu_ms += o.gpu_ms;
-        self.cpu_us += o.cpu_us;
+
+    /// `None` if any sum, or the energy total, would pass u64.
+    pub fn checked_add(&self, o: &Sums) -> Option<Sums> {
+        let s = Sums {
+            gpu_uj: self.gpu_uj.checked_add(o.gpu_uj)?,
+            cpu_uj: self.cpu_uj.checked_add(o.cpu_uj)?,
+            dram_uj: self.dram_uj.checked_add(o.dram_uj)?,
+            other_uj: self.other_uj.checked_add(o.other_uj)?,
+            gpu_ms: self.gpu_ms.checked_add(o.gpu_ms)?,
+            cpu_us: self.cpu_us.checked_add(o.cpu_us)?,
+        };
+        s.gpu_uj
+            .checked_add(s.cpu_uj)?
+            .checked_add(s.dram_uj)?
+            .checked_add(s.other_uj)?;
+        Some(s)
     }
 }
 
@@ -115,6 +131,9 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
     let bad = |e: &dyn std::fmt::Display| {
         format!("{s:?} is neither a date (2026-11-01) nor RFC 3339: {e}")
     };
+    if !s.is_ascii() {
+        return Err(bad(&"only ASCII characters belong in a time"));
+    }
     // humantime reads UTC only; a numeric offset is applied here.
     let (base, offset_s) = match s.len().checked_sub(6).map(|i| s.split_at(i)) {
         Some((head, off))
@@ -136,49 +155,50 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
     u64::try_from(ms - offset_s * 1000).map_err(|_| format!("{s:?} is before 1970"))
 }
 
-/// Names come from the registry's rules; refusing anything else keeps the query free of
-/// injection.
-pub fn check_plain_name(p: &str) -> Result<(), String> {
-    if nodewatt_wire::is_plain_name(p) {
-        Ok(())
-    } else {
-        Err(format!("{p:?} must be {}", nodewatt_wire::PLAIN_NAME_RULE))
-    }
-}
-
 const SUMS: &str = "SUM(\"energy_gpu_uj\") AS gpu_uj, SUM(\"energy_cpu_uj\") AS cpu_uj, \
 SUM(\"energy_dram_uj\") AS dram_uj, SUM(\"energy_other_uj\") AS other_uj, \
 SUM(\"gpu_ms\") AS gpu_ms, SUM(\"cpu_us\") AS cpu_us";
 
-pub fn query(by: By, from_ms: u64, to_ms: u64, project: Option<&str>) -> String {
-    let filter = project.map_or(String::new(), |p| format!(" AND \"project\" = '{p}'"));
+fn group_tags(by: By) -> &'static [&'static str] {
     match by {
-        By::Job => format!(
-            "SELECT {SUMS} FROM \"job_total\" WHERE time <= {to_ms}ms AND \"until_ms\" > {from_ms}{filter} GROUP BY \"job\", \"project\", \"user\""
-        ),
-        _ => {
-            let tag = match by {
-                By::Project => "project",
-                By::User => "user",
-                _ => "node",
-            };
-            format!(
-                "SELECT {SUMS} FROM \"usage\" WHERE time > {from_ms}ms AND time <= {to_ms}ms{filter} GROUP BY \"{tag}\""
-            )
-        }
-    }
-}
-
-/// Sums per group from an InfluxQL answer, keyed by the group's tags in `by` order.
-/// Series come back in no stable order, so they are sorted.
-pub fn parse_answer(v: &serde_json::Value, by: By) -> Result<Vec<(Vec<String>, Sums)>, String> {
-    let tags: &[&str] = match by {
         By::Project => &["project"],
         By::User => &["user"],
         By::Node => &["node"],
         By::Job => &["job", "project", "user"],
-    };
-    let mut out = Vec::new();
+    }
+}
+
+/// InfluxDB sums integers in signed 64 bits and wraps silently, so each series is summed
+/// per node (a node draws at most its physics bound, far below 2^63 µJ over any period a
+/// bill covers) and the nodes are added here with checked arithmetic.
+pub fn query(by: By, from_ms: u64, to_ms: u64, project: Option<&Project>) -> String {
+    let filter = project.map_or(String::new(), |p| format!(" AND {}", influxql::eq("project", p)));
+    let mut tags: Vec<&str> = group_tags(by).to_vec();
+    if !tags.contains(&"node") {
+        tags.push("node");
+    }
+    let group = tags
+        .iter()
+        .map(|t| influxql::ident(t))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match by {
+        By::Job => format!(
+            "SELECT {SUMS} FROM \"job_total\" WHERE time <= {to_ms}ms AND \"until_ms\" > {from_ms}{filter} GROUP BY {group}"
+        ),
+        _ => format!(
+            "SELECT {SUMS} FROM \"usage\" WHERE time > {from_ms}ms AND time <= {to_ms}ms{filter} GROUP BY {group}"
+        ),
+    }
+}
+
+/// Sums per group from an InfluxQL answer, keyed by the group's tags in `by` order.
+/// Series come back in no stable order, so they are sorted. A negative or fractional
+/// sum (InfluxDB's 64-bit sum wrapped) and a total past u64 are errors naming the
+/// series, never a wrong bill.
+pub fn parse_answer(v: &serde_json::Value, by: By) -> Result<Vec<(Vec<String>, Sums)>, String> {
+    let tags = group_tags(by);
+    let mut groups: std::collections::BTreeMap<Vec<String>, Sums> = Default::default();
     for series in v["results"][0]["series"].as_array().into_iter().flatten() {
         let cols: Vec<&str> = series["columns"]
             .as_array()
@@ -186,36 +206,49 @@ pub fn parse_answer(v: &serde_json::Value, by: By) -> Result<Vec<(Vec<String>, S
             .iter()
             .filter_map(|c| c.as_str())
             .collect();
-        let row = &series["values"][0];
-        let get = |name: &str| -> Result<u64, String> {
-            let i = cols
-                .iter()
-                .position(|c| *c == name)
-                .ok_or(format!("no column {name}"))?;
-            match &row[i] {
-                serde_json::Value::Null => Ok(0),
-                x => x
-                    .as_u64()
-                    .or_else(|| x.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
-                    .ok_or(format!("{name} = {x} is not a count")),
+        let tag = |t: &str| series["tags"][t].as_str().unwrap_or_default().to_string();
+        let name = || {
+            let mut all: Vec<&str> = tags.to_vec();
+            if !all.contains(&"node") {
+                all.push("node");
             }
+            all.iter()
+                .map(|t| format!("{t}={}", tag(t)))
+                .collect::<Vec<_>>()
+                .join(" ")
         };
-        let sums = Sums {
-            gpu_uj: get("gpu_uj")?,
-            cpu_uj: get("cpu_uj")?,
-            dram_uj: get("dram_uj")?,
-            other_uj: get("other_uj")?,
-            gpu_ms: get("gpu_ms")?,
-            cpu_us: get("cpu_us")?,
-        };
-        let key: Vec<String> = tags
-            .iter()
-            .map(|t| series["tags"][t].as_str().unwrap_or_default().to_string())
-            .collect();
-        out.push((key, sums));
+        for row in series["values"].as_array().into_iter().flatten() {
+            let get = |col: &str| -> Result<u64, String> {
+                let i = cols
+                    .iter()
+                    .position(|c| *c == col)
+                    .ok_or(format!("InfluxDB answer without column {col}"))?;
+                match &row[i] {
+                    serde_json::Value::Null => Ok(0),
+                    x => x.as_u64().ok_or(format!(
+                        "the sum of {col} for {} is {x}, not a count: the stored integers \
+                         overflowed InfluxDB's 64-bit sum or were written by something else; \
+                         bill a shorter period and inspect that series",
+                        name()
+                    )),
+                }
+            };
+            let sums = Sums {
+                gpu_uj: get("gpu_uj")?,
+                cpu_uj: get("cpu_uj")?,
+                dram_uj: get("dram_uj")?,
+                other_uj: get("other_uj")?,
+                gpu_ms: get("gpu_ms")?,
+                cpu_us: get("cpu_us")?,
+            };
+            let key: Vec<String> = tags.iter().map(|t| tag(t)).collect();
+            let total = groups.entry(key.clone()).or_default();
+            *total = total.checked_add(&sums).ok_or_else(|| {
+                format!("the total for {} passes 2^64 µJ; bill a shorter period", key.join(" "))
+            })?;
+        }
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    Ok(groups.into_iter().collect())
 }
 
 pub fn rows(groups: &[(Vec<String>, Sums)], by: By, p: &Prices) -> Vec<Row> {
@@ -241,31 +274,31 @@ pub fn render(rows: &[Row], by: By, format: Format, p: &Prices) -> String {
     match format {
         Format::Json => serde_json::to_string_pretty(rows).expect("rows serialise") + "\n",
         Format::Csv => {
-            let mut out = String::from(CSV_HEADER);
-            out.push('\n');
+            // Through the csv crate: a name with a comma or quote stays one field.
+            let mut w = csv::Writer::from_writer(Vec::new());
+            let mut write = |rec: &[String]| w.write_record(rec).expect("writing to memory");
+            write(&CSV_HEADER.split(',').map(str::to_string).collect::<Vec<_>>());
             for r in rows {
-                let _ = writeln!(
-                    out,
-                    "{},{},{},{},{:.9},{:.9},{:.9},{:.9},{:.9},{:.6},{:.6},{},{:.9},{},{},{}",
-                    r.key,
-                    r.project,
-                    r.user,
-                    r.energy_uj,
-                    r.energy_kwh,
-                    r.gpu_kwh,
-                    r.cpu_kwh,
-                    r.dram_kwh,
-                    r.other_kwh,
-                    r.gpu_hours,
-                    r.cpu_core_hours,
-                    r.pue,
-                    r.facility_kwh,
+                write(&[
+                    r.key.clone(),
+                    r.project.clone(),
+                    r.user.clone(),
+                    r.energy_uj.to_string(),
+                    format!("{:.9}", r.energy_kwh),
+                    format!("{:.9}", r.gpu_kwh),
+                    format!("{:.9}", r.cpu_kwh),
+                    format!("{:.9}", r.dram_kwh),
+                    format!("{:.9}", r.other_kwh),
+                    format!("{:.6}", r.gpu_hours),
+                    format!("{:.6}", r.cpu_core_hours),
+                    r.pue.to_string(),
+                    format!("{:.9}", r.facility_kwh),
                     opt(r.cost, 6),
-                    r.currency,
-                    opt(r.co2e_kg, 6)
-                );
+                    r.currency.clone(),
+                    opt(r.co2e_kg, 6),
+                ]);
             }
-            out
+            String::from_utf8(w.into_inner().expect("writing to memory")).expect("UTF-8 fields")
         }
         Format::Table => {
             let head = match by {
@@ -287,6 +320,7 @@ pub fn render(rows: &[Row], by: By, format: Format, p: &Prices) -> String {
                 "CO2e_kg"
             );
             let mut total = Sums::default();
+            let total_add = |t: &mut Sums, o: &Sums| *t = t.checked_add(o).unwrap_or(*t);
             let mut line = |name: &str, r: &Row| {
                 let _ = writeln!(
                     out,
@@ -299,7 +333,7 @@ pub fn render(rows: &[Row], by: By, format: Format, p: &Prices) -> String {
                 line(&r.key, r);
             }
             for r in rows {
-                total.add(&Sums {
+                total_add(&mut total, &Sums {
                     gpu_uj: (r.gpu_kwh * UJ_PER_KWH).round() as u64,
                     cpu_uj: (r.cpu_kwh * UJ_PER_KWH).round() as u64,
                     dram_uj: (r.dram_kwh * UJ_PER_KWH).round() as u64,
@@ -320,11 +354,8 @@ pub async fn usage(
     by: By,
     from_ms: u64,
     to_ms: u64,
-    project: Option<&str>,
+    project: Option<&Project>,
 ) -> Result<Vec<(Vec<String>, Sums)>, String> {
-    if let Some(p) = project {
-        check_plain_name(p)?;
-    }
     if from_ms >= to_ms {
         return Err("--from must be before --to".into());
     }
@@ -366,12 +397,51 @@ mod tests {
 
     #[test]
     fn queries() {
+        let p: Project = "p-1".parse().unwrap();
         assert_eq!(
-            query(By::Project, 1, 2, Some("p-1")),
-            "SELECT SUM(\"energy_gpu_uj\") AS gpu_uj, SUM(\"energy_cpu_uj\") AS cpu_uj, SUM(\"energy_dram_uj\") AS dram_uj, SUM(\"energy_other_uj\") AS other_uj, SUM(\"gpu_ms\") AS gpu_ms, SUM(\"cpu_us\") AS cpu_us FROM \"usage\" WHERE time > 1ms AND time <= 2ms AND \"project\" = 'p-1' GROUP BY \"project\""
+            query(By::Project, 1, 2, Some(&p)),
+            "SELECT SUM(\"energy_gpu_uj\") AS gpu_uj, SUM(\"energy_cpu_uj\") AS cpu_uj, SUM(\"energy_dram_uj\") AS dram_uj, SUM(\"energy_other_uj\") AS other_uj, SUM(\"gpu_ms\") AS gpu_ms, SUM(\"cpu_us\") AS cpu_us FROM \"usage\" WHERE time > 1ms AND time <= 2ms AND \"project\" = 'p-1' GROUP BY \"project\", \"node\""
         );
-        assert!(query(By::Job, 1, 2, None).contains("FROM \"job_total\" WHERE time <= 2ms AND \"until_ms\" > 1 GROUP BY \"job\", \"project\", \"user\""));
-        assert!(check_plain_name("x' OR 1=1 --").is_err());
+        assert!(query(By::Job, 1, 2, None).contains("FROM \"job_total\" WHERE time <= 2ms AND \"until_ms\" > 1 GROUP BY \"job\", \"project\", \"user\", \"node\""));
+        assert!(query(By::Node, 1, 2, None).ends_with("GROUP BY \"node\""));
+    }
+
+    #[test]
+    fn sums_are_added_per_node_and_a_wrapped_sum_is_an_error_naming_the_series() {
+        let cols = r#""columns":["time","gpu_uj","cpu_uj","dram_uj","other_uj","gpu_ms","cpu_us"]"#;
+        let answer = |a: &str, b: &str| -> serde_json::Value {
+            serde_json::from_str(&format!(r#"{{"results":[{{"statement_id":0,"series":[
+                {{"name":"usage","tags":{{"project":"p","node":"n1"}},{cols},"values":[[0,{a},0,0,0,0,0]]}},
+                {{"name":"usage","tags":{{"project":"p","node":"n2"}},{cols},"values":[[0,{b},0,0,0,0,0]]}}
+            ]}}]}}"#)).unwrap()
+        };
+        let g = parse_answer(&answer("5", "7"), By::Project).unwrap();
+        assert_eq!(g, vec![(vec!["p".to_string()], Sums { gpu_uj: 12, ..Sums::default() })]);
+        // Two nodes near 2^63 each: exact in u64, where InfluxDB's one sum would wrap.
+        let big = (i64::MAX - 1).to_string();
+        let g = parse_answer(&answer(&big, &big), By::Project).unwrap();
+        assert_eq!(g[0].1.gpu_uj, 2 * (i64::MAX as u64 - 1));
+        let e = parse_answer(&answer("-2", "7"), By::Project).unwrap_err();
+        assert!(e.contains("gpu_uj") && e.contains("project=p node=n1"), "{e}");
+        let e = parse_answer(&answer(&big, "9223372036854775807"), By::Project);
+        assert!(e.is_ok(), "still below 2^64");
+        let e = parse_answer(&answer(&u64::MAX.to_string(), "1"), By::Project).unwrap_err();
+        assert!(e.contains("2^64"), "{e}");
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_where_needed() {
+        let mut r = row("a,b".into(), "a\"b".into(), String::new(), &Sums::default(), &prices());
+        r.currency = "EUR".into();
+        let csv = render(&[r], By::Project, Format::Csv, &prices());
+        let line = csv.lines().nth(1).unwrap();
+        assert!(line.starts_with("\"a,b\",\"a\"\"b\","), "{line}");
+    }
+
+    #[test]
+    fn times_are_ascii() {
+        assert!(parse_time("2026-11-01T00:00:00+01:0é").is_err());
+        assert!(parse_time("ééééééééééé").is_err());
     }
 
     #[test]

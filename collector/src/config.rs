@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nodewatt_common::mqtt::MqttConfig;
+use nodewatt_wire::{MaxPower, NodeName};
 use serde::Deserialize;
 
 pub use nodewatt_common::config::ConfigError;
@@ -64,10 +65,10 @@ impl Default for BillingConfig {
 pub struct CollectorConfig {
     /// This collector's name: its MQTT client id suffix and the tag of its health points.
     /// Keep it stable: the broker keeps the session (and queued messages) under it.
-    pub id: String,
+    pub id: NodeName,
     /// Shared subscription group: collectors with the same group split the messages.
     #[serde(default)]
-    pub share_group: Option<String>,
+    pub share_group: Option<NodeName>,
     /// How often the collector writes and logs its own health.
     #[serde(with = "humantime_serde", default = "default_health_interval")]
     pub health_interval: Duration,
@@ -202,6 +203,27 @@ pub struct ValidationConfig {
     /// How old a sample may be (agents hold samples through outages).
     #[serde(with = "humantime_serde", default = "default_max_age")]
     pub max_age: Duration,
+    /// Maximum power per device class: an energy delta above it over its span is rejected.
+    #[serde(default)]
+    pub max_power: MaxPower,
+    /// Usage entries and job totals per message.
+    #[serde(default = "default_max_jobs")]
+    pub max_jobs_per_message: usize,
+    /// New series (measurement and tag set) one node may create per `series_window`.
+    #[serde(default = "default_max_new_series")]
+    pub max_new_series_per_node: usize,
+    #[serde(with = "humantime_serde", default = "default_series_window")]
+    pub series_window: Duration,
+}
+
+fn default_max_jobs() -> usize {
+    4_096
+}
+fn default_max_new_series() -> usize {
+    5_000
+}
+fn default_series_window() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_max_message() -> usize {
@@ -220,6 +242,10 @@ impl Default for ValidationConfig {
             max_message_bytes: default_max_message(),
             max_future: default_max_future(),
             max_age: default_max_age(),
+            max_power: MaxPower::default(),
+            max_jobs_per_message: default_max_jobs(),
+            max_new_series_per_node: default_max_new_series(),
+            series_window: default_series_window(),
         }
     }
 }
@@ -238,45 +264,88 @@ impl Config {
         {
             resolve(base, p);
         }
-        cfg.validate()?;
+        cfg.validate().map_err(|msg| ConfigError::Value {
+            path: path.to_owned(),
+            msg,
+        })?;
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
-        let id_ok = nodewatt_wire::is_plain_name;
-        if !id_ok(&self.collector.id) {
-            return bad("collector.id must be 1-64 characters of A-Z a-z 0-9 - _ .");
+    /// What `serve` and `validate` check messages against.
+    pub fn limits(&self) -> crate::validate::Limits {
+        let v = &self.validation;
+        crate::validate::Limits {
+            max_bytes: v.max_message_bytes,
+            wire: nodewatt_wire::Limits {
+                max_future_ms: v.max_future.as_millis() as u64,
+                max_age_ms: v.max_age.as_millis() as u64,
+                max_power: v.max_power,
+                max_jobs: v.max_jobs_per_message,
+            },
         }
-        if let Some(g) = &self.collector.share_group {
-            if !id_ok(g) {
-                return bad("collector.share_group must be 1-64 characters of A-Z a-z 0-9 - _ .");
-            }
-        }
+    }
+
+    /// Ranges of every duration and size; the message names the option.
+    pub fn validate(&self) -> Result<(), String> {
         if let Some(m) = &self.mqtt {
-            m.validate()
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            m.validate().map_err(|e| e.to_string())?;
         }
         let i = &self.influxdb;
         if !(i.url.starts_with("http://") || i.url.starts_with("https://")) {
-            return bad("influxdb.url must start with http:// or https://");
+            return Err(format!(
+                "influxdb.url {:?} must start with http:// or https://",
+                i.url
+            ));
         }
         match i.api {
-            Api::V1 if i.database.is_empty() => return bad("influxdb.database is empty"),
+            Api::V1 if i.database.is_empty() => return Err("influxdb.database is empty".into()),
             Api::V2 if i.org.is_none() || i.bucket.is_none() => {
-                return bad("influxdb api = \"v2\" needs org and bucket")
+                return Err("influxdb api = \"v2\" needs org and bucket".into())
             }
             _ => {}
         }
         if i.password_file.is_some() && i.username.is_none() {
-            return bad("influxdb.password_file needs a username");
+            return Err("influxdb.password_file needs a username".into());
         }
-        let b = &self.batch;
-        if b.max_points == 0 || b.max_bytes < 1024 || b.max_pending_messages == 0 {
-            return bad("batch limits must be positive (max_bytes at least 1024)");
+        let (b, v) = (&self.batch, &self.validation);
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        for (name, d, lo, hi) in [
+            ("collector.health_interval", self.collector.health_interval, s(1), s(3600)),
+            ("influxdb.timeout", i.timeout, ms(100), s(600)),
+            ("batch.flush_interval", b.flush_interval, ms(1), s(60)),
+            ("batch.retry_initial", b.retry_initial, ms(1), s(60)),
+            ("batch.retry_max", b.retry_max, b.retry_initial, s(3600)),
+            ("validation.max_future", v.max_future, s(0), s(86_400)),
+            ("validation.max_age", v.max_age, s(60), s(366 * 86_400)),
+            ("validation.series_window", v.series_window, s(1), s(7 * 86_400)),
+        ] {
+            if d < lo || d > hi {
+                return Err(format!(
+                    "{name} = {} is outside {} to {}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(lo),
+                    humantime::format_duration(hi)
+                ));
+            }
         }
-        if self.validation.max_message_bytes < 1024 {
-            return bad("validation.max_message_bytes must be at least 1024");
+        let p = &v.max_power;
+        for (name, n, lo, hi) in [
+            ("batch.max_points", b.max_points, 1, 1_000_000),
+            ("batch.max_bytes", b.max_bytes, 1024, 256 << 20),
+            ("batch.max_pending_messages", b.max_pending_messages, 1, 10_000_000),
+            ("validation.max_message_bytes", v.max_message_bytes, 1024, 256 << 20),
+            ("validation.max_jobs_per_message", v.max_jobs_per_message, 1, 1_000_000),
+            ("validation.max_new_series_per_node", v.max_new_series_per_node, 1, 10_000_000),
+            ("validation.max_power.gpu_w", p.gpu_w as usize, 1, 1_000_000),
+            ("validation.max_power.cpu_w", p.cpu_w as usize, 1, 1_000_000),
+            ("validation.max_power.dram_w", p.dram_w as usize, 1, 1_000_000),
+            ("validation.max_power.other_w", p.other_w as usize, 1, 10_000_000),
+            ("validation.max_power.node_w", p.node_w as usize, 1, 100_000_000),
+        ] {
+            if n < lo || n > hi {
+                return Err(format!("{name} = {n} is outside {lo} to {hi}"));
+            }
         }
         Ok(())
     }
@@ -315,6 +384,24 @@ mod tests {
         assert!(load(&format!("{MIN}api = \"v3\"\n")).is_err());
         assert!(load(&format!("{MIN}url = \"localhost:8086\"\n")).is_err());
         assert!(load("[collector]\nid = \"a b\"\n[influxdb]\n").is_err());
+    }
+
+    #[test]
+    fn durations_and_sizes_name_the_option_and_the_file() {
+        for (text, option) in [
+            ("[collector]\nid = \"c1\"\nhealth_interval = \"0s\"\n[influxdb]\n", "collector.health_interval"),
+            (&format!("{MIN}timeout = \"0s\"\n") as &str, "influxdb.timeout"),
+            (&format!("{MIN}[batch]\nmax_points = 0\n"), "batch.max_points"),
+            (&format!("{MIN}[batch]\nretry_initial = \"2s\"\nretry_max = \"1s\"\n"), "batch.retry_max"),
+            (&format!("{MIN}[validation]\nmax_age = \"1s\"\n"), "validation.max_age"),
+            (&format!("{MIN}[validation.max_power]\ngpu_w = 0\n"), "validation.max_power.gpu_w"),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(option) && err.contains("c.toml"), "{text}: {err}");
+        }
+        let c = load(&format!("{MIN}[validation.max_power]\ngpu_w = 1500\n")).unwrap();
+        assert_eq!(c.limits().wire.max_power.gpu_w, 1500);
+        assert_eq!(c.limits().wire.max_power.cpu_w, 1000, "other classes keep defaults");
     }
 
     #[test]

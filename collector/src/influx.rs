@@ -13,9 +13,10 @@ pub enum WriteError {
     /// (an operator can fix that while the broker keeps the data).
     #[error("{0}")]
     Retry(String),
-    /// The server refused the data itself; sending it again cannot succeed.
-    #[error("{0}")]
-    Refused(String),
+    /// The server refused the data itself (400, 422) or its size (413); sending the same
+    /// body again cannot succeed, a part of it may.
+    #[error("{message}")]
+    Refused { message: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +192,7 @@ impl Influx {
         Err(match status {
             StatusCode::BAD_REQUEST
             | StatusCode::PAYLOAD_TOO_LARGE
-            | StatusCode::UNPROCESSABLE_ENTITY => WriteError::Refused(msg),
+            | StatusCode::UNPROCESSABLE_ENTITY => WriteError::Refused { message: msg },
             StatusCode::NOT_FOUND if text.contains("database not found") => {
                 // Dropped while we run: recreate it, then the retry succeeds.
                 let _ = self.ensure_database().await;

@@ -16,14 +16,21 @@ use std::time::Duration;
 use nodewatt_common::backoff::Backoff;
 use nodewatt_wire::TOPIC_ROOT;
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS, SubscribeFilter};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use crate::config::{BatchConfig, Config};
 use crate::influx::{Influx, WriteError};
 use crate::lineproto::{encode_sample, encode_status};
+use crate::series::SeriesBudget;
 use crate::stats::Stats;
-use crate::validate::{validate, Limits, Message, Reason};
+use crate::validate::{validate, Message, Reason};
+
+/// The largest packet MQTT can carry (remaining length 268,435,455 plus header). The
+/// collector accepts anything the broker delivers and rejects oversized payloads itself
+/// (counted, acknowledged): a packet over the client's own limit would drop the
+/// connection, and the broker would redeliver it on every reconnect, forever.
+const MQTT_MAX_PACKET: usize = 268_435_460;
 
 /// Line protocol plus the messages it came from, acknowledged once it is written.
 #[derive(Default)]
@@ -99,6 +106,7 @@ async fn writer(
     stats: Arc<Stats>,
     drained: Arc<Notify>,
     cfg: BatchConfig,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(cfg.retry_initial, cfg.retry_max);
     let mut failures = 0u32;
@@ -106,7 +114,7 @@ async fn writer(
         if !batch.body.is_empty() {
             loop {
                 let started = Instant::now();
-                match influx.write(&batch.body).await {
+                match write_splitting(&influx, &batch.body, &stats).await {
                     Ok(()) => {
                         if failures > 0 {
                             tracing::info!(failures, "InfluxDB accepts writes again");
@@ -121,13 +129,7 @@ async fn writer(
                         stats.last_batch_points.store(batch.points as u64, Relaxed);
                         break;
                     }
-                    Err(WriteError::Refused(e)) => {
-                        // Retrying cannot help; the messages are acknowledged so they do
-                        // not block the pipeline, and the refusal is counted and logged.
-                        stats.points_refused.fetch_add(batch.points as u64, Relaxed);
-                        tracing::error!(points = batch.points, "InfluxDB refused a batch: {e}");
-                        break;
-                    }
+                    Err(WriteError::Refused { .. }) => unreachable!("split down to lines"),
                     Err(WriteError::Retry(e)) => {
                         failures += 1;
                         stats.write_errors.fetch_add(1, Relaxed);
@@ -140,7 +142,15 @@ async fn writer(
                                 delay.as_millis()
                             );
                         }
-                        tokio::time::sleep(delay).await;
+                        // At shutdown the messages stay unacknowledged: the broker keeps
+                        // them for the next start. Nothing waits on a dead InfluxDB.
+                        if *stop.borrow() {
+                            return;
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = stop.changed() => return,
+                        }
                     }
                 }
             }
@@ -160,6 +170,46 @@ async fn writer(
     }
 }
 
+/// Writes a batch; where InfluxDB refuses it (400: a line it will not take; 413: too
+/// large), halves it until the refused lines are alone, counts and drops only those, and
+/// writes the rest. Rewriting lines InfluxDB already took (a 1.x partial write) is
+/// harmless: same series and time overwrite. `Retry` is left to the caller.
+async fn write_splitting(influx: &Influx, body: &[u8], stats: &Stats) -> Result<(), WriteError> {
+    let mut todo: Vec<&[u8]> = vec![body];
+    while let Some(part) = todo.pop() {
+        match influx.write(part).await {
+            Ok(()) => {}
+            Err(WriteError::Refused { message, .. }) => {
+                let lines = part.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+                if lines <= 1 {
+                    stats.points_refused.fetch_add(1, Relaxed);
+                    let shown = String::from_utf8_lossy(&part[..part.len().min(300)]);
+                    tracing::error!("InfluxDB refused a point, dropped: {message}; line: {shown}");
+                    continue;
+                }
+                let (a, b) = split_lines(part);
+                todo.push(b);
+                todo.push(a);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Splits line protocol near its middle, at a line end.
+fn split_lines(body: &[u8]) -> (&[u8], &[u8]) {
+    let mid = body.len() / 2;
+    let cut = body[mid..]
+        .iter()
+        .position(|b| *b == b'\n')
+        .map(|i| mid + i + 1)
+        .filter(|c| *c < body.len())
+        .or_else(|| body[..mid].iter().rposition(|b| *b == b'\n').map(|i| i + 1))
+        .unwrap_or(body.len());
+    body.split_at(cut)
+}
+
 /// Runs until `shutdown` resolves; then writes what it holds and acknowledges it.
 pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let influx = Arc::new(Influx::new(&cfg.influxdb)?);
@@ -168,12 +218,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
     options
         .set_clean_session(false)
         .set_manual_acks(true)
-        // Larger than the validation limit, so an oversized message is rejected by us
-        // (and acknowledged) instead of failing the connection in a redelivery loop.
-        .set_max_packet_size(
-            cfg.validation.max_message_bytes * 16,
-            cfg.validation.max_message_bytes * 16,
-        );
+        .set_max_packet_size(MQTT_MAX_PACKET, 64 * 1024);
     // Acks must never wait on a full request channel.
     let (client, mut eventloop) = AsyncClient::new(options, cfg.batch.max_pending_messages + 1024);
 
@@ -186,6 +231,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
     let generation = Arc::new(AtomicU64::new(0));
     let drained = Arc::new(Notify::new());
     let (tx, rx) = mpsc::channel::<Batch>(2);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let writer_task = tokio::spawn(writer(
         influx,
         rx,
@@ -194,13 +240,15 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
         stats.clone(),
         drained.clone(),
         cfg.batch.clone(),
+        stop_rx,
     ));
 
-    let limits = Limits {
-        max_bytes: cfg.validation.max_message_bytes,
-        max_future_ms: cfg.validation.max_future.as_millis() as u64,
-        max_age_ms: cfg.validation.max_age.as_millis() as u64,
-    };
+    let limits = cfg.limits();
+    let mut series = SeriesBudget::new(
+        cfg.validation.max_new_series_per_node,
+        cfg.validation.series_window.as_millis() as u64,
+    );
+    let mut scratch = Vec::new();
     let topics = subscriptions(cfg.collector.share_group.as_deref());
     let mut batch = Batch::default();
     let mut rejects = RejectLog::new();
@@ -261,12 +309,23 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
                 Ok(Event::Incoming(Packet::SubAck(_))) => tracing::info!(?topics, "subscribed"),
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let now = now_ms();
-                    match validate(&p.topic, &p.payload, now, &limits) {
-                        Ok(Message::Sample(s)) => {
-                            stats.messages_in.fetch_add(1, Relaxed);
-                            batch.points += encode_sample(&s, &mut batch.body);
+                    // A sample is encoded aside first: its series must fit the node's budget.
+                    scratch.clear();
+                    let checked = validate(&p.topic, &p.payload, now, &limits).and_then(|m| match m {
+                        Message::Sample(s) => {
+                            let points = encode_sample(&s, &mut scratch);
+                            series.admit((&s.cluster, &s.node), &scratch, now)?;
+                            Ok((Message::Sample(s), points))
                         }
-                        Ok(Message::Status { cluster, node, status }) => {
+                        status => Ok((status, 0)),
+                    });
+                    match checked {
+                        Ok((Message::Sample(_), points)) => {
+                            stats.messages_in.fetch_add(1, Relaxed);
+                            batch.body.extend_from_slice(&scratch);
+                            batch.points += points;
+                        }
+                        Ok((Message::Status { cluster, node, status }, _)) => {
                             stats.status_in.fetch_add(1, Relaxed);
                             batch.points += encode_status(&cluster, &node, &status, now, &mut batch.body);
                         }
@@ -298,9 +357,11 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
         }
     }
 
-    // Hand over what we hold, let the writer finish, then leave.
+    // Hand over what we hold, let the writer finish (one attempt per batch: it retries
+    // nothing once stopped), then leave. Every wait is bounded.
+    let _ = stop_tx.send(true);
     if !batch.is_empty() {
-        let _ = tx.send(batch).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(batch)).await;
     }
     drop(tx);
     let finish = async {

@@ -3,8 +3,10 @@
 pub mod billing;
 pub mod config;
 pub mod influx;
+pub mod influxql;
 pub mod ingest;
 pub mod lineproto;
 pub mod report;
+pub mod series;
 pub mod stats;
 pub mod validate;

@@ -6,7 +6,9 @@
 //! InfluxDB 1.x has no unsigned type; validation guarantees they fit.
 
 use influxdb_line_protocol::builder::LineProtocolBuilder;
-use nodewatt_wire::{Amounts, Sample, SensorKind, Status};
+use std::collections::HashMap;
+
+use nodewatt_wire::{Amounts, SensorKind, Status, ValidSample};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value<'a> {
@@ -75,8 +77,9 @@ pub fn line(
     true
 }
 
-/// Appends all points of a sample; returns how many.
-pub fn encode_sample(s: &Sample, out: &mut Vec<u8>) -> usize {
+/// Appends all points of a sample; returns how many. Only a checked sample can be
+/// encoded: its names are tag-safe and its integers fit InfluxDB's signed fields.
+pub fn encode_sample(s: &ValidSample, out: &mut Vec<u8>) -> usize {
     let ts = s.ts_ms;
     let (c, n) = (s.cluster.as_str(), s.node.as_str());
     let span = Some(s.span_ms);
@@ -222,20 +225,19 @@ pub fn encode_sample(s: &Sample, out: &mut Vec<u8>) -> usize {
         );
     }
     // Usage per (project, user) on this node: jobs are summed, so series stay bounded
-    // by projects × users × nodes however many jobs run.
+    // by projects × users × nodes however many jobs run. Grouping is linear in entries
+    // (an index by owner), in order of first appearance.
     let mut by_owner: Vec<(&str, &str, Amounts, u64)> = Vec::new();
+    let mut index: HashMap<(&str, &str), usize> = HashMap::with_capacity(s.usage.len());
     for u in &s.usage {
-        let user = u.user.as_deref().unwrap_or(NO_USER);
-        match by_owner
-            .iter_mut()
-            .find(|(p, us, _, _)| *p == u.project && *us == user)
-        {
-            Some((_, _, a, jobs)) => {
-                a.add(&u.amounts);
-                *jobs += u64::from(u.job.is_some());
-            }
-            None => by_owner.push((&u.project, user, u.amounts, u64::from(u.job.is_some()))),
-        }
+        let owner = (u.project.as_str(), u.user.as_deref().unwrap_or(NO_USER));
+        let i = *index.entry(owner).or_insert_with(|| {
+            by_owner.push((owner.0, owner.1, Amounts::default(), 0));
+            by_owner.len() - 1
+        });
+        let (_, _, a, jobs) = &mut by_owner[i];
+        a.add(&u.amounts);
+        *jobs += u64::from(u.job.is_some());
     }
     for (project, user, a, jobs) in &by_owner {
         let mut f = amount_fields(a);
@@ -253,7 +255,7 @@ pub fn encode_sample(s: &Sample, out: &mut Vec<u8>) -> usize {
     // newer total: summing a job's points gives its usage across agent restarts.
     for t in &s.job_totals {
         let mut f = amount_fields(&t.amounts);
-        let gpus = t.gpus.join(",");
+        let gpus = t.gpus.iter().map(|g| g.as_str()).collect::<Vec<_>>().join(",");
         f.i("start_ms", Some(t.start_ms))
             .i("until_ms", Some(t.until_ms))
             .b("ended", t.ended)
@@ -308,7 +310,23 @@ pub fn encode_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodewatt_wire::{Cpu, Gpu, HwmonSensor, RaplDomain, SourceStatus, ThermalZone};
+    use nodewatt_wire::{
+        check_sample, Cpu, Gpu, HwmonSensor, Limits, RaplDomain, Sample, SourceStatus, ThermalZone,
+    };
+
+    const T: u64 = 1_763_700_000_000;
+
+    fn n<T: std::str::FromStr>(s: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
+        s.parse().unwrap()
+    }
+
+    fn valid(s: Sample) -> ValidSample {
+        let ts = s.ts_ms;
+        check_sample(s, ts, &Limits::default()).unwrap()
+    }
 
     fn text(out: &[u8]) -> &str {
         std::str::from_utf8(out).unwrap()
@@ -360,8 +378,8 @@ mod tests {
     }
 
     fn sample() -> Sample {
-        let mut s = Sample::new("nodewatt-agent/0.1.0", "c1", "n1", 1000, 1_000);
-        s.ts_ms = 2_000;
+        let mut s = Sample::new("nodewatt-agent/0.1.0", n("c1"), n("n1"), 1000, T - 1_000);
+        s.ts_ms = T;
         s.seq = 1;
         s.span_ms = 1_000;
         s.sources.push(SourceStatus {
@@ -431,62 +449,70 @@ mod tests {
     #[test]
     fn a_whole_sample_exactly() {
         let mut out = Vec::new();
-        let n = encode_sample(&sample(), &mut out);
+        let count = encode_sample(&valid(sample()), &mut out);
         let expected = [
-            "agent,cluster=c1,node=n1 seq=1i,agent_start_ms=1000i,interval_ms=1000i,span_ms=1000i,merged=0i,version=\"nodewatt-agent/0.1.0\" 2000",
-            "agent_source,cluster=c1,node=n1,source=nvml ok=true,read_us=250i,devices=1i 2000",
-            "gpu,cluster=c1,gpu=0,model=NVIDIA\\ H100\\ 80GB\\ HBM3,node=n1,uuid=GPU-1 power_w=312.5,energy_mj=1000000i,energy_delta_mj=312500i,span_ms=1000i,temp_c=45,processes=2i,simulated=false 2000",
-            "cpu,cluster=c1,node=n1 util_pct=12.5,load1=0,load5=0,load15=0,cores=2i,mem_total_bytes=8i,ticks_user=0i,ticks_nice=0i,ticks_system=0i,ticks_idle=0i,ticks_iowait=0i,ticks_irq=0i,ticks_softirq=0i,ticks_steal=0i,jobs=0i 2000",
-            "rapl,cluster=c1,domain=package-0,node=n1,zone=intel-rapl:0 energy_uj=5i,energy_delta_uj=3i,span_ms=1000i,power_w=0.000003 2000",
-            "hwmon,chip=power_meter,cluster=c1,device=hwmon3,kind=power,node=n1,sensor=power1 value=412.5 2000",
-            "thermal,cluster=c1,node=n1,type=acpitz,zone=thermal_zone0 temp_c=27.8 2000",
+            "agent,cluster=c1,node=n1 seq=1i,agent_start_ms=1763699999000i,interval_ms=1000i,span_ms=1000i,merged=0i,version=\"nodewatt-agent/0.1.0\" 1763700000000",
+            "agent_source,cluster=c1,node=n1,source=nvml ok=true,read_us=250i,devices=1i 1763700000000",
+            "gpu,cluster=c1,gpu=0,model=NVIDIA\\ H100\\ 80GB\\ HBM3,node=n1,uuid=GPU-1 power_w=312.5,energy_mj=1000000i,energy_delta_mj=312500i,span_ms=1000i,temp_c=45,processes=2i,simulated=false 1763700000000",
+            "cpu,cluster=c1,node=n1 util_pct=12.5,load1=0,load5=0,load15=0,cores=2i,mem_total_bytes=8i,ticks_user=0i,ticks_nice=0i,ticks_system=0i,ticks_idle=0i,ticks_iowait=0i,ticks_irq=0i,ticks_softirq=0i,ticks_steal=0i,jobs=0i 1763700000000",
+            "rapl,cluster=c1,domain=package-0,node=n1,zone=intel-rapl:0 energy_uj=5i,energy_delta_uj=3i,span_ms=1000i,power_w=0.000003 1763700000000",
+            "hwmon,chip=power_meter,cluster=c1,device=hwmon3,kind=power,node=n1,sensor=power1 value=412.5 1763700000000",
+            "thermal,cluster=c1,node=n1,type=acpitz,zone=thermal_zone0 temp_c=27.8 1763700000000",
         ];
         assert_eq!(text(&out), expected.join("\n") + "\n");
         // The unreadable RAPL domain has no fields and writes nothing.
-        assert_eq!(n, expected.len());
+        assert_eq!(count, expected.len());
     }
 
     #[test]
     fn usage_is_summed_per_project_and_user_and_job_totals_keyed_by_start() {
         use nodewatt_wire::{JobTotal, Usage};
-        let mut s = Sample::new("a", "c1", "n1", 1000, 0);
-        s.ts_ms = 5_000;
-        s.span_ms = 1_000;
+        let mut s = Sample::new("a", n("c1"), n("n1"), 1000, T - 10_000);
+        s.ts_ms = T;
+        s.span_ms = 3_000;
+        s.gpus.push(Gpu {
+            index: 0,
+            uuid: "GPU-1".into(),
+            pci_bus_id: "0".into(),
+            model: "H100".into(),
+            energy_delta_mj: Some(35),
+            ..Gpu::default()
+        });
         let amounts = |gpu_uj| Amounts {
             gpu_uj,
             gpu_ms: 1_000,
             ..Amounts::default()
         };
         for (job, user, gpu_uj) in [
-            (Some("1"), Some("alice"), 10),
-            (Some("2"), Some("alice"), 20),
+            (Some("1"), Some("alice"), 10_000),
+            (Some("2"), Some("alice"), 20_000),
         ] {
             s.usage.push(Usage {
-                job: job.map(Into::into),
-                project: "p".into(),
-                user: user.map(Into::into),
+                job: job.map(n),
+                project: n("p"),
+                user: user.map(n),
                 amounts: amounts(gpu_uj),
             });
         }
         s.usage.push(Usage {
             job: None,
-            project: "_idle".into(),
+            project: n("_idle"),
             user: None,
-            amounts: amounts(5),
+            amounts: amounts(5_000),
         });
         s.job_totals.push(JobTotal {
-            job: "1".into(),
-            project: "p".into(),
-            user: "alice".into(),
-            start_ms: 1_000,
-            since_ms: 1_000,
-            until_ms: 5_000,
+            job: n("1"),
+            project: n("p"),
+            user: n("alice"),
+            start_ms: T - 4_000,
+            since_ms: T - 4_000,
+            until_ms: T,
             ended: true,
-            gpus: vec!["0".into(), "1".into()],
-            amounts: amounts(40),
+            gpus: vec![n("0"), n("1")],
+            amounts: amounts(40_000),
         });
         let mut out = Vec::new();
-        encode_sample(&s, &mut out);
+        encode_sample(&valid(s), &mut out);
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text
             .lines()
@@ -495,9 +521,9 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "usage,cluster=c1,node=n1,project=p,user=alice energy_gpu_uj=30i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=30i,gpu_ms=2000i,cpu_us=0i,span_ms=1000i,jobs=2i 5000",
-                "usage,cluster=c1,node=n1,project=_idle,user=_none energy_gpu_uj=5i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=5i,gpu_ms=1000i,cpu_us=0i,span_ms=1000i,jobs=0i 5000",
-                "job_total,cluster=c1,job=1,node=n1,project=p,user=alice energy_gpu_uj=40i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=40i,gpu_ms=1000i,cpu_us=0i,start_ms=1000i,until_ms=5000i,ended=true,gpus=\"0,1\" 1000",
+                "usage,cluster=c1,node=n1,project=p,user=alice energy_gpu_uj=30000i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=30000i,gpu_ms=2000i,cpu_us=0i,span_ms=3000i,jobs=2i 1763700000000",
+                "usage,cluster=c1,node=n1,project=_idle,user=_none energy_gpu_uj=5000i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=5000i,gpu_ms=1000i,cpu_us=0i,span_ms=3000i,jobs=0i 1763700000000",
+                "job_total,cluster=c1,job=1,node=n1,project=p,user=alice energy_gpu_uj=40000i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=40000i,gpu_ms=1000i,cpu_us=0i,start_ms=1763699996000i,until_ms=1763700000000i,ended=true,gpus=\"0,1\" 1763699996000",
             ]
         );
     }

@@ -8,7 +8,8 @@ use nodewatt_collector::billing::{self, By, Format, Prices};
 use nodewatt_collector::config::Config;
 use nodewatt_collector::influx::Influx;
 use nodewatt_collector::report;
-use nodewatt_wire::Sample;
+use nodewatt_collector::validate::{validate_line, Limits};
+use nodewatt_wire::{JobId, Project};
 
 /// nodewatt collector: subscribes to agent samples over MQTT, validates them, and writes
 /// them to InfluxDB, acknowledging each message only once InfluxDB accepted it.
@@ -65,7 +66,7 @@ enum Command {
         by: By,
         /// Only this project.
         #[arg(long, value_name = "NAME")]
-        project: Option<String>,
+        project: Option<Project>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
         #[command(flatten)]
@@ -83,10 +84,10 @@ enum Command {
             conflicts_with = "project",
             required_unless_present = "project"
         )]
-        job: Option<String>,
+        job: Option<JobId>,
         /// The project to report on (needs --from and --to).
         #[arg(long, value_name = "NAME", requires = "from", requires = "to")]
-        project: Option<String>,
+        project: Option<Project>,
         #[arg(long, value_name = "TIME")]
         from: Option<String>,
         #[arg(long, value_name = "TIME")]
@@ -97,10 +98,15 @@ enum Command {
         #[command(flatten)]
         prices: PriceArgs,
     },
-    /// Read samples as JSON lines on stdin (e.g. `nodewatt-agent run` without [mqtt]),
-    /// report each invalid line with its reason, and print a count per node at the end.
-    /// Exits 1 if any line was invalid.
-    Validate,
+    /// Read samples as JSON lines on stdin (e.g. `nodewatt-agent run --stdout`), run the
+    /// checks `serve` runs on each, report each invalid line with its reason, and print
+    /// counts per node and per reason at the end (also on Ctrl-C). Exits 1 if any line
+    /// was invalid.
+    Validate {
+        /// Collector configuration whose [validation] limits apply (defaults otherwise).
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -108,7 +114,16 @@ fn main() -> ExitCode {
     nodewatt_common::init_logging(cli.log_level.as_deref());
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::Validate => Ok(validate(std::io::stdin().lock())),
+        Command::Validate { config } => (|| {
+            let limits = match config {
+                Some(path) => Config::load(&path)?.limits(),
+                None => Limits {
+                    max_bytes: 256 * 1024,
+                    wire: nodewatt_wire::Limits::default(),
+                },
+            };
+            Ok(validate(std::io::stdin().lock(), &limits))
+        })(),
         Command::Report {
             config,
             job,
@@ -162,7 +177,7 @@ fn main() -> ExitCode {
             let from = billing::parse_time(&from).map_err(anyhow::Error::msg)?;
             let to = billing::parse_time(&to).map_err(anyhow::Error::msg)?;
             let groups = block_on(&cfg, |influx| async move {
-                billing::usage(&influx, by, from, to, project.as_deref()).await
+                billing::usage(&influx, by, from, to, project.as_ref()).await
             })?
             .map_err(anyhow::Error::msg)?;
             let rows = billing::rows(&groups, by, &prices);
@@ -223,9 +238,50 @@ fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn validate(input: impl BufRead) -> ExitCode {
-    let mut per_node: std::collections::BTreeMap<String, u64> = Default::default();
-    let mut bad = 0u64;
+/// What `validate` saw; printed at the end of input or on Ctrl-C.
+#[derive(Default)]
+struct Tally {
+    per_node: std::collections::BTreeMap<String, u64>,
+    per_reason: std::collections::BTreeMap<&'static str, u64>,
+    bad: u64,
+}
+
+impl Tally {
+    fn print(&self) -> ExitCode {
+        for (node, count) in &self.per_node {
+            println!("{node}: {count} valid samples");
+        }
+        for (reason, count) in &self.per_reason {
+            println!("rejected {reason}: {count}");
+        }
+        println!("{} invalid lines", self.bad);
+        if self.bad > 0 {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn validate(input: impl BufRead, limits: &Limits) -> ExitCode {
+    use std::sync::{Arc, Mutex};
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    // Ctrl-C (or SIGTERM) while reading a pipe: print what was counted, then leave.
+    {
+        let tally = tally.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(nodewatt_common::shutdown_signal());
+            let code = tally.lock().map(|t| t.print()).unwrap_or(ExitCode::from(2));
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
+        });
+    }
+    let window = 3_600_000;
+    let mut series = nodewatt_collector::series::SeriesBudget::new(5_000, window);
+    let mut scratch = Vec::new();
     for (n, line) in input.split(b'\n').enumerate() {
         let line = match line {
             Ok(l) => l,
@@ -237,25 +293,24 @@ fn validate(input: impl BufRead) -> ExitCode {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match Sample::from_json(&line) {
-            Ok(s) => {
-                *per_node
-                    .entry(format!("{}/{}", s.cluster, s.node))
-                    .or_default() += 1
-            }
+        let now = nodewatt_collector::ingest::now_ms();
+        scratch.clear();
+        // serve's checks: the contract, then the node's series budget.
+        let checked = validate_line(&line, now, limits).and_then(|s| {
+            nodewatt_collector::lineproto::encode_sample(&s, &mut scratch);
+            series.admit((&s.cluster, &s.node), &scratch, now)?;
+            Ok(s)
+        });
+        let mut t = tally.lock().expect("tally lock");
+        match checked {
+            Ok(s) => *t.per_node.entry(format!("{}/{}", s.cluster, s.node)).or_default() += 1,
             Err(e) => {
-                bad += 1;
+                t.bad += 1;
+                *t.per_reason.entry(e.reason.as_str()).or_default() += 1;
                 eprintln!("line {}: {e}", n + 1);
             }
         }
     }
-    for (node, count) in &per_node {
-        println!("{node}: {count} valid samples");
-    }
-    println!("{bad} invalid lines");
-    if bad > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    }
+    let code = tally.lock().expect("tally lock").print();
+    code
 }

@@ -4,14 +4,17 @@
 
 use std::fmt::Write as _;
 
+use nodewatt_wire::{JobId, Project};
+
 use crate::billing::{Prices, Sums};
 use crate::influx::Influx;
+use crate::influxql::{any_of, eq};
 
 /// What the report is about.
 #[derive(Debug, Clone)]
 pub enum Subject {
-    Job(String),
-    Project(String),
+    Job(JobId),
+    Project(Project),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -280,10 +283,10 @@ pub async fn gather(
     let filter;
     match subject {
         Subject::Job(job) => {
-            crate::billing::check_plain_name(job)?;
             let v = influx
                 .query(&format!(
-                    "SELECT project, \"user\", node, gpus, start_ms, until_ms, energy_gpu_uj, energy_cpu_uj, energy_dram_uj, energy_other_uj, gpu_ms, cpu_us FROM \"job_total\" WHERE \"job\" = '{job}'"
+                    "SELECT project, \"user\", node, gpus, start_ms, until_ms, energy_gpu_uj, energy_cpu_uj, energy_dram_uj, energy_other_uj, gpu_ms, cpu_us FROM \"job_total\" WHERE {}",
+                    eq("job", job)
                 ))
                 .await?;
             let rows: Vec<serde_json::Value> = v["results"][0]["series"][0]["values"]
@@ -297,12 +300,18 @@ pub async fn gather(
             d.from_ms = rows.iter().map(|r| n(r, 5)).min().unwrap_or(0);
             d.to_ms = rows.iter().map(|r| n(r, 6)).max().unwrap_or(0);
             for r in &rows {
-                d.sums.gpu_uj += n(r, 7);
-                d.sums.cpu_uj += n(r, 8);
-                d.sums.dram_uj += n(r, 9);
-                d.sums.other_uj += n(r, 10);
-                d.sums.gpu_ms += n(r, 11);
-                d.sums.cpu_us += n(r, 12);
+                let part = Sums {
+                    gpu_uj: n(r, 7),
+                    cpu_uj: n(r, 8),
+                    dram_uj: n(r, 9),
+                    other_uj: n(r, 10),
+                    gpu_ms: n(r, 11),
+                    cpu_us: n(r, 12),
+                };
+                d.sums = d
+                    .sums
+                    .checked_add(&part)
+                    .ok_or(format!("job {job}: its totals pass 2^64 µJ"))?;
             }
             d.project = rows[0][1].as_str().unwrap_or_default().to_string();
             d.users = strings(&v, 2);
@@ -322,28 +331,21 @@ pub async fn gather(
             gpus.dedup();
             d.gpus = gpus;
             d.title = format!("job {job} (project {})", d.project);
-            let nodes = d
-                .nodes
-                .iter()
-                .map(|x| format!("\"node\" = '{x}'"))
-                .collect::<Vec<_>>()
-                .join(" OR ");
-            let users = d
-                .users
-                .iter()
-                .map(|x| format!("\"user\" = '{x}'"))
-                .collect::<Vec<_>>()
-                .join(" OR ");
-            filter = format!("\"project\" = '{}' AND ({users}) AND ({nodes})", d.project);
+            // Names read back from InfluxDB are data, not query text: escaped.
+            filter = format!(
+                "{} AND {} AND {}",
+                eq("project", &d.project),
+                any_of("user", &d.users),
+                any_of("node", &d.nodes)
+            );
         }
         Subject::Project(p) => {
-            crate::billing::check_plain_name(p)?;
             let (from, to) = period.ok_or("a project report needs --from and --to")?;
             d.from_ms = from;
             d.to_ms = to;
-            d.project = p.clone();
+            d.project = p.to_string();
             d.title = format!("project {p}");
-            filter = format!("\"project\" = '{p}'");
+            filter = eq("project", p);
             let sums =
                 crate::billing::usage(influx, crate::billing::By::Project, from, to, Some(p))
                     .await?;
@@ -358,10 +360,10 @@ pub async fn gather(
         }
     }
     for n in d.nodes.clone() {
-        crate::billing::check_plain_name(&n)?;
         let v = influx
             .query(&format!(
-                "SHOW TAG VALUES FROM \"gpu\" WITH KEY = \"model\" WHERE \"node\" = '{n}'"
+                "SHOW TAG VALUES FROM \"gpu\" WITH KEY = \"model\" WHERE {}",
+                eq("node", &n)
             ))
             .await?;
         d.models.extend(strings(&v, 1));

@@ -19,6 +19,9 @@ pub enum ConfigError {
     },
     #[error("invalid config: {0}")]
     Invalid(String),
+    /// A value that parsed but is out of its range: names the file and the option.
+    #[error("invalid config {path}: {msg}")]
+    Value { path: PathBuf, msg: String },
 }
 
 /// Parses `text`; `origin` names it in errors.

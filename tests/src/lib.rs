@@ -640,7 +640,7 @@ pub fn publish_raw(port: u16, messages: &[(String, Vec<u8>)]) {
 pub fn publish_raw_as(port: u16, login: Option<(&str, &str)>, messages: &[(String, Vec<u8>)]) {
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
     let mut opts = MqttOptions::new(format!("raw-{}", rand_suffix()), "127.0.0.1", port);
-    opts.set_max_packet_size(4 << 20, 4 << 20);
+    opts.set_max_packet_size(16 << 20, 16 << 20);
     if let Some((u, p)) = login {
         opts.set_credentials(u, p);
     }

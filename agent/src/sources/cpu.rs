@@ -9,7 +9,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use nodewatt_wire::{Cpu, CpuTicks, JobCpu, Sample};
+use nodewatt_wire::{Cpu, CpuTicks, JobCpu, JobId, Sample};
 use procfs_core::{ExplicitSystemInfo, FromBufRead, FromBufReadSI, FromRead, KernelStats};
 
 use super::{Inventory, Source, SourceError, TickMs};
@@ -182,10 +182,9 @@ pub fn expand(root: &Path, pattern: &str) -> Vec<PathBuf> {
 }
 
 /// `job_1234` → `1234`; anything else is not a job cgroup.
-fn job_id(dir: &Path) -> Option<String> {
+fn job_id(dir: &Path) -> Option<JobId> {
     let id = dir.file_name()?.to_str()?.strip_prefix("job_")?;
-    let ok = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric());
-    ok.then(|| id.to_string())
+    JobId::new(id).ok()
 }
 
 /// Cumulative CPU time of a cgroup in microseconds, v2 first, then v1.
@@ -285,6 +284,7 @@ impl Source for CpuSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::n;
     use crate::config::default_job_cgroups;
     use crate::testutil::{empty_sample, fixture_copy, fixture_root};
 
@@ -372,12 +372,12 @@ mod tests {
             jobs,
             vec![
                 JobCpu {
-                    job: "1001".into(),
+                    job: n("1001"),
                     cgroup: "system.slice/slurmstepd.scope/job_1001".into(),
                     cpu_usage_us: 7_200_000_000,
                 },
                 JobCpu {
-                    job: "1002".into(),
+                    job: n("1002"),
                     cgroup: "system.slice/slurmstepd.scope/job_1002".into(),
                     cpu_usage_us: 1_500_000,
                 },

@@ -1,0 +1,277 @@
+//! Hostile and broken nodes against real mosquitto and influxd: each class of bad message
+//! is rejected with its reason counted, the collector stays connected, a good node's
+//! samples are still written within seconds, no measurement or tag value comes from the
+//! bad input, and `usage` bills exactly the good node afterwards.
+
+use std::time::Duration;
+
+use nodewatt_tests::*;
+use nodewatt_wire::{Amounts, Gpu, HwmonSensor, JobTotal, Project, Sample, SensorKind, Usage};
+
+const DB: &str = "nodewatt_hostile";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn n<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    s.parse().unwrap()
+}
+
+/// A sample as an agent makes it: one GPU at 400 W for 1 s, billed to one job of
+/// `proj-a` (user with an `@`) and `_idle`.
+fn sample(node: &str, seq: u64) -> Sample {
+    let now = now_ms();
+    let mut s = Sample::new("nodewatt-agent/test", n("lab"), n(node), 1000, now - 600_000);
+    s.ts_ms = now - now % 1000 - (20 - seq) * 1000;
+    s.seq = seq;
+    s.span_ms = 1000;
+    s.gpus.push(Gpu {
+        index: 0,
+        uuid: "GPU-0".into(),
+        pci_bus_id: "0".into(),
+        model: "H100".into(),
+        power_w: Some(400.0),
+        energy_delta_mj: Some(400_000),
+        ..Gpu::default()
+    });
+    let amounts = |gpu_uj, gpu_ms| Amounts {
+        gpu_uj,
+        gpu_ms,
+        ..Amounts::default()
+    };
+    s.usage = vec![
+        Usage {
+            job: Some(n("42")),
+            project: n("proj-a"),
+            user: Some(n("jane.doe@corp.example")),
+            amounts: amounts(300_000_000, 750),
+        },
+        Usage {
+            job: None,
+            project: Project::idle(),
+            user: None,
+            amounts: amounts(100_000_000, 250),
+        },
+    ];
+    s
+}
+
+fn topic(node: &str) -> String {
+    format!("nodewatt/v1/lab/{node}/sample")
+}
+
+/// `sample` as JSON with `f` applied.
+fn bad(f: impl FnOnce(&mut Sample)) -> Vec<u8> {
+    let mut s = sample("evil", 1);
+    f(&mut s);
+    s.to_json().into_bytes()
+}
+
+#[test]
+fn hostile_nodes_cannot_stop_corrupt_or_redirect_billing() {
+    // A small series budget, so a flood is visible with a few hundred sensors.
+    let Stack {
+        mq,
+        db,
+        collector_cfg: cfg,
+        mut collector,
+    } = Stack::start_with("hostile", DB, "", |t| {
+        t + "[validation]\nmax_new_series_per_node = 100\nmax_message_bytes = 1048576\n"
+    });
+
+    // Before: a good node's first sample is written.
+    publish_raw(mq.port, &[(topic("good"), sample("good", 0).to_json().into_bytes())]);
+    assert!(
+        wait_until(Duration::from_secs(20), || db
+            .scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'good'")
+            == 1.0),
+        "{}",
+        collector.log()
+    );
+
+    let json = |s: &Sample| s.to_json().into_bytes();
+    let t = topic("evil");
+    let max = i64::MAX as u64;
+    let classes: Vec<(&str, Vec<u8>)> = vec![
+        // Larger than the collector's old MQTT packet limit (16 x 256 KiB).
+        ("too_large", vec![b' '; 5 << 20]),
+        ("too_large", vec![b' '; 2 << 20]),
+        ("json", b"{\"schema\":1,".to_vec()),
+        (
+            "schema",
+            sample("evil", 1)
+                .to_json()
+                .replace("\"schema\":1", "\"schema\":2")
+                .into_bytes(),
+        ),
+        // Amounts at i64::MAX for an invented project (made InfluxDB's SUM wrap).
+        ("conservation", bad(|s| {
+            s.usage[0].project = n("invented");
+            s.usage[0].amounts.gpu_uj = max;
+        })),
+        ("range", bad(|s| s.span_ms = max)),
+        ("range", bad(|s| s.gpus[0].power_w = Some(1e12))),
+        // 10^18 mJ in one second.
+        ("physics", bad(|s| s.gpus[0].energy_delta_mj = Some(1_000_000_000_000_000_000))),
+        // Usage 1000x the measured GPU energy.
+        ("conservation", bad(|s| s.usage[0].amounts.gpu_uj *= 1000)),
+        ("timestamp", bad(|s| s.ts_ms = 7_258_118_400_000)),
+        ("timestamp", bad(|s| s.job_totals.push(total("7", 0)))),
+        ("timestamp", bad(|s| {
+            let mut t = total("8", s.ts_ms - 1000);
+            t.until_ms = 7_258_118_400_000;
+            s.job_totals.push(t)
+        })),
+        ("physics", bad(|s| {
+            let mut t = total("9", s.ts_ms - 1000);
+            t.amounts.gpu_uj = max;
+            s.job_totals.push(t)
+        })),
+        ("too_many", bad(|s| {
+            let idle = s.usage[1].clone();
+            s.usage.extend(std::iter::repeat_n(
+                Usage {
+                    amounts: Amounts::default(),
+                    ..idle
+                },
+                7_000,
+            ));
+        })),
+        ("series_budget", bad(|s| {
+            for i in 0..150 {
+                s.hwmon.push(HwmonSensor {
+                    chip: "flood".into(),
+                    device: format!("hwmon{i}"),
+                    sensor: "temp1".into(),
+                    label: None,
+                    kind: SensorKind::Temp,
+                    value: Some(40.0),
+                    energy_uj: None,
+                    error: None,
+                });
+            }
+        })),
+        ("node_mismatch", json(&sample("good", 2))),
+    ];
+    // Names that break their rule, written into the JSON (the types cannot hold them).
+    let text = String::from_utf8(json(&sample("evil", 1))).unwrap();
+    let names = [
+        ("\"proj-a\"", "\"x' OR \\\"project\\\" =~ /.*/ OR \\\"project\\\" = 'y\""),
+        ("\"proj-a\"", "\"a b,c=d\""),
+        ("\"jane.doe@corp.example\"", "\"o'brien\""),
+        ("\"H100\"", "\"H100\\nevil,node=good power_w=1\""),
+        ("\"GPU-0\"", "\"GPU-0\\\\\""),
+    ];
+    let mut messages: Vec<(String, Vec<u8>)> = classes
+        .iter()
+        .map(|(_, p)| (t.clone(), p.clone()))
+        .collect();
+    for (from, to) in names {
+        messages.push((t.clone(), text.replacen(from, to, 1).into_bytes()));
+    }
+    messages.push((
+        "nodewatt/v1/lab/evil/status".into(),
+        br#"{"online":true,"ts_ms":1}"#.to_vec(),
+    ));
+    publish_raw(mq.port, &messages);
+    // And the good node goes on.
+    publish_raw(mq.port, &[(topic("good"), sample("good", 1).to_json().into_bytes())]);
+
+    let expected: &[(&str, f64)] = &[
+        ("too_large", 2.0),
+        ("json", 1.0),
+        ("schema", 1.0),
+        ("range", 2.0),
+        ("physics", 2.0),
+        ("conservation", 2.0),
+        ("timestamp", 4.0),
+        ("too_many", 1.0),
+        ("series_budget", 1.0),
+        ("node_mismatch", 1.0),
+        ("name", 5.0),
+    ];
+    let total: f64 = expected.iter().map(|(_, c)| c).sum();
+    let reason = |r: &str| {
+        db.scalar(
+            DB,
+            &format!("SELECT LAST(rejected_{r}) FROM nodewatt_collector"),
+        )
+    };
+    let done = wait_until(Duration::from_secs(30), || {
+        db.scalar(DB, "SELECT LAST(rejected) FROM nodewatt_collector") >= total
+            && db.scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'good'") == 2.0
+    });
+    assert!(done, "{}", collector.log());
+    for (r, count) in expected {
+        assert_eq!(reason(r), *count, "rejected_{r}\n{}", collector.log());
+    }
+    assert_eq!(
+        db.scalar(DB, "SELECT LAST(rejected) FROM nodewatt_collector"),
+        total
+    );
+
+    // The connection held: one connect, no reconnect loop over the 5 MiB message.
+    let log = collector.log();
+    assert_eq!(
+        log.matches("connected to the MQTT broker").count(),
+        1,
+        "{log}"
+    );
+    assert!(collector.running());
+
+    // Nothing of the hostile node was stored: no measurement, series or tag value.
+    assert!(db.rows(DB, "SELECT * FROM /.*/ WHERE node = 'evil'").is_empty());
+    let projects = db.rows(DB, "SHOW TAG VALUES FROM \"usage\" WITH KEY = \"project\"");
+    let mut names: Vec<String> = projects
+        .iter()
+        .map(|(_, m)| m["value"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["_idle", "proj-a"]);
+    let measurements: Vec<String> = db
+        .rows(DB, "SHOW MEASUREMENTS")
+        .iter()
+        .map(|(_, m)| m["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(measurements, ["agent", "gpu", "nodewatt_collector", "usage"]);
+
+    // Billing afterwards: exactly the good node's two samples, user with its `@`.
+    let csv = collector_cli(
+        &cfg,
+        &[
+            "usage", "--from", "2020-01-01", "--to", "2100-01-01", "--by", "user", "--format",
+            "csv",
+        ],
+    );
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{csv}");
+    assert!(rows[1].starts_with("jane.doe@corp.example,,jane.doe@corp.example,600000000,"), "{csv}");
+    let by_project = collector_cli(
+        &cfg,
+        &["usage", "--from", "2020-01-01", "--to", "2100-01-01", "--format", "csv"],
+    );
+    assert!(by_project.contains("\nproj-a,proj-a,,600000000,"), "{by_project}");
+    assert!(by_project.contains("\n_idle,_idle,,200000000,"), "{by_project}");
+    collector.stop_cleanly();
+}
+
+fn total(job: &str, start_ms: u64) -> JobTotal {
+    JobTotal {
+        job: n(job),
+        project: n("proj-a"),
+        user: n("jane.doe@corp.example"),
+        start_ms,
+        since_ms: start_ms,
+        until_ms: start_ms,
+        ended: false,
+        gpus: vec![],
+        amounts: Amounts::default(),
+    }
+}
