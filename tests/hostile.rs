@@ -28,7 +28,13 @@ where
 /// `proj-a` (user with an `@`) and `_idle`.
 fn sample(node: &str, seq: u64) -> Sample {
     let now = now_ms();
-    let mut s = Sample::new("nodewatt-agent/test", n("lab"), n(node), 1000, now - 600_000);
+    let mut s = Sample::new(
+        "nodewatt-agent/test",
+        n("lab"),
+        n(node),
+        1000,
+        now - 600_000,
+    );
     s.ts_ms = now - now % 1000 - (20 - seq) * 1000;
     s.seq = seq;
     s.span_ms = 1000;
@@ -87,7 +93,10 @@ fn hostile_nodes_cannot_stop_corrupt_or_redirect_billing() {
     });
 
     // Before: a good node's first sample is written.
-    publish_raw(mq.port, &[(topic("good"), sample("good", 0).to_json().into_bytes())]);
+    publish_raw(
+        mq.port,
+        &[(topic("good"), sample("good", 0).to_json().into_bytes())],
+    );
     assert!(
         wait_until(Duration::from_secs(20), || db
             .scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'good'")
@@ -112,58 +121,79 @@ fn hostile_nodes_cannot_stop_corrupt_or_redirect_billing() {
                 .into_bytes(),
         ),
         // Amounts at i64::MAX for an invented project (made InfluxDB's SUM wrap).
-        ("conservation", bad(|s| {
-            s.usage[0].project = n("invented");
-            s.usage[0].amounts.gpu_uj = max;
-        })),
+        (
+            "conservation",
+            bad(|s| {
+                s.usage[0].project = n("invented");
+                s.usage[0].amounts.gpu_uj = max;
+            }),
+        ),
         ("range", bad(|s| s.span_ms = max)),
         ("range", bad(|s| s.gpus[0].power_w = Some(1e12))),
         // 10^18 mJ in one second.
-        ("physics", bad(|s| s.gpus[0].energy_delta_mj = Some(1_000_000_000_000_000_000))),
+        (
+            "physics",
+            bad(|s| s.gpus[0].energy_delta_mj = Some(1_000_000_000_000_000_000)),
+        ),
         // Usage 1000x the measured GPU energy.
         ("conservation", bad(|s| s.usage[0].amounts.gpu_uj *= 1000)),
         ("timestamp", bad(|s| s.ts_ms = 7_258_118_400_000)),
         ("timestamp", bad(|s| s.job_totals.push(total("7", 0)))),
-        ("timestamp", bad(|s| {
-            let mut t = total("8", s.ts_ms - 1000);
-            t.until_ms = 7_258_118_400_000;
-            s.job_totals.push(t)
-        })),
-        ("physics", bad(|s| {
-            let mut t = total("9", s.ts_ms - 1000);
-            t.amounts.gpu_uj = max;
-            s.job_totals.push(t)
-        })),
-        ("too_many", bad(|s| {
-            let idle = s.usage[1].clone();
-            s.usage.extend(std::iter::repeat_n(
-                Usage {
-                    amounts: Amounts::default(),
-                    ..idle
-                },
-                7_000,
-            ));
-        })),
-        ("series_budget", bad(|s| {
-            for i in 0..150 {
-                s.hwmon.push(HwmonSensor {
-                    chip: "flood".into(),
-                    device: format!("hwmon{i}"),
-                    sensor: "temp1".into(),
-                    label: None,
-                    kind: SensorKind::Temp,
-                    value: Some(40.0),
-                    energy_uj: None,
-                    error: None,
-                });
-            }
-        })),
+        (
+            "timestamp",
+            bad(|s| {
+                let mut t = total("8", s.ts_ms - 1000);
+                t.until_ms = 7_258_118_400_000;
+                s.job_totals.push(t)
+            }),
+        ),
+        (
+            "physics",
+            bad(|s| {
+                let mut t = total("9", s.ts_ms - 1000);
+                t.amounts.gpu_uj = max;
+                s.job_totals.push(t)
+            }),
+        ),
+        (
+            "too_many",
+            bad(|s| {
+                let idle = s.usage[1].clone();
+                s.usage.extend(std::iter::repeat_n(
+                    Usage {
+                        amounts: Amounts::default(),
+                        ..idle
+                    },
+                    7_000,
+                ));
+            }),
+        ),
+        (
+            "series_budget",
+            bad(|s| {
+                for i in 0..150 {
+                    s.hwmon.push(HwmonSensor {
+                        chip: "flood".into(),
+                        device: format!("hwmon{i}"),
+                        sensor: "temp1".into(),
+                        label: None,
+                        kind: SensorKind::Temp,
+                        value: Some(40.0),
+                        energy_uj: None,
+                        error: None,
+                    });
+                }
+            }),
+        ),
         ("node_mismatch", json(&sample("good", 2))),
     ];
     // Names that break their rule, written into the JSON (the types cannot hold them).
     let text = String::from_utf8(json(&sample("evil", 1))).unwrap();
     let names = [
-        ("\"proj-a\"", "\"x' OR \\\"project\\\" =~ /.*/ OR \\\"project\\\" = 'y\""),
+        (
+            "\"proj-a\"",
+            "\"x' OR \\\"project\\\" =~ /.*/ OR \\\"project\\\" = 'y\"",
+        ),
         ("\"proj-a\"", "\"a b,c=d\""),
         ("\"jane.doe@corp.example\"", "\"o'brien\""),
         ("\"H100\"", "\"H100\\nevil,node=good power_w=1\""),
@@ -182,7 +212,10 @@ fn hostile_nodes_cannot_stop_corrupt_or_redirect_billing() {
     ));
     publish_raw(mq.port, &messages);
     // And the good node goes on.
-    publish_raw(mq.port, &[(topic("good"), sample("good", 1).to_json().into_bytes())]);
+    publish_raw(
+        mq.port,
+        &[(topic("good"), sample("good", 1).to_json().into_bytes())],
+    );
 
     let expected: &[(&str, f64)] = &[
         ("too_large", 2.0),
@@ -227,7 +260,9 @@ fn hostile_nodes_cannot_stop_corrupt_or_redirect_billing() {
     assert!(collector.running());
 
     // Nothing of the hostile node was stored: no measurement, series or tag value.
-    assert!(db.rows(DB, "SELECT * FROM /.*/ WHERE node = 'evil'").is_empty());
+    assert!(db
+        .rows(DB, "SELECT * FROM /.*/ WHERE node = 'evil'")
+        .is_empty());
     let projects = db.rows(DB, "SHOW TAG VALUES FROM \"usage\" WITH KEY = \"project\"");
     let mut names: Vec<String> = projects
         .iter()
@@ -240,25 +275,52 @@ fn hostile_nodes_cannot_stop_corrupt_or_redirect_billing() {
         .iter()
         .map(|(_, m)| m["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(measurements, ["agent", "gpu", "nodewatt_collector", "usage"]);
+    assert_eq!(
+        measurements,
+        ["agent", "gpu", "nodewatt_collector", "usage"]
+    );
 
     // Billing afterwards: exactly the good node's two samples, user with its `@`.
     let csv = collector_cli(
         &cfg,
         &[
-            "usage", "--from", "2020-01-01", "--to", "2100-01-01", "--by", "user", "--format",
+            "usage",
+            "--from",
+            "2020-01-01",
+            "--to",
+            "2100-01-01",
+            "--by",
+            "user",
+            "--format",
             "csv",
         ],
     );
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert_eq!(rows.len(), 2, "{csv}");
-    assert!(rows[1].starts_with("jane.doe@corp.example,,jane.doe@corp.example,600000000,"), "{csv}");
+    assert!(
+        rows[1].starts_with("jane.doe@corp.example,,jane.doe@corp.example,600000000,"),
+        "{csv}"
+    );
     let by_project = collector_cli(
         &cfg,
-        &["usage", "--from", "2020-01-01", "--to", "2100-01-01", "--format", "csv"],
+        &[
+            "usage",
+            "--from",
+            "2020-01-01",
+            "--to",
+            "2100-01-01",
+            "--format",
+            "csv",
+        ],
     );
-    assert!(by_project.contains("\nproj-a,proj-a,,600000000,"), "{by_project}");
-    assert!(by_project.contains("\n_idle,_idle,,200000000,"), "{by_project}");
+    assert!(
+        by_project.contains("\nproj-a,proj-a,,600000000,"),
+        "{by_project}"
+    );
+    assert!(
+        by_project.contains("\n_idle,_idle,,200000000,"),
+        "{by_project}"
+    );
     collector.stop_cleanly();
 }
 
@@ -274,4 +336,57 @@ fn total(job: &str, start_ms: u64) -> JobTotal {
         gpus: vec![],
         amounts: Amounts::default(),
     }
+}
+
+#[test]
+fn a_line_influxdb_refuses_costs_only_that_line() {
+    const DB2: &str = "nodewatt_refuse";
+    let Stack {
+        mq,
+        db,
+        collector_cfg: _cfg,
+        mut collector,
+    } = Stack::start("refuse", DB2);
+    // `temp_c` as a string in the current shard: InfluxDB now refuses any float `temp_c`
+    // of `thermal` (a field type conflict, answered 400 "partial write").
+    let seeded = reqwest::blocking::Client::new()
+        .post(format!("{}/write?db={DB2}&precision=ms", db.url()))
+        .body(format!(
+            "thermal,cluster=lab,node=other temp_c=\"hot\" {}",
+            now_ms()
+        ))
+        .send()
+        .unwrap();
+    assert!(seeded.status().is_success(), "{:?}", seeded.text());
+
+    let mut hot = sample("hot", 1);
+    hot.thermal.push(nodewatt_wire::ThermalZone {
+        zone: "thermal_zone0".into(),
+        zone_type: "acpitz".into(),
+        temp_c: Some(40.0),
+        error: None,
+    });
+    publish_raw(
+        mq.port,
+        &[
+            (topic("hot"), hot.to_json().into_bytes()),
+            (topic("cool"), sample("cool", 1).to_json().into_bytes()),
+        ],
+    );
+    let written = wait_until(Duration::from_secs(20), || {
+        db.scalar(DB2, "SELECT COUNT(seq) FROM agent") == 2.0
+            && db.scalar(DB2, "SELECT LAST(points_refused) FROM nodewatt_collector") >= 1.0
+    });
+    assert!(written, "{}", collector.log());
+    // Only the conflicting line was refused; both nodes' GPUs and usage were written.
+    assert_eq!(
+        db.scalar(DB2, "SELECT LAST(points_refused) FROM nodewatt_collector"),
+        1.0,
+        "{}",
+        collector.log()
+    );
+    assert_eq!(db.scalar(DB2, "SELECT COUNT(power_w) FROM gpu"), 2.0);
+    assert_eq!(db.scalar(DB2, "SELECT COUNT(energy_uj) FROM usage"), 4.0);
+    assert!(collector.running());
+    collector.stop_cleanly();
 }

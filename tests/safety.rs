@@ -13,7 +13,13 @@ fn good_sample(node: &str, seq: u64) -> Sample {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let mut s = Sample::new("raw-test", "lab".parse().unwrap(), node.parse().unwrap(), 1000, now);
+    let mut s = Sample::new(
+        "raw-test",
+        "lab".parse().unwrap(),
+        node.parse().unwrap(),
+        1000,
+        now - 600_000,
+    );
     s.ts_ms = now - now % 1000 - seq * 1000;
     s.seq = seq;
     s.gpus.push(Gpu {

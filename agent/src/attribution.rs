@@ -168,7 +168,7 @@ mod tests {
             id: n(id),
             project: n(project),
             user: n("alice"),
-            gpus: gpus.iter().map(|g| n(&g.to_string())).collect(),
+            gpus: gpus.iter().map(|g| n(g)).collect(),
             start_ms,
         }
     }

@@ -433,7 +433,9 @@ impl Config {
                         ))
                     })?;
                 NodeName::new(raw.trim()).map_err(|e| {
-                    ConfigError::Invalid(format!("{e}: set agent.node (the host name does not fit)"))
+                    ConfigError::Invalid(format!(
+                        "{e}: set agent.node (the host name does not fit)"
+                    ))
                 })
             }
         }

@@ -387,7 +387,6 @@ mod tests {
                 gpu_uj,
                 ..Amounts::default()
             },
-
         };
         let mut old = sample(0);
         old.usage = vec![

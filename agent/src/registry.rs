@@ -74,7 +74,8 @@ pub fn parse_job(text: &str) -> Result<Job, String> {
 /// Registry names are parsed into the wire's name types here, where they enter: a file
 /// with a name that breaks its rule is rejected with the rule, not billed to `_idle`.
 fn name<T: std::str::FromStr<Err = nodewatt_wire::NameError>>(v: &str) -> Result<T, String> {
-    v.parse().map_err(|e: nodewatt_wire::NameError| e.to_string())
+    v.parse()
+        .map_err(|e: nodewatt_wire::NameError| e.to_string())
 }
 
 /// Why a file or the directory is not trusted, if it is not.

@@ -172,7 +172,9 @@ fn group_tags(by: By) -> &'static [&'static str] {
 /// per node (a node draws at most its physics bound, far below 2^63 µJ over any period a
 /// bill covers) and the nodes are added here with checked arithmetic.
 pub fn query(by: By, from_ms: u64, to_ms: u64, project: Option<&Project>) -> String {
-    let filter = project.map_or(String::new(), |p| format!(" AND {}", influxql::eq("project", p)));
+    let filter = project.map_or(String::new(), |p| {
+        format!(" AND {}", influxql::eq("project", p))
+    });
     let mut tags: Vec<&str> = group_tags(by).to_vec();
     if !tags.contains(&"node") {
         tags.push("node");
@@ -244,7 +246,10 @@ pub fn parse_answer(v: &serde_json::Value, by: By) -> Result<Vec<(Vec<String>, S
             let key: Vec<String> = tags.iter().map(|t| tag(t)).collect();
             let total = groups.entry(key.clone()).or_default();
             *total = total.checked_add(&sums).ok_or_else(|| {
-                format!("the total for {} passes 2^64 µJ; bill a shorter period", key.join(" "))
+                format!(
+                    "the total for {} passes 2^64 µJ; bill a shorter period",
+                    key.join(" ")
+                )
             })?;
         }
     }
@@ -277,7 +282,12 @@ pub fn render(rows: &[Row], by: By, format: Format, p: &Prices) -> String {
             // Through the csv crate: a name with a comma or quote stays one field.
             let mut w = csv::Writer::from_writer(Vec::new());
             let mut write = |rec: &[String]| w.write_record(rec).expect("writing to memory");
-            write(&CSV_HEADER.split(',').map(str::to_string).collect::<Vec<_>>());
+            write(
+                &CSV_HEADER
+                    .split(',')
+                    .map(str::to_string)
+                    .collect::<Vec<_>>(),
+            );
             for r in rows {
                 write(&[
                     r.key.clone(),
@@ -333,14 +343,17 @@ pub fn render(rows: &[Row], by: By, format: Format, p: &Prices) -> String {
                 line(&r.key, r);
             }
             for r in rows {
-                total_add(&mut total, &Sums {
-                    gpu_uj: (r.gpu_kwh * UJ_PER_KWH).round() as u64,
-                    cpu_uj: (r.cpu_kwh * UJ_PER_KWH).round() as u64,
-                    dram_uj: (r.dram_kwh * UJ_PER_KWH).round() as u64,
-                    other_uj: (r.other_kwh * UJ_PER_KWH).round() as u64,
-                    gpu_ms: (r.gpu_hours * 3.6e6).round() as u64,
-                    cpu_us: (r.cpu_core_hours * 3.6e9).round() as u64,
-                });
+                total_add(
+                    &mut total,
+                    &Sums {
+                        gpu_uj: (r.gpu_kwh * UJ_PER_KWH).round() as u64,
+                        cpu_uj: (r.cpu_kwh * UJ_PER_KWH).round() as u64,
+                        dram_uj: (r.dram_kwh * UJ_PER_KWH).round() as u64,
+                        other_uj: (r.other_kwh * UJ_PER_KWH).round() as u64,
+                        gpu_ms: (r.gpu_hours * 3.6e6).round() as u64,
+                        cpu_us: (r.cpu_core_hours * 3.6e9).round() as u64,
+                    },
+                );
             }
             let t = row("TOTAL".into(), String::new(), String::new(), &total, p);
             line("TOTAL", &t);
@@ -416,13 +429,25 @@ mod tests {
             ]}}]}}"#)).unwrap()
         };
         let g = parse_answer(&answer("5", "7"), By::Project).unwrap();
-        assert_eq!(g, vec![(vec!["p".to_string()], Sums { gpu_uj: 12, ..Sums::default() })]);
+        assert_eq!(
+            g,
+            vec![(
+                vec!["p".to_string()],
+                Sums {
+                    gpu_uj: 12,
+                    ..Sums::default()
+                }
+            )]
+        );
         // Two nodes near 2^63 each: exact in u64, where InfluxDB's one sum would wrap.
         let big = (i64::MAX - 1).to_string();
         let g = parse_answer(&answer(&big, &big), By::Project).unwrap();
         assert_eq!(g[0].1.gpu_uj, 2 * (i64::MAX as u64 - 1));
         let e = parse_answer(&answer("-2", "7"), By::Project).unwrap_err();
-        assert!(e.contains("gpu_uj") && e.contains("project=p node=n1"), "{e}");
+        assert!(
+            e.contains("gpu_uj") && e.contains("project=p node=n1"),
+            "{e}"
+        );
         let e = parse_answer(&answer(&big, "9223372036854775807"), By::Project);
         assert!(e.is_ok(), "still below 2^64");
         let e = parse_answer(&answer(&u64::MAX.to_string(), "1"), By::Project).unwrap_err();
@@ -431,7 +456,13 @@ mod tests {
 
     #[test]
     fn csv_fields_are_quoted_where_needed() {
-        let mut r = row("a,b".into(), "a\"b".into(), String::new(), &Sums::default(), &prices());
+        let mut r = row(
+            "a,b".into(),
+            "a\"b".into(),
+            String::new(),
+            &Sums::default(),
+            &prices(),
+        );
         r.currency = "EUR".into();
         let csv = render(&[r], By::Project, Format::Csv, &prices());
         let line = csv.lines().nth(1).unwrap();

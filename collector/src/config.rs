@@ -311,14 +311,24 @@ impl Config {
         let s = Duration::from_secs;
         let ms = Duration::from_millis;
         for (name, d, lo, hi) in [
-            ("collector.health_interval", self.collector.health_interval, s(1), s(3600)),
+            (
+                "collector.health_interval",
+                self.collector.health_interval,
+                ms(10),
+                s(3600),
+            ),
             ("influxdb.timeout", i.timeout, ms(100), s(600)),
             ("batch.flush_interval", b.flush_interval, ms(1), s(60)),
             ("batch.retry_initial", b.retry_initial, ms(1), s(60)),
             ("batch.retry_max", b.retry_max, b.retry_initial, s(3600)),
             ("validation.max_future", v.max_future, s(0), s(86_400)),
             ("validation.max_age", v.max_age, s(60), s(366 * 86_400)),
-            ("validation.series_window", v.series_window, s(1), s(7 * 86_400)),
+            (
+                "validation.series_window",
+                v.series_window,
+                s(1),
+                s(7 * 86_400),
+            ),
         ] {
             if d < lo || d > hi {
                 return Err(format!(
@@ -333,15 +343,50 @@ impl Config {
         for (name, n, lo, hi) in [
             ("batch.max_points", b.max_points, 1, 1_000_000),
             ("batch.max_bytes", b.max_bytes, 1024, 256 << 20),
-            ("batch.max_pending_messages", b.max_pending_messages, 1, 10_000_000),
-            ("validation.max_message_bytes", v.max_message_bytes, 1024, 256 << 20),
-            ("validation.max_jobs_per_message", v.max_jobs_per_message, 1, 1_000_000),
-            ("validation.max_new_series_per_node", v.max_new_series_per_node, 1, 10_000_000),
+            (
+                "batch.max_pending_messages",
+                b.max_pending_messages,
+                1,
+                10_000_000,
+            ),
+            (
+                "validation.max_message_bytes",
+                v.max_message_bytes,
+                1024,
+                256 << 20,
+            ),
+            (
+                "validation.max_jobs_per_message",
+                v.max_jobs_per_message,
+                1,
+                1_000_000,
+            ),
+            (
+                "validation.max_new_series_per_node",
+                v.max_new_series_per_node,
+                1,
+                10_000_000,
+            ),
             ("validation.max_power.gpu_w", p.gpu_w as usize, 1, 1_000_000),
             ("validation.max_power.cpu_w", p.cpu_w as usize, 1, 1_000_000),
-            ("validation.max_power.dram_w", p.dram_w as usize, 1, 1_000_000),
-            ("validation.max_power.other_w", p.other_w as usize, 1, 10_000_000),
-            ("validation.max_power.node_w", p.node_w as usize, 1, 100_000_000),
+            (
+                "validation.max_power.dram_w",
+                p.dram_w as usize,
+                1,
+                1_000_000,
+            ),
+            (
+                "validation.max_power.other_w",
+                p.other_w as usize,
+                1,
+                10_000_000,
+            ),
+            (
+                "validation.max_power.node_w",
+                p.node_w as usize,
+                1,
+                100_000_000,
+            ),
         ] {
             if n < lo || n > hi {
                 return Err(format!("{name} = {n} is outside {lo} to {hi}"));
@@ -389,19 +434,44 @@ mod tests {
     #[test]
     fn durations_and_sizes_name_the_option_and_the_file() {
         for (text, option) in [
-            ("[collector]\nid = \"c1\"\nhealth_interval = \"0s\"\n[influxdb]\n", "collector.health_interval"),
-            (&format!("{MIN}timeout = \"0s\"\n") as &str, "influxdb.timeout"),
-            (&format!("{MIN}[batch]\nmax_points = 0\n"), "batch.max_points"),
-            (&format!("{MIN}[batch]\nretry_initial = \"2s\"\nretry_max = \"1s\"\n"), "batch.retry_max"),
-            (&format!("{MIN}[validation]\nmax_age = \"1s\"\n"), "validation.max_age"),
-            (&format!("{MIN}[validation.max_power]\ngpu_w = 0\n"), "validation.max_power.gpu_w"),
+            (
+                "[collector]\nid = \"c1\"\nhealth_interval = \"0s\"\n[influxdb]\n",
+                "collector.health_interval",
+            ),
+            (
+                &format!("{MIN}timeout = \"0s\"\n") as &str,
+                "influxdb.timeout",
+            ),
+            (
+                &format!("{MIN}[batch]\nmax_points = 0\n"),
+                "batch.max_points",
+            ),
+            (
+                &format!("{MIN}[batch]\nretry_initial = \"2s\"\nretry_max = \"1s\"\n"),
+                "batch.retry_max",
+            ),
+            (
+                &format!("{MIN}[validation]\nmax_age = \"1s\"\n"),
+                "validation.max_age",
+            ),
+            (
+                &format!("{MIN}[validation.max_power]\ngpu_w = 0\n"),
+                "validation.max_power.gpu_w",
+            ),
         ] {
             let err = load(text).unwrap_err().to_string();
-            assert!(err.contains(option) && err.contains("c.toml"), "{text}: {err}");
+            assert!(
+                err.contains(option) && err.contains("c.toml"),
+                "{text}: {err}"
+            );
         }
         let c = load(&format!("{MIN}[validation.max_power]\ngpu_w = 1500\n")).unwrap();
         assert_eq!(c.limits().wire.max_power.gpu_w, 1500);
-        assert_eq!(c.limits().wire.max_power.cpu_w, 1000, "other classes keep defaults");
+        assert_eq!(
+            c.limits().wire.max_power.cpu_w,
+            1000,
+            "other classes keep defaults"
+        );
     }
 
     #[test]

@@ -98,6 +98,8 @@ fn subscriptions(share_group: Option<&str>) -> Vec<String> {
 
 /// Writes batches in order, retrying until InfluxDB accepts each, then acknowledges its
 /// messages in order.
+// The shared handles go away when batching and acks become a state machine without I/O.
+#[allow(clippy::too_many_arguments)]
 async fn writer(
     influx: Arc<Influx>,
     mut batches: mpsc::Receiver<Batch>,
@@ -180,7 +182,10 @@ async fn write_splitting(influx: &Influx, body: &[u8], stats: &Stats) -> Result<
         match influx.write(part).await {
             Ok(()) => {}
             Err(WriteError::Refused { message, .. }) => {
-                let lines = part.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+                let lines = part
+                    .split(|b| *b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .count();
                 if lines <= 1 {
                     stats.points_refused.fetch_add(1, Relaxed);
                     let shown = String::from_utf8_lossy(&part[..part.len().min(300)]);

@@ -255,7 +255,12 @@ pub fn encode_sample(s: &ValidSample, out: &mut Vec<u8>) -> usize {
     // newer total: summing a job's points gives its usage across agent restarts.
     for t in &s.job_totals {
         let mut f = amount_fields(&t.amounts);
-        let gpus = t.gpus.iter().map(|g| g.as_str()).collect::<Vec<_>>().join(",");
+        let gpus = t
+            .gpus
+            .iter()
+            .map(|g| g.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         f.i("start_ms", Some(t.start_ms))
             .i("until_ms", Some(t.until_ms))
             .b("ended", t.ended)

@@ -270,7 +270,10 @@ fn validate(input: impl BufRead, limits: &Limits) -> ExitCode {
     {
         let tally = tally.clone();
         std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(nodewatt_common::shutdown_signal());
@@ -303,7 +306,11 @@ fn validate(input: impl BufRead, limits: &Limits) -> ExitCode {
         });
         let mut t = tally.lock().expect("tally lock");
         match checked {
-            Ok(s) => *t.per_node.entry(format!("{}/{}", s.cluster, s.node)).or_default() += 1,
+            Ok(s) => {
+                *t.per_node
+                    .entry(format!("{}/{}", s.cluster, s.node))
+                    .or_default() += 1
+            }
             Err(e) => {
                 t.bad += 1;
                 *t.per_reason.entry(e.reason.as_str()).or_default() += 1;

@@ -143,7 +143,10 @@ mod tests {
         // Another node has its own budget.
         assert_eq!(b.admit((&c, &n2), &lines(&["x", "y", "z"]), 4), Ok(3));
         // A new window, a new budget; series in use are still known.
-        assert_eq!(b.admit((&c, &n1), &lines(&["a", "p", "q", "r"]), 60_000), Ok(3));
+        assert_eq!(
+            b.admit((&c, &n1), &lines(&["a", "p", "q", "r"]), 60_000),
+            Ok(3)
+        );
         // Two windows later, unseen series are forgotten.
         assert_eq!(b.admit((&c, &n1), &lines(&["b"]), 180_000), Ok(1));
     }

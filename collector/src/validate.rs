@@ -4,8 +4,10 @@
 //! conservation). `serve` and `validate` call the same function. A rejected message is
 //! counted by reason and never written.
 
+use nodewatt_wire::{
+    check_sample, check_status, invalid, NodeName, Sample, Status, Topic, TopicKind, ValidSample,
+};
 pub use nodewatt_wire::{Invalid as Rejected, Reason};
-use nodewatt_wire::{check_sample, check_status, invalid, NodeName, Sample, Status, Topic, TopicKind, ValidSample};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -64,14 +66,22 @@ pub fn validate(
                     ),
                 ));
             }
-            Ok(Message::Sample(Box::new(check_sample(s, now_ms, &limits.wire)?)))
+            Ok(Message::Sample(Box::new(check_sample(
+                s,
+                now_ms,
+                &limits.wire,
+            )?)))
         }
     }
 }
 
 /// A sample without a topic (`nodewatt-collector validate` reading `run --stdout`): the
 /// same checks as [`validate`], with the payload's own node standing for its topic.
-pub fn validate_line(payload: &[u8], now_ms: u64, limits: &Limits) -> Result<ValidSample, Rejected> {
+pub fn validate_line(
+    payload: &[u8],
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<ValidSample, Rejected> {
     size(payload, limits)?;
     let s = Sample::from_json(payload)?;
     check_sample(s, now_ms, &limits.wire)
@@ -102,7 +112,13 @@ mod tests {
 
     fn sample() -> Sample {
         let name = |v: &str| NodeName::new(v).unwrap();
-        let mut s = Sample::new("nodewatt-agent/0.1.0", name("c1"), name("n1"), 1000, NOW - 60_000);
+        let mut s = Sample::new(
+            "nodewatt-agent/0.1.0",
+            name("c1"),
+            name("n1"),
+            1000,
+            NOW - 60_000,
+        );
         s.ts_ms = NOW;
         s.gpus.push(Gpu {
             index: 0,

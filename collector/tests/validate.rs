@@ -78,7 +78,10 @@ fn runs_serves_checks_and_counts_each_reason() {
     }
     assert!(out.ends_with("5 invalid lines\n"), "{out}");
     assert!(err.contains("line 2: json: not a nodewatt sample"), "{err}");
-    assert!(err.contains("line 3: schema: unsupported schema version 9"), "{err}");
+    assert!(
+        err.contains("line 3: schema: unsupported schema version 9"),
+        "{err}"
+    );
     assert!(err.contains("line 5: timestamp: ts_ms = 1"), "{err}");
     assert!(err.contains("line 6: name: "), "{err}");
 }

@@ -293,7 +293,10 @@ pub fn check_sample(s: Sample, now_ms: u64, l: &Limits) -> Result<ValidSample, I
     if !(10..=3_600_000).contains(&s.interval_ms) {
         return Err(invalid(
             Reason::Range,
-            format!("interval_ms = {} is not between 10 and 3600000", s.interval_ms),
+            format!(
+                "interval_ms = {} is not between 10 and 3600000",
+                s.interval_ms
+            ),
         ));
     }
     // The span lies after the agent started: no process can cover more.
@@ -362,7 +365,10 @@ pub fn check_sample(s: Sample, now_ms: u64, l: &Limits) -> Result<ValidSample, I
             count("cpu ticks", v)?;
         }
         count("cpu mem_total_bytes", c.mem_total_bytes)?;
-        count("cpu mem_available_bytes", c.mem_available_bytes.unwrap_or(0))?;
+        count(
+            "cpu mem_available_bytes",
+            c.mem_available_bytes.unwrap_or(0),
+        )?;
         if u64::from(c.cores) > MAX_CORES {
             return Err(invalid(Reason::Range, format!("cpu cores = {}", c.cores)));
         }
@@ -412,9 +418,11 @@ fn check_usage(s: &Sample, p: &crate::check::MaxPower) -> Result<(), Invalid> {
     let mut sum = [0u128; 6];
     for u in &s.usage {
         let a = &u.amounts;
-        for (i, v) in [a.gpu_uj, a.cpu_uj, a.dram_uj, a.other_uj, a.gpu_ms, a.cpu_us]
-            .into_iter()
-            .enumerate()
+        for (i, v) in [
+            a.gpu_uj, a.cpu_uj, a.dram_uj, a.other_uj, a.gpu_ms, a.cpu_us,
+        ]
+        .into_iter()
+        .enumerate()
         {
             count("usage amount", v)?;
             sum[i] += u128::from(v);
@@ -456,17 +464,29 @@ fn check_usage(s: &Sample, p: &crate::check::MaxPower) -> Result<(), Invalid> {
 fn check_job_totals(s: &Sample, p: &crate::check::MaxPower) -> Result<(), Invalid> {
     for t in &s.job_totals {
         let what = format!("job {} total", t.job);
-        time(&format!("{what} start_ms"), t.start_ms, MIN_TIME_MS, t.since_ms)?;
+        time(
+            &format!("{what} start_ms"),
+            t.start_ms,
+            MIN_TIME_MS,
+            t.since_ms,
+        )?;
         time(
             &format!("{what} since_ms"),
             t.since_ms,
             MIN_TIME_MS,
             s.ts_ms + s.interval_ms,
         )?;
-        time(&format!("{what} until_ms"), t.until_ms, MIN_TIME_MS, s.ts_ms)?;
+        time(
+            &format!("{what} until_ms"),
+            t.until_ms,
+            MIN_TIME_MS,
+            s.ts_ms,
+        )?;
         at_most("GPUs of one job", t.gpus.len(), MAX_GPUS)?;
         let a = &t.amounts;
-        for v in [a.gpu_uj, a.cpu_uj, a.dram_uj, a.other_uj, a.gpu_ms, a.cpu_us] {
+        for v in [
+            a.gpu_uj, a.cpu_uj, a.dram_uj, a.other_uj, a.gpu_ms, a.cpu_us,
+        ] {
             count("job total amount", v)?;
         }
         let dur = t.until_ms.saturating_sub(t.since_ms) + s.interval_ms;
@@ -577,6 +597,9 @@ mod tests {
         s
     }
 
+    /// A named change that makes a good sample bad.
+    type Case = (&'static str, fn(&mut Sample));
+
     fn reason(s: Sample) -> Reason {
         check_sample(s, NOW, &Limits::default()).unwrap_err().reason
     }
@@ -591,7 +614,7 @@ mod tests {
 
     #[test]
     fn numbers_out_of_range() {
-        let cases: [(&str, fn(&mut Sample)); 6] = [
+        let cases: [Case; 6] = [
             ("power", |s| s.gpus[0].power_w = Some(1e12)),
             ("nan", |s| s.gpus[0].temp_c = Some(f64::NAN)),
             ("util", |s| s.gpus[0].util_pct = Some(101.0)),
@@ -608,7 +631,7 @@ mod tests {
 
     #[test]
     fn times_outside_their_windows() {
-        let cases: [(&str, fn(&mut Sample)); 7] = [
+        let cases: [Case; 7] = [
             ("future", |s| s.ts_ms = NOW + 301_000),
             ("old", |s| s.ts_ms = NOW - 8 * 86_400_000),
             ("1970 start", |s| s.agent_start_ms = 1),
@@ -639,7 +662,9 @@ mod tests {
         assert!(check_status(&st(NOW), NOW, &Limits::default()).is_ok());
         for ts in [0, 7_258_118_400_000] {
             assert_eq!(
-                check_status(&st(ts), NOW, &Limits::default()).unwrap_err().reason,
+                check_status(&st(ts), NOW, &Limits::default())
+                    .unwrap_err()
+                    .reason,
                 Reason::Timestamp
             );
         }
@@ -724,7 +749,10 @@ mod tests {
         let good = sample().to_json();
         assert!(Sample::from_json(good.as_bytes()).is_ok());
         for (from, to) in [
-            ("\"proj-a\"", "\"x' OR \\\"project\\\" =~ /.*/ OR \\\"project\\\" = 'y\""),
+            (
+                "\"proj-a\"",
+                "\"x' OR \\\"project\\\" =~ /.*/ OR \\\"project\\\" = 'y\"",
+            ),
             ("\"proj-a\"", "\"a,b\""),
             ("\"jane.doe@corp.example\"", "\"o'brien\""),
             ("\"n1\"", "\"n 1\""),
@@ -739,8 +767,7 @@ mod tests {
         let e = Invalid::from(Sample::from_json(b"{\"schema\":1,").unwrap_err());
         assert_eq!(e.reason, Reason::Json);
         let e = Invalid::from(
-            Sample::from_json(good.replace("\"schema\":1", "\"schema\":2").as_bytes())
-                .unwrap_err(),
+            Sample::from_json(good.replace("\"schema\":1", "\"schema\":2").as_bytes()).unwrap_err(),
         );
         assert_eq!(e.reason, Reason::Schema);
     }

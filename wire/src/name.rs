@@ -36,8 +36,9 @@ fn check(
 ) -> Result<(), NameError> {
     let ok = !v.is_empty()
         && v.len() <= max
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || extra.contains(&c));
+        && v.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || extra.contains(&c)
+        });
     if ok {
         Ok(())
     } else {

@@ -487,7 +487,13 @@ mod tests {
 
     fn minimal() -> Sample {
         let name = |n: &str| NodeName::new(n).unwrap();
-        let mut s = Sample::new("nodewatt-agent/test", name("c"), name("n1"), 1000, 1_699_999_999_000);
+        let mut s = Sample::new(
+            "nodewatt-agent/test",
+            name("c"),
+            name("n1"),
+            1000,
+            1_699_999_999_000,
+        );
         s.ts_ms = 1_700_000_000_000;
         s.seq = 7;
         s

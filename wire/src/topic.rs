@@ -48,7 +48,8 @@ impl Topic {
             "status" => TopicKind::Status,
             _ => return Err(not_ours()),
         };
-        let name = |v: &str| NodeName::new(v).map_err(|e| invalid(Reason::Name, format!("topic: {e}")));
+        let name =
+            |v: &str| NodeName::new(v).map_err(|e| invalid(Reason::Name, format!("topic: {e}")));
         Ok(Topic {
             cluster: name(cluster)?,
             node: name(node)?,
@@ -65,7 +66,10 @@ mod tests {
     fn topics_round_trip() {
         assert_eq!(sample_topic("c1", "n-1"), "nodewatt/v1/c1/n-1/sample");
         let t = Topic::parse("nodewatt/v1/c1/n-1/sample").unwrap();
-        assert_eq!((t.cluster.as_str(), t.node.as_str(), t.kind), ("c1", "n-1", TopicKind::Sample));
+        assert_eq!(
+            (t.cluster.as_str(), t.node.as_str(), t.kind),
+            ("c1", "n-1", TopicKind::Sample)
+        );
         assert_eq!(
             Topic::parse(&status_topic("c", "n")).unwrap().kind,
             TopicKind::Status
@@ -77,9 +81,17 @@ mod tests {
             "nodewatt/v1/c/n/other",
             "nodewatt/v1c/n/sample",
         ] {
-            assert_eq!(Topic::parse(bad).unwrap_err().reason, Reason::Topic, "{bad}");
+            assert_eq!(
+                Topic::parse(bad).unwrap_err().reason,
+                Reason::Topic,
+                "{bad}"
+            );
         }
-        for bad in ["nodewatt/v1//n/sample", "nodewatt/v1/c/n x/sample", "nodewatt/v1/c/n'/status"] {
+        for bad in [
+            "nodewatt/v1//n/sample",
+            "nodewatt/v1/c/n x/sample",
+            "nodewatt/v1/c/n'/status",
+        ] {
             assert_eq!(Topic::parse(bad).unwrap_err().reason, Reason::Name, "{bad}");
         }
     }

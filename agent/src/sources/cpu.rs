@@ -284,8 +284,8 @@ impl Source for CpuSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::n;
     use crate::config::default_job_cgroups;
+    use crate::testutil::n;
     use crate::testutil::{empty_sample, fixture_copy, fixture_root};
 
     fn ticks(user: u64, idle: u64) -> CpuTicks {
