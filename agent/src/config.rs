@@ -453,14 +453,11 @@ impl Config {
     }
 }
 
-/// Free text that becomes a tag downstream: printable, no backslash, bounded.
+/// Free text that becomes a tag downstream: the wire's label rule, so the collector
+/// accepts what the config allows.
 fn check_label(what: &str, v: &str) -> Result<(), ConfigError> {
-    if v.is_empty() || v.len() > 128 || v.chars().any(|c| c.is_control() || c == '\\') {
-        return Err(ConfigError::Invalid(format!(
-            "{what} {v:?} must be 1-128 printable characters without a backslash"
-        )));
-    }
-    Ok(())
+    nodewatt_wire::name::check_label("label", v)
+        .map_err(|e| ConfigError::Invalid(format!("{what}: {e}")))
 }
 
 fn check_power(at: &str, p: f64) -> Result<(), ConfigError> {
