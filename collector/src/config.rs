@@ -236,6 +236,21 @@ fn default_max_age() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
 
+impl ValidationConfig {
+    /// What `serve` and `validate` check messages against.
+    pub fn limits(&self) -> crate::validate::Limits {
+        crate::validate::Limits {
+            max_bytes: self.max_message_bytes,
+            wire: nodewatt_wire::Limits {
+                max_future_ms: self.max_future.as_millis() as u64,
+                max_age_ms: self.max_age.as_millis() as u64,
+                max_power: self.max_power,
+                max_jobs: self.max_jobs_per_message,
+            },
+        }
+    }
+}
+
 impl Default for ValidationConfig {
     fn default() -> Self {
         ValidationConfig {
@@ -269,20 +284,6 @@ impl Config {
             msg,
         })?;
         Ok(cfg)
-    }
-
-    /// What `serve` and `validate` check messages against.
-    pub fn limits(&self) -> crate::validate::Limits {
-        let v = &self.validation;
-        crate::validate::Limits {
-            max_bytes: v.max_message_bytes,
-            wire: nodewatt_wire::Limits {
-                max_future_ms: v.max_future.as_millis() as u64,
-                max_age_ms: v.max_age.as_millis() as u64,
-                max_power: v.max_power,
-                max_jobs: v.max_jobs_per_message,
-            },
-        }
     }
 
     /// Ranges of every duration and size; the message names the option.
@@ -466,9 +467,9 @@ mod tests {
             );
         }
         let c = load(&format!("{MIN}[validation.max_power]\ngpu_w = 1500\n")).unwrap();
-        assert_eq!(c.limits().wire.max_power.gpu_w, 1500);
+        assert_eq!(c.validation.limits().wire.max_power.gpu_w, 1500);
         assert_eq!(
-            c.limits().wire.max_power.cpu_w,
+            c.validation.limits().wire.max_power.cpu_w,
             1000,
             "other classes keep defaults"
         );

@@ -21,10 +21,9 @@ use tokio::time::Instant;
 
 use crate::config::{BatchConfig, Config};
 use crate::influx::{Influx, WriteError};
-use crate::lineproto::{encode_sample, encode_status};
-use crate::series::SeriesBudget;
+use crate::lineproto::encode_status;
 use crate::stats::Stats;
-use crate::validate::{validate, Message, Reason};
+use crate::validate::{Admitted, Gate, Reason};
 
 /// The largest packet MQTT can carry (remaining length 268,435,455 plus header). The
 /// collector accepts anything the broker delivers and rejects oversized payloads itself
@@ -131,8 +130,7 @@ async fn writer(
                         stats.last_batch_points.store(batch.points as u64, Relaxed);
                         break;
                     }
-                    Err(WriteError::Refused { .. }) => unreachable!("split down to lines"),
-                    Err(WriteError::Retry(e)) => {
+                    Err(e) => {
                         failures += 1;
                         stats.write_errors.fetch_add(1, Relaxed);
                         let delay = backoff.next_delay();
@@ -175,8 +173,8 @@ async fn writer(
 /// Writes a batch; where InfluxDB refuses it (400: a line it will not take; 413: too
 /// large), halves it until the refused lines are alone, counts and drops only those, and
 /// writes the rest. Rewriting lines InfluxDB already took (a 1.x partial write) is
-/// harmless: same series and time overwrite. `Retry` is left to the caller.
-async fn write_splitting(influx: &Influx, body: &[u8], stats: &Stats) -> Result<(), WriteError> {
+/// harmless: same series and time overwrite. A failure worth retrying is returned.
+async fn write_splitting(influx: &Influx, body: &[u8], stats: &Stats) -> Result<(), String> {
     let mut todo: Vec<&[u8]> = vec![body];
     while let Some(part) = todo.pop() {
         match influx.write(part).await {
@@ -196,7 +194,7 @@ async fn write_splitting(influx: &Influx, body: &[u8], stats: &Stats) -> Result<
                 todo.push(b);
                 todo.push(a);
             }
-            Err(e) => return Err(e),
+            Err(WriteError::Retry(e)) => return Err(e),
         }
     }
     Ok(())
@@ -248,12 +246,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
         stop_rx,
     ));
 
-    let limits = cfg.limits();
-    let mut series = SeriesBudget::new(
-        cfg.validation.max_new_series_per_node,
-        cfg.validation.series_window.as_millis() as u64,
-    );
-    let mut scratch = Vec::new();
+    let mut gate = Gate::new(&cfg.validation);
     let topics = subscriptions(cfg.collector.share_group.as_deref());
     let mut batch = Batch::default();
     let mut rejects = RejectLog::new();
@@ -314,23 +307,13 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
                 Ok(Event::Incoming(Packet::SubAck(_))) => tracing::info!(?topics, "subscribed"),
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let now = now_ms();
-                    // A sample is encoded aside first: its series must fit the node's budget.
-                    scratch.clear();
-                    let checked = validate(&p.topic, &p.payload, now, &limits).and_then(|m| match m {
-                        Message::Sample(s) => {
-                            let points = encode_sample(&s, &mut scratch);
-                            series.admit((&s.cluster, &s.node), &scratch, now)?;
-                            Ok((Message::Sample(s), points))
-                        }
-                        status => Ok((status, 0)),
-                    });
-                    match checked {
-                        Ok((Message::Sample(_), points)) => {
+                    match gate.admit(&p.topic, &p.payload, now) {
+                        Ok(Admitted::Sample { points, .. }) => {
                             stats.messages_in.fetch_add(1, Relaxed);
-                            batch.body.extend_from_slice(&scratch);
+                            batch.body.extend_from_slice(gate.lines());
                             batch.points += points;
                         }
-                        Ok((Message::Status { cluster, node, status }, _)) => {
+                        Ok(Admitted::Status { cluster, node, status }) => {
                             stats.status_in.fetch_add(1, Relaxed);
                             batch.points += encode_status(&cluster, &node, &status, now, &mut batch.body);
                         }
@@ -392,6 +375,19 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_split_at_line_ends_until_one_line_is_left() {
+        let body = b"a 1\nbb 2\nccc 3\n";
+        let (x, y) = split_lines(body);
+        assert_eq!((x, y), (&b"a 1\nbb 2\n"[..], &b"ccc 3\n"[..]));
+        let (x, y) = split_lines(x);
+        assert_eq!((x, y), (&b"a 1\n"[..], &b"bb 2\n"[..]));
+        // Halving always makes progress: both parts are non-empty while lines remain.
+        let body = b"one-long-line 1\nx 2\n";
+        let (x, y) = split_lines(body);
+        assert!(!x.is_empty() && !y.is_empty(), "{x:?} {y:?}");
+    }
 
     #[test]
     fn subscription_topics() {

@@ -6,9 +6,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nodewatt_collector::billing::{self, By, Format, Prices};
 use nodewatt_collector::config::Config;
+use nodewatt_collector::config::ValidationConfig;
 use nodewatt_collector::influx::Influx;
 use nodewatt_collector::report;
-use nodewatt_collector::validate::{validate_line, Limits};
+use nodewatt_collector::validate::Gate;
 use nodewatt_wire::{JobId, Project};
 
 /// nodewatt collector: subscribes to agent samples over MQTT, validates them, and writes
@@ -115,14 +116,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Validate { config } => (|| {
-            let limits = match config {
-                Some(path) => Config::load(&path)?.limits(),
-                None => Limits {
-                    max_bytes: 256 * 1024,
-                    wire: nodewatt_wire::Limits::default(),
-                },
+            let validation = match config {
+                Some(path) => Config::load(&path)?.validation,
+                None => ValidationConfig::default(),
             };
-            Ok(validate(std::io::stdin().lock(), &limits))
+            Ok(validate(std::io::stdin().lock(), Gate::new(&validation)))
         })(),
         Command::Report {
             config,
@@ -263,7 +261,7 @@ impl Tally {
     }
 }
 
-fn validate(input: impl BufRead, limits: &Limits) -> ExitCode {
+fn validate(input: impl BufRead, mut gate: Gate) -> ExitCode {
     use std::sync::{Arc, Mutex};
     let tally = Arc::new(Mutex::new(Tally::default()));
     // Ctrl-C (or SIGTERM) while reading a pipe: print what was counted, then leave.
@@ -282,9 +280,6 @@ fn validate(input: impl BufRead, limits: &Limits) -> ExitCode {
             std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
         });
     }
-    let window = 3_600_000;
-    let mut series = nodewatt_collector::series::SeriesBudget::new(5_000, window);
-    let mut scratch = Vec::new();
     for (n, line) in input.split(b'\n').enumerate() {
         let line = match line {
             Ok(l) => l,
@@ -296,14 +291,7 @@ fn validate(input: impl BufRead, limits: &Limits) -> ExitCode {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let now = nodewatt_collector::ingest::now_ms();
-        scratch.clear();
-        // serve's checks: the contract, then the node's series budget.
-        let checked = validate_line(&line, now, limits).and_then(|s| {
-            nodewatt_collector::lineproto::encode_sample(&s, &mut scratch);
-            series.admit((&s.cluster, &s.node), &scratch, now)?;
-            Ok(s)
-        });
+        let checked = gate.admit_line(&line, nodewatt_collector::ingest::now_ms());
         let mut t = tally.lock().expect("tally lock");
         match checked {
             Ok(s) => {

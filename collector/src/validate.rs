@@ -1,13 +1,17 @@
 //! Every message is parsed into the wire contract before anything is written: size,
 //! topic, schema and names (while deserialising), payload against topic, then
 //! `nodewatt_wire::check_sample` (ranges, time windows, entry counts, physics,
-//! conservation). `serve` and `validate` call the same function. A rejected message is
-//! counted by reason and never written.
+//! conservation), then the node's series budget. `serve` and `validate` both go through
+//! [`Gate`]. A rejected message is counted by reason and never written.
 
 use nodewatt_wire::{
     check_sample, check_status, invalid, NodeName, Sample, Status, Topic, TopicKind, ValidSample,
 };
 pub use nodewatt_wire::{Invalid as Rejected, Reason};
+
+use crate::config::ValidationConfig;
+use crate::lineproto::encode_sample;
+use crate::series::SeriesBudget;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -72,6 +76,87 @@ pub fn validate(
                 &limits.wire,
             )?)))
         }
+    }
+}
+
+/// Everything a message passes before it is written, shared by `serve` and `validate`:
+/// the wire contract, then (for samples) the node's new-series budget, checked on the
+/// sample's encoded lines. An admitted sample's lines are in [`Gate::lines`].
+pub struct Gate {
+    limits: Limits,
+    series: SeriesBudget,
+    lines: Vec<u8>,
+}
+
+/// What a [`Gate`] let through.
+pub enum Admitted {
+    /// Its `points` lines are in [`Gate::lines`].
+    Sample {
+        sample: Box<ValidSample>,
+        points: usize,
+    },
+    Status {
+        cluster: NodeName,
+        node: NodeName,
+        status: Status,
+    },
+}
+
+impl Gate {
+    pub fn new(v: &ValidationConfig) -> Gate {
+        Gate {
+            limits: v.limits(),
+            series: SeriesBudget::new(
+                v.max_new_series_per_node,
+                v.series_window.as_millis() as u64,
+            ),
+            lines: Vec::new(),
+        }
+    }
+
+    /// A message from the broker.
+    pub fn admit(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<Admitted, Rejected> {
+        match validate(topic, payload, now_ms, &self.limits)? {
+            Message::Sample(s) => {
+                let points = self.encode(&s, now_ms)?;
+                Ok(Admitted::Sample { sample: s, points })
+            }
+            Message::Status {
+                cluster,
+                node,
+                status,
+            } => Ok(Admitted::Status {
+                cluster,
+                node,
+                status,
+            }),
+        }
+    }
+
+    /// A sample without a topic (`validate` reading `run --stdout`).
+    pub fn admit_line(&mut self, payload: &[u8], now_ms: u64) -> Result<ValidSample, Rejected> {
+        let s = validate_line(payload, now_ms, &self.limits)?;
+        self.encode(&s, now_ms)?;
+        Ok(s)
+    }
+
+    /// Encodes into `lines` and charges the node's series budget; returns the points.
+    fn encode(&mut self, s: &ValidSample, now_ms: u64) -> Result<usize, Rejected> {
+        self.lines.clear();
+        let points = encode_sample(s, &mut self.lines);
+        self.series
+            .admit((&s.cluster, &s.node), &self.lines, now_ms)?;
+        Ok(points)
+    }
+
+    /// The line protocol of the last admitted sample.
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
     }
 }
 
@@ -174,6 +259,32 @@ mod tests {
                 .unwrap_err()
                 .reason,
             Reason::Timestamp
+        );
+    }
+
+    #[test]
+    fn the_gate_charges_each_nodes_series_budget() {
+        let payload = sample().to_json();
+        let v = ValidationConfig {
+            max_new_series_per_node: 2,
+            ..ValidationConfig::default()
+        };
+        let mut gate = Gate::new(&v);
+        // agent + gpu: two new series, within the budget; written lines are kept.
+        match gate.admit(TOPIC, payload.as_bytes(), NOW) {
+            Ok(Admitted::Sample { points, .. }) => assert_eq!(points, 2),
+            _ => panic!("admitted"),
+        }
+        assert_eq!(gate.lines().iter().filter(|b| **b == b'\n').count(), 2);
+        // The same series again cost nothing; one more is over.
+        assert!(gate.admit_line(payload.as_bytes(), NOW).is_ok());
+        let mut s = sample();
+        s.gpus[0].uuid = "GPU-2".into();
+        assert_eq!(
+            gate.admit(TOPIC, s.to_json().as_bytes(), NOW)
+                .err()
+                .map(|e| e.reason),
+            Some(Reason::SeriesBudget)
         );
     }
 
