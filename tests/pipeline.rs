@@ -231,6 +231,36 @@ fn influxdb_outage_keeps_messages_unacknowledged_and_bounded() {
 }
 
 #[test]
+fn sigterm_stops_the_collector_while_influxdb_is_down() {
+    let Stack {
+        mq,
+        mut db,
+        collector_cfg: _ccfg,
+        mut collector,
+    } = Stack::start("downstop", DB);
+    let a = config_file(
+        "a.toml",
+        &agent_config("lab", "node-a", "20ms", mq.port, &[300.0]),
+    );
+    db.stop();
+    let mut pa = start_agent(&a, 50);
+    pa.wait_success(Duration::from_secs(60));
+    // Writes fail and are retried; batches (samples, health points every 200 ms) queue
+    // up behind the failing one.
+    assert!(
+        wait_until(Duration::from_secs(20), || collector
+            .log()
+            .contains("InfluxDB write failed")),
+        "{}",
+        collector.log()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    // SIGTERM: the writer stops retrying and the process exits cleanly (stop_cleanly
+    // gives it 20 s); the unwritten messages stay with the broker.
+    collector.stop_cleanly();
+}
+
+#[test]
 fn killed_agent_is_marked_offline_by_its_last_will() {
     let Stack {
         mq,
