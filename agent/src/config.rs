@@ -8,7 +8,7 @@ use nodewatt_common::mqtt::MqttConfig;
 use nodewatt_wire::NodeName;
 use serde::Deserialize;
 
-use crate::queue::MAX_CAPACITY;
+use crate::publish::outbox::MAX_CAPACITY;
 
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);

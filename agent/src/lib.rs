@@ -6,7 +6,6 @@ pub mod config;
 pub mod counter;
 pub mod deltas;
 pub mod publish;
-pub mod queue;
 pub mod registry;
 pub mod sampler;
 pub mod schedule;

@@ -198,6 +198,7 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
         acked = stats.acked,
         merges = stats.merges,
         reconnects = stats.reconnects,
+        stray_acks = stats.stray_acks,
         "stopped"
     );
     Ok(ExitCode::SUCCESS)

@@ -1,61 +1,59 @@
 //! The collector's own counters, written to InfluxDB as `nodewatt_collector` and logged.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-
+use crate::ingest::pipeline::WriteStats;
 use crate::lineproto::{line, Value};
 use crate::validate::Reason;
 
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub messages_in: AtomicU64,
-    pub status_in: AtomicU64,
-    rejected: [AtomicU64; Reason::ALL.len()],
-    pub points_written: AtomicU64,
-    pub batches_written: AtomicU64,
-    pub write_errors: AtomicU64,
-    pub points_refused: AtomicU64,
-    pub last_write_ms: AtomicU64,
-    pub last_batch_points: AtomicU64,
-    /// Messages received and not yet acknowledged.
-    pub pending: AtomicU64,
-    pub connected: AtomicBool,
+    pub messages_in: u64,
+    pub status_in: u64,
+    rejected: [u64; Reason::ALL.len()],
+    pub connected: bool,
 }
 
 impl Stats {
-    pub fn reject(&self, r: Reason) {
-        self.rejected[r as usize].fetch_add(1, Relaxed);
+    pub fn reject(&mut self, r: Reason) {
+        self.rejected[r as usize] += 1;
     }
 
     pub fn rejected(&self, r: Reason) -> u64 {
-        self.rejected[r as usize].load(Relaxed)
+        self.rejected[r as usize]
     }
 
     pub fn rejected_total(&self) -> u64 {
-        Reason::ALL.iter().map(|r| self.rejected(*r)).sum()
+        self.rejected.iter().sum()
     }
 
     /// One `nodewatt_collector` point with every counter.
-    pub fn encode(&self, collector: &str, ts_ms: u64, out: &mut Vec<u8>) {
-        let get = |a: &AtomicU64| Value::I(a.load(Relaxed) as i64);
+    pub fn encode(
+        &self,
+        writes: &WriteStats,
+        pending: usize,
+        collector: &str,
+        ts_ms: u64,
+        out: &mut Vec<u8>,
+    ) {
+        let int = |v: u64| Value::I(v.min(i64::MAX as u64) as i64);
         let mut fields = vec![
-            ("messages_in", get(&self.messages_in)),
-            ("status_in", get(&self.status_in)),
-            ("rejected", Value::I(self.rejected_total() as i64)),
-            ("points_written", get(&self.points_written)),
-            ("batches_written", get(&self.batches_written)),
-            ("write_errors", get(&self.write_errors)),
-            ("points_refused", get(&self.points_refused)),
-            ("write_latency_ms", get(&self.last_write_ms)),
-            ("batch_points", get(&self.last_batch_points)),
-            ("pending_messages", get(&self.pending)),
-            ("connected", Value::B(self.connected.load(Relaxed))),
+            ("messages_in", int(self.messages_in)),
+            ("status_in", int(self.status_in)),
+            ("rejected", int(self.rejected_total())),
+            ("points_written", int(writes.points_written)),
+            ("batches_written", int(writes.batches_written)),
+            ("write_errors", int(writes.write_errors)),
+            ("points_refused", int(writes.points_refused)),
+            ("write_latency_ms", int(writes.last_write_ms)),
+            ("batch_points", int(writes.last_batch_points)),
+            ("pending_messages", int(pending as u64)),
+            ("connected", Value::B(self.connected)),
         ];
         let names: Vec<String> = Reason::ALL
             .iter()
             .map(|r| format!("rejected_{}", r.as_str()))
             .collect();
         for (r, name) in Reason::ALL.iter().zip(&names) {
-            fields.push((name.as_str(), Value::I(self.rejected(*r) as i64)));
+            fields.push((name.as_str(), int(self.rejected(*r))));
         }
         line(
             out,
@@ -73,18 +71,26 @@ mod tests {
 
     #[test]
     fn encodes_every_counter() {
-        let s = Stats::default();
-        s.messages_in.fetch_add(3, Relaxed);
+        let mut s = Stats {
+            messages_in: 3,
+            ..Stats::default()
+        };
         s.reject(Reason::Name);
         s.reject(Reason::Name);
+        let writes = WriteStats {
+            points_refused: 4,
+            ..WriteStats::default()
+        };
         let mut out = Vec::new();
-        s.encode("c1", 5, &mut out);
+        s.encode(&writes, 7, "c1", 5, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(
             text.starts_with("nodewatt_collector,collector=c1 messages_in=3i,"),
             "{text}"
         );
         assert!(text.contains(",rejected=2i,"), "{text}");
+        assert!(text.contains(",points_refused=4i,"), "{text}");
+        assert!(text.contains(",pending_messages=7i,"), "{text}");
         assert!(
             text.contains(",rejected_name=2i,") || text.contains(",rejected_name=2i "),
             "{text}"

@@ -1,7 +1,7 @@
 //! Exponential backoff with jitter, for reconnects and write retries: after a broker or
 //! database outage, thousands of agents must not all come back in the same instant.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -48,6 +48,74 @@ impl Backoff {
     }
 }
 
+/// A connection or write that may fail and is retried with backoff: when the next try is
+/// due, and whether a failure is worth a log line (the first, then at powers of two, so a
+/// long outage stays quiet). Pure: the caller passes the time.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    backoff: Backoff,
+    failures: u32,
+    at: Option<Instant>,
+}
+
+/// What to do after a failure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Failed {
+    pub failures: u32,
+    pub delay: Duration,
+    /// Log this one: the first failure, then the 2nd, 4th, 8th...
+    pub log: bool,
+}
+
+impl Retry {
+    pub fn new(backoff: Backoff) -> Retry {
+        Retry {
+            backoff,
+            failures: 0,
+            at: None,
+        }
+    }
+
+    /// A failure at `now`: the next try waits for the backoff delay.
+    pub fn failed(&mut self, now: Instant) -> Failed {
+        self.failures = self.failures.saturating_add(1);
+        let delay = self.backoff.next_delay();
+        self.at = Some(now + delay);
+        Failed {
+            failures: self.failures,
+            delay,
+            log: self.failures.is_power_of_two(),
+        }
+    }
+
+    /// A success: returns how many failures came before it (0 if none).
+    pub fn succeeded(&mut self) -> u32 {
+        self.backoff.reset();
+        self.at = None;
+        std::mem::take(&mut self.failures)
+    }
+
+    /// When the next try may start, while waiting after a failure.
+    pub fn waiting_until(&self) -> Option<Instant> {
+        self.at
+    }
+
+    /// Whether a try may start at `now`; ends the wait once it is over.
+    pub fn ready(&mut self, now: Instant) -> bool {
+        match self.at {
+            Some(t) if now < t => false,
+            _ => {
+                self.at = None;
+                true
+            }
+        }
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +144,22 @@ mod tests {
             .map(|seed| Backoff::with_seed(ms(1_000), ms(1_000), seed * 7919).next_delay())
             .collect();
         assert!(delays.len() > 40, "only {} distinct delays", delays.len());
+    }
+
+    #[test]
+    fn retry_waits_logs_at_powers_of_two_and_resets() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut r = Retry::new(Backoff::with_seed(ms(100), ms(400), 7));
+        assert!(r.ready(t0), "nothing failed yet");
+        let logged: Vec<bool> = (0..5).map(|_| r.failed(t0).log).collect();
+        assert_eq!(logged, [true, true, false, true, false]);
+        let at = r.waiting_until().unwrap();
+        assert!(!r.ready(at - ms(1)));
+        assert!(r.ready(at));
+        assert_eq!(r.waiting_until(), None, "ready ends the wait");
+        assert_eq!(r.succeeded(), 5);
+        assert_eq!(r.failures(), 0);
+        assert!(r.failed(t0).delay <= ms(100), "backoff starts over");
     }
 }
