@@ -14,7 +14,7 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
 pub use nodewatt_common::config::ConfigError;
-use nodewatt_common::config::{parse_toml, read_toml, resolve};
+use nodewatt_common::config::{count_in, duration_in, parse_toml, read_toml, resolve};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -287,7 +287,7 @@ fn default_rapl_range() -> u64 {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = read_toml(path)?;
-        cfg.validate()?;
+        cfg.check(path)?;
         // Relative paths are relative to the config file, so a config and its fixture
         // tree can travel together.
         let base = path.parent().unwrap_or(Path::new("."));
@@ -307,45 +307,47 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = parse_toml(text, Path::new("<inline>"))?;
-        cfg.validate()?;
+        let origin = Path::new("<inline>");
+        let cfg: Config = parse_toml(text, origin)?;
+        cfg.check(origin)?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
+    /// Checks ranges and combinations; errors name the file and the option.
+    fn check(&self, origin: &Path) -> Result<(), ConfigError> {
+        self.validate().map_err(|msg| ConfigError::Value {
+            path: origin.to_owned(),
+            msg,
+        })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let bad = |m: String| Err(m);
+        let whole_ms = |d: Duration| d.subsec_nanos() % 1_000_000 == 0;
         let i = self.agent.interval;
-        if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&i) {
-            return bad(format!(
-                "agent.interval {} is outside {}..={}",
-                humantime::format_duration(i),
-                humantime::format_duration(MIN_INTERVAL),
-                humantime::format_duration(MAX_INTERVAL)
-            ));
-        }
-        if i.subsec_nanos() % 1_000_000 != 0 {
+        duration_in("agent.interval", i, MIN_INTERVAL, MAX_INTERVAL)?;
+        if !whole_ms(i) {
             return bad("agent.interval must be a whole number of milliseconds".into());
         }
         if let Some(t) = self.nvml.timeout {
-            if t.is_zero() {
-                return bad("nvml.timeout must be greater than zero".into());
-            }
+            duration_in("nvml.timeout", t, Duration::from_millis(1), MAX_INTERVAL)?;
         }
         if let Some(m) = &self.mqtt {
-            m.validate()
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            m.validate().map_err(|e| e.to_string())?;
         }
         let t = self.jobs.totals_interval;
-        if t < Duration::from_secs(1) || t.subsec_nanos() % 1_000_000 != 0 {
-            return bad("jobs.totals_interval must be at least 1s, in whole milliseconds".into());
+        duration_in(
+            "jobs.totals_interval",
+            t,
+            Duration::from_secs(1),
+            Duration::from_secs(86_400),
+        )?;
+        if !whole_ms(t) {
+            return bad("jobs.totals_interval must be a whole number of milliseconds".into());
         }
         let o = &self.outbox;
-        if !(16..=MAX_CAPACITY).contains(&o.capacity) {
-            return bad(format!("outbox.capacity must be 16..={MAX_CAPACITY}"));
-        }
-        if o.max_in_flight == 0 || o.max_in_flight > o.capacity / 2 {
-            return bad("outbox.max_in_flight must be 1..=capacity/2".into());
-        }
+        count_in("outbox.capacity", o.capacity, 16, MAX_CAPACITY)?;
+        count_in("outbox.max_in_flight", o.max_in_flight, 1, o.capacity / 2)?;
         for pattern in &self.cpu.job_cgroups {
             let last = pattern.rsplit('/').next().unwrap_or_default();
             if !last.starts_with("job_") || pattern.starts_with('/') || pattern.contains("..") {
@@ -400,7 +402,6 @@ impl Config {
                             "{at}: profile steps must be in increasing order and inside the period"
                         ));
                     }
-                    let whole_ms = |d: Duration| d.subsec_nanos() % 1_000_000 == 0;
                     if !whole_ms(period) || !g.profile.iter().all(|s| whole_ms(s.at)) {
                         return bad(format!("{at}: profile times must be whole milliseconds"));
                     }
@@ -455,18 +456,15 @@ impl Config {
 
 /// Free text that becomes a tag downstream: the wire's label rule, so the collector
 /// accepts what the config allows.
-fn check_label(what: &str, v: &str) -> Result<(), ConfigError> {
-    nodewatt_wire::name::check_label("label", v)
-        .map_err(|e| ConfigError::Invalid(format!("{what}: {e}")))
+fn check_label(what: &str, v: &str) -> Result<(), String> {
+    nodewatt_wire::name::check_label("label", v).map_err(|e| format!("{what}: {e}"))
 }
 
-fn check_power(at: &str, p: f64) -> Result<(), ConfigError> {
+fn check_power(at: &str, p: f64) -> Result<(), String> {
     if p.is_finite() && (0.0..=100_000.0).contains(&p) {
         Ok(())
     } else {
-        Err(ConfigError::Invalid(format!(
-            "{at}: power {p} W must be between 0 and 100000"
-        )))
+        Err(format!("{at}: power {p} W must be between 0 and 100000"))
     }
 }
 
@@ -497,6 +495,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("enable"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes_name_the_option_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        for (extra, option) in [
+            ("interval = \"0s\"\n", "agent.interval"),
+            ("[nvml]\ntimeout = \"0s\"\n", "nvml.timeout"),
+            (
+                "[jobs]\ntotals_interval = \"400d\"\n",
+                "jobs.totals_interval",
+            ),
+            ("[outbox]\ncapacity = 100000\n", "outbox.capacity"),
+            ("[outbox]\nmax_in_flight = 0\n", "outbox.max_in_flight"),
+            (
+                "[mqtt]\nhost = \"h\"\nkeep_alive = \"100000s\"\n",
+                "mqtt.keep_alive",
+            ),
+            (
+                "[mqtt]\nhost = \"h\"\nreconnect_initial = \"0s\"\n",
+                "mqtt.reconnect_initial",
+            ),
+            (
+                "[mqtt]\nhost = \"h\"\nreconnect_initial = \"2s\"\nreconnect_max = \"1s\"\n",
+                "mqtt.reconnect_max",
+            ),
+        ] {
+            std::fs::write(&path, format!("{MIN}{extra}")).unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains(option) && err.contains("agent.toml"),
+                "{extra}: {err}"
+            );
+        }
     }
 
     #[test]

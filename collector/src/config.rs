@@ -8,7 +8,7 @@ use nodewatt_wire::{MaxPower, NodeName};
 use serde::Deserialize;
 
 pub use nodewatt_common::config::ConfigError;
-use nodewatt_common::config::{read_toml, resolve};
+use nodewatt_common::config::{count_in, duration_in, parse_toml, read_toml, resolve};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -266,6 +266,16 @@ impl Default for ValidationConfig {
 }
 
 impl Config {
+    /// Parses and checks a config that is not in a file (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = parse_toml(text, origin)?;
+        cfg.validate().map_err(|msg| ConfigError::Value {
+            path: origin.to_owned(),
+            msg,
+        })?;
+        Ok(cfg)
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = read_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -331,14 +341,7 @@ impl Config {
                 s(7 * 86_400),
             ),
         ] {
-            if d < lo || d > hi {
-                return Err(format!(
-                    "{name} = {} is outside {} to {}",
-                    humantime::format_duration(d),
-                    humantime::format_duration(lo),
-                    humantime::format_duration(hi)
-                ));
-            }
+            duration_in(name, d, lo, hi)?;
         }
         let p = &v.max_power;
         for (name, n, lo, hi) in [
@@ -389,9 +392,7 @@ impl Config {
                 100_000_000,
             ),
         ] {
-            if n < lo || n > hi {
-                return Err(format!("{name} = {n} is outside {lo} to {hi}"));
-            }
+            count_in(name, n, lo, hi)?;
         }
         Ok(())
     }
@@ -458,6 +459,10 @@ mod tests {
             (
                 &format!("{MIN}[validation.max_power]\ngpu_w = 0\n"),
                 "validation.max_power.gpu_w",
+            ),
+            (
+                &format!("{MIN}[mqtt]\nhost = \"h\"\nkeep_alive = \"1d\"\n"),
+                "mqtt.keep_alive",
             ),
         ] {
             let err = load(text).unwrap_err().to_string();

@@ -40,6 +40,34 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     parse_toml(&text, path)
 }
 
+/// `name = d` must lie in `lo..=hi`; the error names the option and the range.
+pub fn duration_in(
+    name: &str,
+    d: std::time::Duration,
+    lo: std::time::Duration,
+    hi: std::time::Duration,
+) -> Result<(), String> {
+    if (lo..=hi).contains(&d) {
+        return Ok(());
+    }
+    let f = humantime::format_duration;
+    Err(format!(
+        "{name} = {} is outside {} to {}",
+        f(d),
+        f(lo),
+        f(hi)
+    ))
+}
+
+/// `name = n` must lie in `lo..=hi`.
+pub fn count_in(name: &str, n: usize, lo: usize, hi: usize) -> Result<(), String> {
+    if (lo..=hi).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!("{name} = {n} is outside {lo} to {hi}"))
+    }
+}
+
 /// Makes a relative path relative to `base` (the config file's directory).
 pub fn resolve(base: &Path, p: &mut PathBuf) {
     if p.is_relative() {

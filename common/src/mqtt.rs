@@ -84,7 +84,8 @@ pub enum MqttConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("mqtt: {0}")]
+    /// Names the option (`mqtt.…`).
+    #[error("{0}")]
     Invalid(String),
 }
 
@@ -106,22 +107,39 @@ impl MqttConfig {
     pub fn validate(&self) -> Result<(), MqttConfigError> {
         let bad = |m: &str| Err(MqttConfigError::Invalid(m.to_string()));
         if self.host.is_empty() {
-            return bad("host is empty");
+            return bad("mqtt.host is empty");
         }
         if self.password_file.is_some() && self.username.is_none() {
-            return bad("password_file needs a username");
+            return bad("mqtt.password_file needs a username");
         }
-        if self.keep_alive < Duration::from_secs(1) {
-            return bad("keep_alive must be at least 1s");
+        let s = Duration::from_secs;
+        // MQTT carries the keep-alive as 16-bit seconds.
+        let ranges = [
+            ("mqtt.keep_alive", self.keep_alive, s(1), s(u16::MAX as u64)),
+            (
+                "mqtt.reconnect_initial",
+                self.reconnect_initial,
+                Duration::from_millis(1),
+                s(3600),
+            ),
+            (
+                "mqtt.reconnect_max",
+                self.reconnect_max,
+                self.reconnect_initial,
+                s(86_400),
+            ),
+        ];
+        for (name, d, lo, hi) in ranges {
+            crate::config::duration_in(name, d, lo, hi).map_err(MqttConfigError::Invalid)?;
         }
         if let Some(t) = &self.tls {
             if t.client_cert_file.is_some() != t.client_key_file.is_some() {
-                return bad("tls.client_cert_file and tls.client_key_file go together");
+                return bad("mqtt.tls.client_cert_file and mqtt.tls.client_key_file go together");
             }
         }
         if let Some(id) = &self.client_id {
             if id.is_empty() || id.len() > 128 {
-                return bad("client_id must be 1-128 characters");
+                return bad("mqtt.client_id must be 1-128 characters");
             }
         }
         Ok(())
