@@ -224,7 +224,13 @@ impl Sample {
 }
 
 fn count(what: &str, v: u64) -> Result<(), Invalid> {
-    if v > i64::MAX as u64 {
+    sum_fits(what, u128::from(v))
+}
+
+/// Stored sums (a usage point sums entries; `energy_uj` sums classes) are InfluxDB's
+/// signed 64-bit integers too.
+fn sum_fits(what: &str, v: u128) -> Result<(), Invalid> {
+    if v > i64::MAX as u128 {
         return Err(invalid(
             Reason::Range,
             format!("{what} = {v} exceeds a signed 64-bit integer"),
@@ -284,12 +290,7 @@ pub fn check_sample(s: Sample, now_ms: u64, l: &Limits) -> Result<ValidSample, I
         now_ms.saturating_sub(l.max_age_ms).max(MIN_TIME_MS),
         now_ms.saturating_add(l.max_future_ms),
     )?;
-    time(
-        "agent_start_ms",
-        s.agent_start_ms,
-        MIN_TIME_MS,
-        s.ts_ms + s.interval_ms,
-    )?;
+    // Before anything adds to it.
     if !(10..=3_600_000).contains(&s.interval_ms) {
         return Err(invalid(
             Reason::Range,
@@ -299,6 +300,12 @@ pub fn check_sample(s: Sample, now_ms: u64, l: &Limits) -> Result<ValidSample, I
             ),
         ));
     }
+    time(
+        "agent_start_ms",
+        s.agent_start_ms,
+        MIN_TIME_MS,
+        s.ts_ms + s.interval_ms,
+    )?;
     // The span lies after the agent started: no process can cover more.
     let max_span = (s.ts_ms - s.agent_start_ms.min(s.ts_ms) + s.interval_ms).min(MAX_SPAN_MS);
     if s.span_ms > max_span {
@@ -428,6 +435,11 @@ fn check_usage(s: &Sample, p: &crate::check::MaxPower) -> Result<(), Invalid> {
             sum[i] += u128::from(v);
         }
     }
+    // Every stored usage point sums a subset of the entries: if the whole fits, each does.
+    for v in sum {
+        sum_fits("usage amounts summed", v)?;
+    }
+    sum_fits("usage energy summed", sum[..4].iter().sum())?;
     let m = s.class_energy();
     for (class, used, measured) in [
         ("gpu", sum[0], m.gpu_uj),
@@ -494,6 +506,7 @@ fn check_job_totals(s: &Sample, p: &crate::check::MaxPower) -> Result<(), Invali
             .into_iter()
             .map(u128::from)
             .sum();
+        sum_fits(&format!("{what} energy"), energy)?;
         physics(&what, energy, p.node_w, dur)?;
         if u128::from(a.gpu_ms) > MAX_GPUS as u128 * u128::from(dur)
             || u128::from(a.cpu_us) > u128::from(MAX_CORES) * u128::from(dur) * 1000
@@ -605,6 +618,37 @@ mod tests {
     }
 
     use crate::Project;
+
+    /// Found by the fuzzer (nodewatt-fuzz): sums that only overflow once added up.
+    #[test]
+    fn sums_that_overflow_are_rejected_not_wrapped() {
+        // `ts_ms + interval_ms` overflowed (a panic with overflow checks).
+        let mut s = sample();
+        s.interval_ms = u64::MAX;
+        assert_eq!(reason(s), Reason::Range);
+        // A job total whose classes each fit but whose energy_uj did not: stored as -2.
+        let mut s = sample();
+        let t = &mut s.job_totals[0];
+        (t.start_ms, t.since_ms) = (1_578_000_000_000, 1_578_000_000_000);
+        (t.amounts.gpu_uj, t.amounts.cpu_uj) = (i64::MAX as u64, i64::MAX as u64);
+        assert_eq!(reason(s), Reason::Range);
+        // Usage entries that each fit but sum past i64 (with a configured power limit
+        // high enough for physics to allow it).
+        let mut s = sample();
+        s.agent_start_ms = NOW - 20_000_000_000;
+        s.span_ms = 10_000_000_000;
+        s.gpus[0].energy_delta_mj = Some(10_000_000_000_000_000);
+        s.usage[0].amounts.gpu_uj = 5_000_000_000_000_000_000;
+        s.usage[1].amounts.gpu_uj = 5_000_000_000_000_000_000;
+        s.rapl.clear();
+        for u in &mut s.usage {
+            u.amounts.cpu_uj = 0;
+        }
+        s.job_totals.clear();
+        let mut l = Limits::default();
+        l.max_power.gpu_w = 1_000_000;
+        assert_eq!(check_sample(s, NOW, &l).unwrap_err().reason, Reason::Range);
+    }
 
     #[test]
     fn an_agents_sample_passes() {
