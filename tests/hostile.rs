@@ -120,9 +120,10 @@ fn hostile_nodes_cannot_stop_corrupt_or_redirect_billing() {
                 .replace("\"schema\":1", "\"schema\":2")
                 .into_bytes(),
         ),
-        // Amounts at i64::MAX for an invented project (made InfluxDB's SUM wrap).
+        // Amounts at i64::MAX for an invented project (made InfluxDB's SUM wrap): the
+        // entries' sum no longer fits a stored integer.
         (
-            "conservation",
+            "range",
             bad(|s| {
                 s.usage[0].project = n("invented");
                 s.usage[0].amounts.gpu_uj = max;
@@ -130,6 +131,18 @@ fn hostile_nodes_cannot_stop_corrupt_or_redirect_billing() {
         ),
         ("range", bad(|s| s.span_ms = max)),
         ("range", bad(|s| s.gpus[0].power_w = Some(1e12))),
+        // Found by the fuzzer: an overflow before the range check...
+        ("range", bad(|s| s.interval_ms = u64::MAX)),
+        // ...and a job total whose classes fit but whose energy_uj was stored as -2.
+        (
+            "range",
+            bad(|s| {
+                let mut t = total("10", 1_578_000_000_000);
+                t.until_ms = s.ts_ms;
+                (t.amounts.gpu_uj, t.amounts.cpu_uj) = (max, max);
+                s.job_totals.push(t)
+            }),
+        ),
         // 10^18 mJ in one second.
         (
             "physics",
@@ -221,9 +234,9 @@ fn hostile_nodes_cannot_stop_corrupt_or_redirect_billing() {
         ("too_large", 2.0),
         ("json", 1.0),
         ("schema", 1.0),
-        ("range", 2.0),
+        ("range", 5.0),
         ("physics", 2.0),
-        ("conservation", 2.0),
+        ("conservation", 1.0),
         ("timestamp", 4.0),
         ("too_many", 1.0),
         ("series_budget", 1.0),

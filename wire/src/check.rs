@@ -506,8 +506,8 @@ fn check_job_totals(s: &Sample, p: &crate::check::MaxPower) -> Result<(), Invali
             .into_iter()
             .map(u128::from)
             .sum();
-        sum_fits(&format!("{what} energy"), energy)?;
         physics(&what, energy, p.node_w, dur)?;
+        sum_fits(&format!("{what} energy"), energy)?;
         if u128::from(a.gpu_ms) > MAX_GPUS as u128 * u128::from(dur)
             || u128::from(a.cpu_us) > u128::from(MAX_CORES) * u128::from(dur) * 1000
         {
