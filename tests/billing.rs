@@ -2,20 +2,14 @@
 //! and disappearing in the job registry, real mosquitto and influxd, and the `usage`
 //! command's totals checked against the ground truth of the scenario.
 
+use nodewatt_common::now_ms;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use nodewatt_tests::*;
 
 const DB: &str = "nodewatt_billing";
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()

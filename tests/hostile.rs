@@ -3,19 +3,13 @@
 //! samples are still written within seconds, no measurement or tag value comes from the
 //! bad input, and `usage` bills exactly the good node afterwards.
 
+use nodewatt_common::now_ms;
 use std::time::Duration;
 
 use nodewatt_tests::*;
 use nodewatt_wire::{Amounts, Gpu, HwmonSensor, JobTotal, Project, Sample, SensorKind, Usage};
 
 const DB: &str = "nodewatt_hostile";
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn n<T: std::str::FromStr>(s: &str) -> T
 where

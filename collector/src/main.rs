@@ -291,7 +291,7 @@ fn validate(input: impl BufRead, mut gate: Gate) -> ExitCode {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let checked = gate.admit_line(&line, nodewatt_collector::ingest::now_ms());
+        let checked = gate.admit_line(&line, nodewatt_common::now_ms());
         let mut t = tally.lock().expect("tally lock");
         match checked {
             Ok(s) => {

@@ -16,6 +16,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use nodewatt_common::backoff::{Backoff, Retry};
+use nodewatt_common::{now_ms, sleep_until};
 use nodewatt_wire::{sample_topic, status_topic, NodeName, Sample};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -39,12 +40,6 @@ pub struct PublisherSettings {
     pub reconnect_max: Duration,
     /// Unacknowledged samples are saved here at shutdown and resent after a restart.
     pub state_file: Option<std::path::PathBuf>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Hands messages to the client in order; if it refuses one (its queue is full: not
@@ -218,13 +213,6 @@ fn lost(eventloop: &mut EventLoop, link: &mut Link, sends: &mut Vec<Send>) {
     eventloop.state.collision = None;
     link.lost();
     sends.clear();
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nodewatt_common::backoff::{Backoff, Retry};
+use nodewatt_common::{now_ms, sleep_until};
 use nodewatt_wire::TOPIC_ROOT;
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS, SubscribeFilter};
 use tokio::time::Instant;
@@ -36,12 +37,6 @@ const MQTT_MAX_PACKET: usize = 268_435_460;
 
 /// How long a stop may take: the write in flight and one more try per held batch.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Logs a rejected message at most once per reason per 10 s, with the count in between.
 struct RejectLog {
@@ -284,13 +279,6 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
         "stopped"
     );
     Ok(())
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Validates one message and hands its lines (none if rejected) to `add`: rejected
