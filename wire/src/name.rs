@@ -27,6 +27,17 @@ pub struct NameError {
     pub rule: &'static str,
 }
 
+impl NameError {
+    fn new(what: &'static str, v: &str, rule: &'static str) -> NameError {
+        NameError {
+            what,
+            // Bounded, so a megabyte of junk does not become a megabyte of log line.
+            value: v.chars().take(80).collect(),
+            rule,
+        }
+    }
+}
+
 fn check(
     what: &'static str,
     rule: &'static str,
@@ -42,12 +53,7 @@ fn check(
     if ok {
         Ok(())
     } else {
-        Err(NameError {
-            what,
-            // Bounded, so a megabyte of junk does not become a megabyte of log line.
-            value: v.chars().take(80).collect(),
-            rule,
-        })
+        Err(NameError::new(what, v, rule))
     }
 }
 
@@ -211,11 +217,7 @@ pub fn check_label(what: &'static str, v: &str) -> Result<(), NameError> {
     if ok {
         Ok(())
     } else {
-        Err(NameError {
-            what,
-            value: v.chars().take(80).collect(),
-            rule: LABEL_RULE,
-        })
+        Err(NameError::new(what, v, LABEL_RULE))
     }
 }
 

@@ -27,7 +27,7 @@ use crate::influx::{Influx, WriteError};
 use crate::lineproto::encode_status;
 use crate::stats::Stats;
 use crate::validate::{Admitted, Gate, Reason};
-use pipeline::{Action, Outcome, Pipeline};
+use pipeline::{Action, Outcome, Pipeline, Report};
 
 /// The largest packet MQTT can carry (remaining length 268,435,455 plus header). The
 /// collector accepts anything the broker delivers and rejects oversized payloads itself
@@ -191,19 +191,17 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
             }
             outcome = async { write.as_mut().expect("guarded").await }, if write.is_some() => {
                 write = None;
-                let before = pipeline.failures();
-                let ok = matches!(outcome, Outcome::Written { .. });
-                let detail = match &outcome { Outcome::Failed(e) => e.clone(), _ => String::new() };
-                if let Some(f) = pipeline.written(outcome, std::time::Instant::now(), &mut actions) {
-                    tracing::warn!(
-                        failures = f.failures,
+                match pipeline.written(outcome, std::time::Instant::now(), &mut actions) {
+                    Report::Quiet => {}
+                    Report::Failed { failed, error } => tracing::warn!(
+                        failures = failed.failures,
                         pending = pipeline.pending(),
-                        "InfluxDB write failed: {detail}; retrying in {} ms (messages stay unacknowledged)",
-                        f.delay.as_millis()
-                    );
-                }
-                if ok && before > 0 {
-                    tracing::info!(failures = before, "InfluxDB accepts writes again");
+                        "InfluxDB write failed: {error}; retrying in {} ms (messages stay unacknowledged)",
+                        failed.delay.as_millis()
+                    ),
+                    Report::Recovered { failures } => {
+                        tracing::info!(failures, "InfluxDB accepts writes again")
+                    }
                 }
             }
             _ = sleep_until(deadline), if deadline.is_some() => {

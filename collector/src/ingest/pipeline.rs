@@ -40,6 +40,21 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// What a write's end is worth saying in the log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    Quiet,
+    /// A failure, the first and then at powers of two; the same batch is retried.
+    Failed {
+        failed: Failed,
+        error: String,
+    },
+    /// Written after `failures` failed tries.
+    Recovered {
+        failures: u32,
+    },
+}
+
 /// Counters for the collector's health point.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct WriteStats {
@@ -207,18 +222,15 @@ impl Pipeline {
         );
     }
 
-    /// The write started by the last [`Action::Write`] ended. Returns the failure to log,
-    /// if it failed and is worth a line.
-    pub fn written(
-        &mut self,
-        outcome: Outcome,
-        now: Instant,
-        out: &mut Vec<Action>,
-    ) -> Option<Failed> {
-        let started = self.writing.take()?;
+    /// The write started by the last [`Action::Write`] ended. Returns what is worth a
+    /// log line.
+    pub fn written(&mut self, outcome: Outcome, now: Instant, out: &mut Vec<Action>) -> Report {
+        let Some(started) = self.writing.take() else {
+            return Report::Quiet;
+        };
         match outcome {
             Outcome::Written { refused } => {
-                self.retry.succeeded();
+                let failures = self.retry.succeeded();
                 let batch = self.sealed.pop_front().expect("a batch was being written");
                 let points = batch.points.saturating_sub(refused) as u64;
                 self.stats.points_written += points;
@@ -228,9 +240,12 @@ impl Pipeline {
                 self.stats.last_write_ms = now.duration_since(started).as_millis() as u64;
                 self.acknowledge(batch.acks, out);
                 self.tick(now, out);
-                None
+                match failures {
+                    0 => Report::Quiet,
+                    n => Report::Recovered { failures: n },
+                }
             }
-            Outcome::Failed(_) => {
+            Outcome::Failed(error) => {
                 self.stats.write_errors += 1;
                 let failed = self.retry.failed(now);
                 if self.stopping {
@@ -238,15 +253,13 @@ impl Pipeline {
                     // unacknowledged messages for the next start.
                     self.abandoned = true;
                 }
-                failed.log.then_some(failed)
+                if failed.log {
+                    Report::Failed { failed, error }
+                } else {
+                    Report::Quiet
+                }
             }
         }
-    }
-
-    /// Whether the last failed write was followed by a success (for an "InfluxDB is back"
-    /// line): the number of failures before it.
-    pub fn failures(&self) -> u32 {
-        self.retry.failures()
     }
 
     /// Stop: seal what is open and write it (one more try for each batch; a retry wait in
@@ -398,16 +411,22 @@ mod tests {
         let mut t = T::new();
         t.msg(0, "a\n", 1);
         assert_eq!(t.tick(500), [write("a\n")]);
-        assert_eq!(t.written(510, down()), []);
+        let report = t.p.written(down(), t.at(510), &mut t.out);
+        assert!(
+            matches!(&report, Report::Failed { error, failed } if error == "connection refused" && failed.failures == 1),
+            "the first failure is logged: {report:?}"
+        );
+        assert!(t.out.is_empty());
         let retry = t.p.deadline().expect("a retry is scheduled");
         assert!(retry > t.at(510) && retry <= t.at(610), "{retry:?}");
         assert_eq!(t.tick(515), [], "waits for the backoff");
         t.msg(520, "b\n", 2);
         let now = retry.duration_since(t.t0).as_millis() as u64 + 1;
         assert_eq!(t.tick(now), [write("a\n")], "same batch again, in order");
-        assert_eq!(t.written(now + 1, OK), [Action::Ack(1)]);
+        let report = t.p.written(OK, t.at(now + 1), &mut t.out);
+        assert_eq!(report, Report::Recovered { failures: 1 });
+        assert_eq!(t.out, [Action::Ack(1)]);
         assert_eq!(t.p.stats.write_errors, 1);
-        assert_eq!(t.p.failures(), 0);
     }
 
     #[test]
