@@ -260,6 +260,34 @@ fn sigterm_stops_the_collector_while_influxdb_is_down() {
     collector.stop_cleanly();
 }
 
+/// An InfluxDB that accepts connections and never answers: every request hangs until
+/// `influxdb.timeout` (here 10 minutes). The collector still starts, and SIGTERM still
+/// ends it within its stop bound while a write hangs.
+#[test]
+fn sigterm_stops_the_collector_while_influxdb_hangs() {
+    let mq = Mosquitto::start();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        // Hold every connection open without a byte of answer.
+        let held: Vec<_> = silent.incoming().collect();
+        drop(held);
+    });
+    let text = collector_config("hang", mq.port, &url, DB)
+        .replace("[influxdb]\n", "[influxdb]\ntimeout = \"600s\"\n");
+    let cfg = config_file("collector.toml", &text);
+    let mut collector = start_collector(&cfg);
+    wait_subscribed(&collector);
+    // Health points every 200 ms: a write starts and hangs.
+    std::thread::sleep(Duration::from_millis(1500));
+    collector.stop_cleanly();
+    assert!(
+        collector.log().contains("stop timed out"),
+        "{}",
+        collector.log()
+    );
+}
+
 #[test]
 fn killed_agent_is_marked_offline_by_its_last_will() {
     let Stack {

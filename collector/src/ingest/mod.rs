@@ -35,6 +35,9 @@ use pipeline::{Action, Outcome, Pipeline, Report};
 /// connection, and the broker would redeliver it on every reconnect, forever.
 const MQTT_MAX_PACKET: usize = 268_435_460;
 
+/// How long the start waits for InfluxDB to create the database.
+const STARTUP_DB_WAIT: Duration = Duration::from_secs(3);
+
 /// How long a stop may take: the write in flight and one more try per held batch.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -136,9 +139,17 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
     // Acks must never wait on a full request channel.
     let (client, mut eventloop) = AsyncClient::new(options, cfg.batch.max_pending_messages + 1024);
 
-    match influx.ensure_database().await {
-        Ok(()) => {}
-        Err(e) => tracing::warn!("cannot create the InfluxDB database yet: {e}; writes will retry"),
+    // Bounded: an InfluxDB that accepts connections and never answers must not hold up
+    // reading from the broker (writes create the database later if it is missing).
+    match tokio::time::timeout(STARTUP_DB_WAIT, influx.ensure_database()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!("cannot create the InfluxDB database yet: {e}; writes will retry")
+        }
+        Err(_) => tracing::warn!(
+            "InfluxDB did not answer within {} s; writes will retry",
+            STARTUP_DB_WAIT.as_secs()
+        ),
     }
 
     let mut stats = Stats::default();
