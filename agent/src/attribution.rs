@@ -1,7 +1,8 @@
 //! Who used what in one sample's span: pure functions, no I/O.
 //!
 //! - A GPU's energy and GPU time go to the job that holds it, for the part of the span
-//!   after the job started; the rest of the span goes to `_idle`.
+//!   between the job's start and end; the rest of the span goes to `_idle`. Within a span
+//!   power is taken as uniform: that is the only approximation.
 //! - CPU package, DRAM and other node energy are split by each job's cgroup CPU time
 //!   against the node's CPU capacity (cores × span); the unused capacity's share goes to
 //!   `_idle`, so a job is billed for the CPUs it used, not for the whole socket.
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use nodewatt_wire::{Amounts, GpuRef, JobId, Project, Usage, User};
 
 /// A running job as the registry describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Job {
     pub id: JobId,
     pub project: Project,
@@ -21,9 +22,24 @@ pub struct Job {
     /// GPU indices or UUIDs, as the scheduler gave them.
     pub gpus: Vec<GpuRef>,
     pub start_ms: u64,
+    /// When it ended, once the epilog recorded it.
+    pub end_ms: Option<u64>,
 }
 
 impl Job {
+    /// How much of the span (t0, t1] the job ran.
+    pub fn ran(&self, t0: u64, t1: u64) -> u64 {
+        let (from, to) = self.within(t0, t1);
+        to - from
+    }
+
+    /// The part of (t0, t1] the job ran, as (from, to); empty when it did not.
+    pub fn within(&self, t0: u64, t1: u64) -> (u64, u64) {
+        let to = self.end_ms.map_or(t1, |e| e.min(t1));
+        let from = self.start_ms.max(t0);
+        (from, to.max(from))
+    }
+
     pub fn holds(&self, index: u32, uuid: &str) -> bool {
         self.gpus
             .iter()
@@ -81,30 +97,58 @@ pub fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
     parts
 }
 
-/// Usage of each job in `jobs` (in order) that ran in the span, then `_idle`.
-pub fn attribute(jobs: &[Job], m: &Measured) -> Vec<Usage> {
-    let span = m.t1.saturating_sub(m.t0);
-    if span == 0 {
-        return Vec::new();
+/// Total length covered by the intervals (sorted here).
+fn union_len(iv: &mut [(u64, u64)]) -> u64 {
+    iv.sort_unstable();
+    let mut total = 0;
+    let mut reach = 0;
+    for &(from, to) in iv.iter() {
+        let from = from.max(reach);
+        if to > from {
+            total += to - from;
+            reach = to;
+        }
     }
+    total
+}
+
+/// Each job's share of a span (in the order of `jobs`) and what no job used.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Split {
+    pub jobs: Vec<Amounts>,
+    /// How much of the span each job ran, ms.
+    pub ran: Vec<u64>,
+    pub idle: Amounts,
+}
+
+/// Splits what was measured over the span among `jobs` and idle.
+pub fn split(jobs: &[Job], m: &Measured) -> Split {
+    let span = m.t1.saturating_sub(m.t0);
     let n = jobs.len();
+    if span == 0 {
+        return Split {
+            jobs: vec![Amounts::default(); n],
+            ran: vec![0; n],
+            idle: Amounts::default(),
+        };
+    }
     let idle = n;
     let mut amounts = vec![Amounts::default(); n + 1];
-    // How much of the span each job was running (it started at start_ms).
-    let running: Vec<u64> = jobs
-        .iter()
-        .map(|j| m.t1.saturating_sub(j.start_ms.max(m.t0)).min(span))
-        .collect();
+    let running: Vec<u64> = jobs.iter().map(|j| j.ran(m.t0, m.t1)).collect();
 
     for g in &m.gpus {
         let mut w = vec![0u64; n + 1];
+        let mut held = Vec::new();
         for (i, j) in jobs.iter().enumerate() {
-            if j.holds(g.index, &g.uuid) {
+            if j.holds(g.index, &g.uuid) && running[i] > 0 {
                 w[i] = running[i];
+                held.push(j.within(m.t0, m.t1));
             }
         }
-        // Two jobs claiming one GPU (a scheduler misconfiguration) share it.
-        w[idle] = span - w[..n].iter().copied().max().unwrap_or(0);
+        // Idle is the time no job held it: jobs one after the other in one span each get
+        // their own time; two jobs claiming it at once (a scheduler misconfiguration)
+        // share their common time.
+        w[idle] = span - union_len(&mut held);
         for (a, ms) in amounts.iter_mut().zip(apportion(span, &w)) {
             a.gpu_ms += ms;
         }
@@ -133,28 +177,44 @@ pub fn attribute(jobs: &[Job], m: &Measured) -> Vec<Usage> {
     for (part, uj) in amounts.iter_mut().zip(apportion(m.other_uj, &w)) {
         part.other_uj += uj;
     }
-
-    let mut out: Vec<Usage> = jobs
-        .iter()
-        .zip(&amounts)
-        .zip(&running)
-        .filter(|((_, a), r)| **r > 0 || **a != Amounts::default())
-        .map(|((j, a), _)| Usage {
-            job: Some(j.id.clone()),
-            project: j.project.clone(),
-            user: Some(j.user.clone()),
-            amounts: *a,
-        })
-        .collect();
-    if amounts[idle] != Amounts::default() {
-        out.push(Usage {
-            job: None,
-            project: Project::idle(),
-            user: None,
-            amounts: amounts[idle],
-        });
+    let idle = amounts.pop().unwrap_or_default();
+    Split {
+        jobs: amounts,
+        ran: running,
+        idle,
     }
-    out
+}
+
+impl Split {
+    /// Usage entries: each job that ran in the span (or used something), then `_idle`.
+    pub fn usage(&self, jobs: &[Job]) -> Vec<Usage> {
+        let mut out: Vec<Usage> = jobs
+            .iter()
+            .zip(&self.jobs)
+            .zip(&self.ran)
+            .filter(|((_, a), r)| **r > 0 || **a != Amounts::default())
+            .map(|((j, a), _)| Usage {
+                job: Some(j.id.clone()),
+                project: j.project.clone(),
+                user: Some(j.user.clone()),
+                amounts: *a,
+            })
+            .collect();
+        if self.idle != Amounts::default() {
+            out.push(Usage {
+                job: None,
+                project: Project::idle(),
+                user: None,
+                amounts: self.idle,
+            });
+        }
+        out
+    }
+}
+
+/// Usage of each job in `jobs` (in order) that ran in the span, then `_idle`.
+pub fn attribute(jobs: &[Job], m: &Measured) -> Vec<Usage> {
+    split(jobs, m).usage(jobs)
 }
 
 #[cfg(test)]
@@ -170,6 +230,7 @@ mod tests {
             user: n("alice"),
             gpus: gpus.iter().map(|g| n(g)).collect(),
             start_ms,
+            end_ms: None,
         }
     }
 
@@ -306,6 +367,42 @@ mod tests {
     }
 
     #[test]
+    fn a_job_ending_mid_span_gets_its_part_up_to_the_end() {
+        let mut j = job("1", "a", &["0"], 1_250);
+        j.end_ms = Some(1_750);
+        let m = Measured {
+            t0: 1_000,
+            t1: 2_000,
+            gpus: vec![gpu(0, 1_000_000)],
+            ..Measured::default()
+        };
+        let u = attribute(&[j.clone()], &m);
+        assert_eq!((find(&u, "a").gpu_uj, find(&u, "a").gpu_ms), (500_000, 500));
+        assert_eq!(find(&u, "_idle").gpu_uj, 500_000);
+        // Ended before the span: nothing.
+        j.end_ms = Some(1_000);
+        assert!(attribute(&[j], &m).iter().all(|x| x.job.is_none()));
+    }
+
+    #[test]
+    fn jobs_one_after_the_other_on_a_gpu_each_get_their_time() {
+        let mut a = job("1", "a", &["0"], 0);
+        a.end_ms = Some(1_338);
+        let b = job("2", "b", &["0"], 1_338);
+        let m = Measured {
+            t0: 1_000,
+            t1: 2_000,
+            gpus: vec![gpu(0, 1_000_000)],
+            ..Measured::default()
+        };
+        let u = attribute(&[a, b], &m);
+        assert_eq!(find(&u, "a").gpu_uj, 338_000);
+        assert_eq!(find(&u, "b").gpu_uj, 662_000);
+        assert!(u.iter().all(|x| x.project != "_idle"));
+        assert_eq!(union_len(&mut [(5, 9), (0, 2), (1, 3), (9, 9)]), 7);
+    }
+
+    #[test]
     fn a_job_that_ended_gets_nothing_of_the_span() {
         // The registry no longer lists the job: its GPU's span is idle.
         let m = Measured {
@@ -366,6 +463,7 @@ mod tests {
                 user: n("u"),
                 gpus: gpus.iter().map(|g| n(&g.to_string())).collect(),
                 start_ms: t0 - 100_000 + start,
+                end_ms: None,
             }).collect();
             let m = Measured {
                 t0,

@@ -126,6 +126,10 @@ pub struct AgentConfig {
     /// Root of the procfs tree.
     #[serde(default = "default_proc_root")]
     pub proc_root: PathBuf,
+    /// Counters, jobs and job totals are saved here at stop and resumed at the next start
+    /// on the same boot, so job totals continue and the restart's gap is measured.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 fn default_interval() -> Duration {
@@ -300,6 +304,9 @@ impl Config {
             m.resolve_paths(base);
         }
         resolve(base, &mut cfg.jobs.dir);
+        if let Some(p) = cfg.agent.state_file.as_mut() {
+            resolve(base, p);
+        }
         if let Some(p) = cfg.outbox.state_file.as_mut() {
             resolve(base, p);
         }

@@ -6,10 +6,10 @@ pub mod config;
 pub mod counter;
 pub mod deltas;
 pub mod publish;
-pub mod registry;
 pub mod sampler;
 pub mod schedule;
 pub mod sources;
+pub mod state;
 pub mod sysfs;
 
 #[cfg(test)]

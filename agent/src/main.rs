@@ -1,6 +1,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -119,20 +121,29 @@ fn log_inventory(sampler: &Sampler) {
     }
 }
 
-/// Samples at aligned ticks until `count` samples were taken or `emit` returns false.
+/// Samples at aligned ticks until `count` samples were taken, `emit` returns false, or a
+/// stop is asked on `stop`; returns whether a stop was asked.
 fn sample_loop(
-    mut sampler: Sampler,
+    sampler: &mut Sampler,
     interval: u64,
     count: Option<u64>,
+    stop: Option<&Receiver<()>>,
     mut emit: impl FnMut(Sample) -> bool,
-) {
+) -> bool {
     let mut clock = Clock::Real;
     let mut tick = schedule::next_tick(clock.now_ms(), interval);
     let mut taken = 0;
     while count.is_none_or(|c| taken < c) {
+        if let Some(stop) = stop {
+            let wait = tick.saturating_sub(clock.now_ms());
+            match stop.recv_timeout(Duration::from_millis(wait)) {
+                Err(RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => return true,
+            }
+        }
         clock.sleep_until(tick);
         if !emit(sampler.sample(tick)) {
-            return;
+            return false;
         }
         taken += 1;
         let skipped;
@@ -144,22 +155,61 @@ fn sample_loop(
             );
         }
     }
+    false
+}
+
+/// Resumes the state an earlier run on this boot saved, if there is one.
+fn resume(sampler: &mut Sampler, cfg: &Config, boot_id: Option<&str>) {
+    let Some(file) = &cfg.agent.state_file else {
+        return;
+    };
+    match nodewatt_agent::state::take(file) {
+        Ok(None) => {}
+        Ok(Some(st)) => match sampler.resume(st, boot_id, nodewatt_common::now_ms()) {
+            Ok(gap_ms) => tracing::info!(
+                gap_ms,
+                file = %file.display(),
+                "resumed the previous run: job totals continue, the gap is measured"
+            ),
+            Err(why) => tracing::warn!(
+                file = %file.display(),
+                "saved state not resumed ({why}); starting afresh"
+            ),
+        },
+        Err(e) => tracing::warn!("{e}; starting afresh"),
+    }
+}
+
+/// Saves the sampler's state for the next start, if configured.
+fn save_state(sampler: &Sampler, cfg: &Config, boot_id: Option<String>) {
+    let (Some(file), Some(boot_id)) = (&cfg.agent.state_file, boot_id) else {
+        return;
+    };
+    match nodewatt_agent::state::save(file, &sampler.state(boot_id)) {
+        Ok(()) => tracing::info!(file = %file.display(), "saved counters and job totals"),
+        Err(e) => {
+            tracing::error!(file = %file.display(), "cannot save counters and job totals: {e}")
+        }
+    }
 }
 
 fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitCode> {
-    let (cfg, sampler) = load(path, &Clock::Real)?;
+    let (cfg, mut sampler) = load(path, &Clock::Real)?;
     let interval = cfg.agent.interval.as_millis() as u64;
     log_inventory(&sampler);
+    let boot_id = nodewatt_agent::state::boot_id(&cfg.agent.proc_root);
+    resume(&mut sampler, &cfg, boot_id.as_deref());
     tracing::info!(interval_ms = interval, "sampling");
     let Some(mqtt) = cfg.mqtt.as_ref().filter(|_| !to_stdout) else {
         let stdout = std::io::stdout();
         let mut failed = None;
-        sample_loop(sampler, interval, count, |s| {
+        sample_loop(&mut sampler, interval, count, None, |s| {
             let mut out = stdout.lock();
             let r = writeln!(out, "{}", s.to_json()).and_then(|_| out.flush());
             failed = r.err();
             failed.is_none()
         });
+        save_state(&sampler, &cfg, boot_id);
         return match failed {
             Some(e) => Err(e).context("writing to stdout"),
             None => Ok(ExitCode::SUCCESS),
@@ -179,21 +229,42 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
         state_file: cfg.outbox.state_file.clone(),
     };
     // Sampling runs on its own thread and never waits for the network; the
-    // single-threaded runtime only moves samples to the broker.
+    // single-threaded runtime only moves samples to the broker. At a stop the sampler
+    // takes one last sample (billing up to the stop, with every running job's total) and
+    // saves its state; the publisher delivers what it can meanwhile.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::Builder::new()
-        .name("sampler".into())
-        .spawn(move || sample_loop(sampler, interval, count, |s| tx.send(s).is_ok()))
-        .context("starting the sampling thread")?;
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+    let sampling = {
+        let cfg = cfg.clone();
+        std::thread::Builder::new()
+            .name("sampler".into())
+            .spawn(move || {
+                let stopped = sample_loop(&mut sampler, interval, count, Some(&stop_rx), |s| {
+                    tx.send(s).is_ok()
+                });
+                if stopped {
+                    let _ = tx.send(sampler.finish(nodewatt_common::now_ms()));
+                }
+                drop(tx);
+                save_state(&sampler, &cfg, boot_id);
+            })
+            .context("starting the sampling thread")?
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let stats = runtime.block_on(publish::run(
-        settings,
-        rx,
-        nodewatt_common::shutdown_signal(),
-    ));
+    let shutdown = async move {
+        nodewatt_common::shutdown_signal().await;
+        let _ = stop_tx.send(());
+    };
+    let stats = runtime.block_on(publish::run(settings, rx, shutdown));
+    // The state is saved right after the last sample; wait for it, but not forever (a
+    // hung driver call must not hold the stop).
+    let saved_by = std::time::Instant::now() + Duration::from_secs(2);
+    while !sampling.is_finished() && std::time::Instant::now() < saved_by {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     tracing::info!(
         acked = stats.acked,
         merges = stats.merges,
@@ -249,23 +320,109 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
             println!("{:<10} UNREADABLE   {p}", "");
         }
     }
-    if let Some(dir) = sampler.registry_dir() {
-        let mut registry =
-            nodewatt_agent::registry::Registry::new(dir.to_owned(), cfg.jobs.owner_uid);
-        let jobs = registry.jobs().len();
-        let rejected = registry.rejected_files;
-        println!(
-            "{:<10} ok           {jobs} jobs in {} ({rejected} files ignored)",
-            "jobs",
-            dir.display()
-        );
-        if rejected > 0 {
+    let mut line = |name: &str, problem: Option<String>, ok: String| match problem {
+        Some(p) => {
             bad += 1;
+            println!("{name:<10} PROBLEM      {p}");
         }
+        None => println!("{name:<10} ok           {ok}"),
+    };
+    if cfg.agent.cluster.as_str() == "mycluster" {
+        line(
+            "cluster",
+            Some("cluster is the example's placeholder \"mycluster\": set [agent] cluster".into()),
+            String::new(),
+        );
+    }
+    if let Some(dir) = sampler.registry_dir() {
+        use nodewatt_agent::accounting::registry::{ReadError, Registry};
+        let mut registry = Registry::new(dir.to_owned(), cfg.jobs.owner_uid);
+        match registry.read() {
+            Ok(listing) => {
+                let rejections = registry.rejections();
+                let problem = (!rejections.is_empty()).then(|| {
+                    rejections
+                        .iter()
+                        .map(|(p, why)| format!("{} ignored: {why}", p.display()))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                });
+                line(
+                    "jobs",
+                    problem,
+                    format!("{} jobs in {}", listing.jobs.len(), dir.display()),
+                );
+            }
+            Err(e @ ReadError::Missing(_)) => line(
+                "jobs",
+                Some(format!("{e}: install the prolog and epilog (docs/slurm.md), or set [jobs] enabled = false")),
+                String::new(),
+            ),
+            Err(e) => line("jobs", Some(e.to_string()), String::new()),
+        }
+    }
+    for (option, file) in [
+        ("agent.state_file", &cfg.agent.state_file),
+        ("outbox.state_file", &cfg.outbox.state_file),
+    ] {
+        if let Some(file) = file {
+            line(
+                "state",
+                writable_dir(file).err().map(|e| format!("{option}: {e}")),
+                format!("{option} {} can be written", file.display()),
+            );
+        }
+    }
+    if let Some(mqtt) = &cfg.mqtt {
+        nodewatt_common::install_tls_provider();
+        let peer = format!("{}:{}", mqtt.host, mqtt.port());
+        let id = format!("nodewatt-check-{}-{}", cfg.agent.cluster, cfg.node_name()?);
+        line(
+            "broker",
+            try_connect(mqtt, &id).err().map(|e| format!("{peer}: {e}")),
+            format!("{peer} accepted the connection"),
+        );
     }
     Ok(if strict && bad > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+/// Whether a file can be written in `file`'s directory (created there and removed).
+fn writable_dir(file: &Path) -> Result<(), String> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let probe = dir.join(format!(".nodewatt-check-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Connects to the broker as the agent would (TLS, credentials) and disconnects.
+fn try_connect(mqtt: &nodewatt_common::mqtt::MqttConfig, client_id: &str) -> anyhow::Result<()> {
+    use rumqttc::{AsyncClient, Event, Packet};
+    // Its own client id, so a check never takes over the running agent's session.
+    let mut options = mqtt.options(client_id)?;
+    options.set_client_id(client_id.to_string());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (client, mut eventloop) = AsyncClient::new(options, 4);
+        let connack = async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(anyhow::anyhow!("{e}")),
+                }
+            }
+        };
+        let r = tokio::time::timeout(Duration::from_secs(5), connack)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 5 s")));
+        let _ = client.try_disconnect();
+        r
     })
 }

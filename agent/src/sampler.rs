@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use nodewatt_wire::{NodeName, Sample, SourceStatus};
 
-use crate::accounting::Accountant;
+use crate::accounting::{ledger::Ledger, Accountant};
 use crate::config::Config;
 use crate::deltas::Deltas;
 use crate::sources::{
@@ -60,6 +60,21 @@ pub fn build_sources(cfg: &Config, node: &str) -> Result<Vec<Box<dyn Source>>, B
         sources.push(Box::new(Thermal::discover(&a.sys_root)));
     }
     Ok(sources)
+}
+
+/// The sampler's state saved at stop, resumed at the next start on the same boot.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct State {
+    /// `/proc/sys/kernel/random/boot_id`: counters are only continuous within one boot.
+    pub boot_id: String,
+    pub cluster: NodeName,
+    pub node: NodeName,
+    /// The next sample's sequence number.
+    pub seq: u64,
+    /// When the continuous measurement began (the first run's start).
+    pub origin_ms: u64,
+    pub deltas: Deltas,
+    pub ledger: Option<Ledger>,
 }
 
 pub struct Sampler {
@@ -140,11 +155,67 @@ impl Sampler {
                 cfg.jobs.dir.clone(),
                 cfg.jobs.owner_uid,
                 cfg.agent.proc_root.clone(),
-                agent_start_ms,
-                cfg.jobs.totals_interval.as_millis() as u64,
+                Ledger::new(agent_start_ms, cfg.jobs.totals_interval.as_millis() as u64),
             ));
         }
         self
+    }
+
+    /// Continues where an earlier run on the same boot stopped: the same sequence numbers,
+    /// counters, jobs and job totals, so the span across the restart is measured and
+    /// billed like any other. Refused (the caller starts afresh) when the state is not
+    /// this node's, from another boot, or from the future.
+    pub fn resume(&mut self, st: State, boot_id: Option<&str>, now_ms: u64) -> Result<u64, String> {
+        if st.cluster != self.template.cluster || st.node != self.template.node {
+            return Err(format!("it is of node {}/{}", st.cluster, st.node));
+        }
+        if boot_id != Some(st.boot_id.as_str()) {
+            return Err("the node rebooted since (boot id differs)".into());
+        }
+        let last = st.deltas.last_ts().ok_or("it has no sample")?;
+        if last >= now_ms || st.origin_ms > last {
+            return Err(format!("its last sample ({last} ms) is not in the past"));
+        }
+        match (self.accountant.as_mut(), st.ledger) {
+            (Some(a), Some(l)) => a.resume(l),
+            (Some(_), None) => return Err("it has no job accounting".into()),
+            _ => {}
+        }
+        self.template.seq = st.seq;
+        self.template.agent_start_ms = st.origin_ms;
+        self.deltas = st.deltas;
+        Ok(now_ms - last)
+    }
+
+    /// What [`Sampler::resume`] needs after a restart.
+    pub fn state(&self, boot_id: String) -> State {
+        State {
+            boot_id,
+            cluster: self.template.cluster.clone(),
+            node: self.template.node.clone(),
+            seq: self.template.seq,
+            origin_ms: self.template.agent_start_ms,
+            deltas: self.deltas.clone(),
+            ledger: self.accountant.as_ref().map(|a| a.ledger().clone()),
+        }
+    }
+
+    /// The last sample before a stop, at `at` (not a tick): it bills up to the stop and
+    /// carries every running job's total.
+    pub fn finish(&mut self, at: TickMs) -> Sample {
+        let mut s = self.sample(at);
+        if let Some(a) = self.accountant.as_mut() {
+            for t in a.running_totals() {
+                if !s
+                    .job_totals
+                    .iter()
+                    .any(|x| x.job == t.job && x.since_ms == t.since_ms)
+                {
+                    s.job_totals.push(t);
+                }
+            }
+        }
+        s
     }
 
     /// Where the job registry is read from, when accounting is on.

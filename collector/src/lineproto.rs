@@ -103,7 +103,8 @@ pub fn encode_sample(s: &ValidSample, out: &mut Vec<u8>) -> usize {
     if let Some(a) = s.accounting {
         f.i("registry_jobs", Some(u64::from(a.jobs)))
             .i("registry_rejected_files", Some(a.rejected_files))
-            .i("foreign_gpu_processes", Some(a.foreign_gpu_processes));
+            .i("foreign_gpu_processes", Some(a.foreign_gpu_processes))
+            .i("registry_errors", Some(a.registry_errors));
     }
     put(out, "agent", &[("cluster", c), ("node", n)], &f);
 

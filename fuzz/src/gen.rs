@@ -430,6 +430,7 @@ pub fn registry_file() -> impl Strategy<Value = String> {
         Just("gpus"),
         Just("cpus"),
         Just("start_ms"),
+        Just("end_ms"),
         Just(" job "),
         Just("JOB"),
         Just(""),

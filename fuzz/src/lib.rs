@@ -190,12 +190,12 @@ fn conserves(s: &ValidSample) -> Result<(), String> {
 
 /// A job file from the registry directory.
 pub fn registry(text: &str) -> Result<(), String> {
-    let Ok(job) = nodewatt_agent::registry::parse_job(text) else {
+    let Ok(job) = nodewatt_agent::accounting::registry::parse_job(text) else {
         return Ok(());
     };
     // What parsed renders back into a file that parses to the same job.
     let gpus: Vec<&str> = job.gpus.iter().map(|g| g.as_str()).collect();
-    let again = format!(
+    let mut again = format!(
         "job={}\nproject={}\nuser={}\ngpus={}\nstart_ms={}\n",
         job.id,
         job.project,
@@ -203,7 +203,10 @@ pub fn registry(text: &str) -> Result<(), String> {
         gpus.join(","),
         job.start_ms
     );
-    match nodewatt_agent::registry::parse_job(&again) {
+    if let Some(end) = job.end_ms {
+        again += &format!("end_ms={end}\n");
+    }
+    match nodewatt_agent::accounting::registry::parse_job(&again) {
         Ok(j) if j == job => Ok(()),
         other => Err(format!("{job:?} rendered as {again:?} parses to {other:?}")),
     }

@@ -197,6 +197,12 @@ impl Project {
     pub fn idle() -> Project {
         Project(crate::IDLE_PROJECT.to_string())
     }
+
+    /// The project billed for energy whose owner cannot be known (a job that vanished
+    /// from the registry without a recorded end).
+    pub fn unattributed() -> Project {
+        Project(crate::UNATTRIBUTED_PROJECT.to_string())
+    }
 }
 
 /// Serde errors carry only text, so the reject reason travels as a prefix that

@@ -65,6 +65,9 @@ pub struct Sample {
 /// The project that is billed for what no job used.
 pub const IDLE_PROJECT: &str = "_idle";
 
+/// The project billed for energy that some job used but whose job is not known.
+pub const UNATTRIBUTED_PROJECT: &str = "_unattributed";
+
 /// Additive usage of one job (or of `_idle`) over a sample's `span_ms`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
@@ -148,6 +151,10 @@ pub struct AccountingStats {
     pub rejected_files: u64,
     /// GPU processes of a job that does not own that GPU, seen since start.
     pub foreign_gpu_processes: u64,
+    /// Registry reads that failed (directory unreadable, untrusted, or gone while jobs
+    /// were known) since start; the jobs known before were kept.
+    #[serde(default)]
+    pub registry_errors: u64,
 }
 
 /// The agent's delivery state, stamped on each message as it is sent.

@@ -11,6 +11,7 @@
 pub mod link;
 pub mod outbox;
 mod saved;
+pub mod spool;
 
 use std::future::Future;
 use std::time::Duration;
@@ -78,9 +79,13 @@ fn on_event(link: &mut Link, ev: &Event, sends: &mut Vec<Send>) {
     }
 }
 
-/// Publishes samples from `samples` until `shutdown` resolves, or, once `samples` is
-/// closed, until every sample has been acknowledged. Then marks the node offline (at most
-/// 2 s) and saves what is unacknowledged.
+/// How long a stop waits for the sampler's last sample and its delivery.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Publishes samples from `samples` until, once `samples` is closed, every sample has been
+/// acknowledged. When `shutdown` resolves it goes on until `samples` closes (the sampler
+/// sends its last sample) and delivers what it can, for at most [`STOP_GRACE`]. Then it
+/// marks the node offline (at most 2 s) and saves what is unacknowledged.
 pub async fn run(
     settings: PublisherSettings,
     mut samples: UnboundedReceiver<Sample>,
@@ -128,17 +133,22 @@ pub async fn run(
     }
     let mut retry = Retry::new(Backoff::new(reconnect_initial, reconnect_max));
     let mut samples_open = true;
+    let mut stop_by: Option<Instant> = None;
     tokio::pin!(shutdown);
 
     loop {
         hand_over(&client, &topics, &mut link, &mut sends);
-        if !samples_open && link.is_empty() {
+        // Stopping while disconnected: waiting would deliver nothing; the rest is saved.
+        if !samples_open && (link.is_empty() || (stop_by.is_some() && !link.is_connected())) {
             break;
         }
         let reconnect_at = retry.waiting_until().map(Instant::from_std);
         tokio::select! {
             biased;
-            _ = &mut shutdown => break,
+            _ = &mut shutdown, if stop_by.is_none() => {
+                stop_by = Some(Instant::now() + STOP_GRACE);
+            }
+            _ = sleep_until(stop_by), if stop_by.is_some() => break,
             msg = samples.recv(), if samples_open => match msg {
                 Some(s) => link.sample(s, &mut sends),
                 None => samples_open = false,

@@ -312,8 +312,8 @@ mod tests {
 
     #[test]
     fn rapl_wraps_like_hardware_and_power_stays_exact() {
-        // 120 W on a 1 J range: the counter wraps every 8.33 ms of simulated time.
-        let mut s = sim("[[simulated.rapl]]\nname = \"package-0\"\npower_w = 120.0\nmax_energy_range_uj = 1000000\n");
+        // 120 W on a 10 J range: the counter wraps every 83.3 ms of simulated time.
+        let mut s = sim("[[simulated.rapl]]\nname = \"package-0\"\npower_w = 120.0\nmax_energy_range_uj = 10000000\n");
         let mut deltas = crate::deltas::Deltas::default();
         let mut read = |at| {
             let mut x = empty_sample();
@@ -322,8 +322,8 @@ mod tests {
             deltas.apply(&mut x);
             x
         };
-        let a = read(1_000_005);
-        let b = read(1_000_010);
+        let a = read(1_000_083);
+        let b = read(1_000_088);
         let (ea, eb) = (a.rapl[0].energy_uj.unwrap(), b.rapl[0].energy_uj.unwrap());
         assert!(eb < ea, "this interval crosses the wrap: {ea} -> {eb}");
         assert_eq!(

@@ -5,28 +5,24 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use nodewatt_wire::{AccountingStats, JobId, JobTotal, Sample, SensorKind};
+use nodewatt_wire::{JobId, Sample, SensorKind};
 
-use crate::attribution::{attribute, GpuEnergy, Job, Measured};
-use crate::counter::step;
-use crate::registry::Registry;
+use crate::attribution::{GpuEnergy, Job, Measured};
+use ledger::Ledger;
+use registry::Registry;
+
+pub mod ledger;
+pub mod registry;
 
 pub struct Accountant {
     registry: Registry,
     proc_root: PathBuf,
-    agent_start_ms: u64,
-    totals_interval_ms: u64,
-    last_ts: Option<u64>,
-    /// Cumulative cgroup CPU time per job at the previous sample.
-    job_cpu: HashMap<JobId, u64>,
-    /// Running jobs' totals since they started (or since this agent started).
-    totals: HashMap<JobId, (Job, JobTotal)>,
+    ledger: Ledger,
     /// (GPU index, pid) pairs already reported as foreign.
     foreign_seen: HashSet<(u32, u32)>,
     /// The job of each live GPU process (`None`: not in a job). A process never changes
     /// job, so its cgroup file is read once, not on every sample.
     pid_job: HashMap<u32, Option<JobId>>,
-    stats: AccountingStats,
 }
 
 /// The job a process belongs to, from its /proc/<pid>/cgroup (`.../job_<id>/...`).
@@ -86,24 +82,13 @@ pub fn measured(s: &Sample, t0: u64) -> Measured {
 }
 
 impl Accountant {
-    pub fn new(
-        dir: PathBuf,
-        owner_uid: u32,
-        proc_root: PathBuf,
-        agent_start_ms: u64,
-        totals_interval_ms: u64,
-    ) -> Accountant {
+    pub fn new(dir: PathBuf, owner_uid: u32, proc_root: PathBuf, ledger: Ledger) -> Accountant {
         Accountant {
             registry: Registry::new(dir, owner_uid),
             proc_root,
-            agent_start_ms,
-            totals_interval_ms: totals_interval_ms.max(1),
-            last_ts: None,
-            job_cpu: HashMap::new(),
-            totals: HashMap::new(),
+            ledger,
             foreign_seen: HashSet::new(),
             pid_job: HashMap::new(),
-            stats: AccountingStats::default(),
         }
     }
 
@@ -111,97 +96,34 @@ impl Accountant {
         self.registry.dir()
     }
 
-    /// Fills `usage`, `job_totals` and `accounting` of a sample whose deltas are set.
-    pub fn account(&mut self, s: &mut Sample) {
-        let jobs: Vec<Job> = self.registry.jobs().to_vec();
-        let t0 = self.last_ts.replace(s.ts_ms);
-
-        // CPU time per job over the span, from the cumulative cgroup counters.
-        let mut job_cpu_us = HashMap::new();
-        let mut cpu_now = HashMap::new();
-        for jc in s.cpu.iter().flat_map(|c| &c.jobs) {
-            let delta = match self.job_cpu.get(&jc.job) {
-                Some(prev) => step(*prev, jc.cpu_usage_us, None).delta().unwrap_or(0),
-                // First seen: all of it is new if the job started within this span.
-                None => {
-                    let started = jobs.iter().find(|j| j.id == jc.job).map(|j| j.start_ms);
-                    if started.zip(t0).is_some_and(|(st, t0)| st > t0) {
-                        jc.cpu_usage_us
-                    } else {
-                        0
-                    }
-                }
-            };
-            job_cpu_us.insert(jc.job.clone(), delta);
-            cpu_now.insert(jc.job.clone(), jc.cpu_usage_us);
-        }
-        self.job_cpu = cpu_now;
-
-        if let Some(t0) = t0.filter(|t0| *t0 < s.ts_ms) {
-            let mut m = measured(s, t0);
-            m.job_cpu_us = job_cpu_us;
-            s.usage = attribute(&jobs, &m);
-        }
-
-        self.update_totals(s, &jobs, t0);
-        self.cross_check(s, &jobs);
-        self.stats.jobs = jobs.len() as u32;
-        self.stats.rejected_files = self.registry.rejected_files;
-        s.accounting = Some(self.stats);
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
-    fn update_totals(&mut self, s: &mut Sample, jobs: &[Job], t0: Option<u64>) {
-        for job in jobs {
-            self.totals.entry(job.id.clone()).or_insert_with(|| {
-                let total = JobTotal {
-                    job: job.id.clone(),
-                    project: job.project.clone(),
-                    user: job.user.clone(),
-                    start_ms: job.start_ms,
-                    since_ms: job.start_ms.max(self.agent_start_ms),
-                    until_ms: s.ts_ms,
-                    ended: false,
-                    gpus: job.gpus.clone(),
-                    amounts: Default::default(),
-                };
-                (job.clone(), total)
-            });
-        }
-        for u in &s.usage {
-            if let Some((_, t)) = u.job.as_ref().and_then(|id| self.totals.get_mut(id)) {
-                t.amounts.add(&u.amounts);
-            }
-        }
-        // Jobs gone from the registry have ended: their final totals go out now.
-        let running: HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-        let ended: Vec<JobId> = self
-            .totals
-            .keys()
-            .filter(|id| !running.contains(id.as_str()))
-            .cloned()
-            .collect();
-        for id in ended {
-            if let Some((_, mut t)) = self.totals.remove(&id) {
-                t.ended = true;
-                t.until_ms = s.ts_ms;
-                s.job_totals.push(t);
-            }
-        }
-        // Running jobs' totals at every totals interval boundary.
-        let iv = self.totals_interval_ms;
-        if t0.is_some_and(|t0| t0 / iv != s.ts_ms / iv) {
-            let mut running: Vec<&mut (Job, JobTotal)> = self.totals.values_mut().collect();
-            running.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-            for (_, t) in running {
-                t.until_ms = s.ts_ms;
-                s.job_totals.push(t.clone());
-            }
-        }
+    /// Continues a saved ledger (its jobs, totals and last instant billed).
+    pub fn resume(&mut self, saved: Ledger) {
+        let iv = self.ledger.totals_interval_ms();
+        self.ledger = saved.resumed(iv);
+    }
+
+    /// Fills `usage`, `job_totals` and `accounting` of a sample whose deltas are set.
+    pub fn account(&mut self, s: &mut Sample) {
+        let read = self.registry.read();
+        self.ledger.stats_mut().rejected_files = self.registry.rejected_files;
+        self.ledger.account(s, read, measured);
+        self.cross_check(s);
+        s.accounting = Some(*self.ledger.stats_mut());
+    }
+
+    /// Running jobs' totals, for the last sample before a stop.
+    pub fn running_totals(&mut self) -> Vec<nodewatt_wire::JobTotal> {
+        self.ledger.running_totals()
     }
 
     /// A GPU process that belongs to a job other than the GPU's owner is reported, not
     /// silently billed: the GPU's energy still goes to its owner (or `_idle`).
-    fn cross_check(&mut self, s: &Sample, jobs: &[Job]) {
+    fn cross_check(&mut self, s: &Sample) {
+        let jobs: Vec<Job> = self.ledger.jobs().into_iter().cloned().collect();
         let live: HashSet<u32> = s.gpus.iter().flat_map(|g| g.pids.iter().copied()).collect();
         self.pid_job.retain(|pid, _| live.contains(pid));
         self.foreign_seen.retain(|(_, pid)| live.contains(pid));
@@ -224,7 +146,7 @@ impl Accountant {
                 let Some(job) = job.as_deref() else { continue };
                 if !owners.contains(&job) {
                     self.foreign_seen.insert((g.index, pid));
-                    self.stats.foreign_gpu_processes += 1;
+                    self.ledger.stats_mut().foreign_gpu_processes += 1;
                     tracing::warn!(
                         gpu = g.index,
                         pid,
@@ -314,7 +236,12 @@ mod tests {
         let proc = tempfile::tempdir().unwrap();
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
-        let acc = Accountant::new(dir.path().into(), me, proc.path().into(), 0, 60_000);
+        let acc = Accountant::new(
+            dir.path().into(),
+            me,
+            proc.path().into(),
+            Ledger::new(0, 60_000),
+        );
         Env { dir, proc, acc }
     }
 
@@ -322,6 +249,14 @@ mod tests {
         let text =
             format!("job={id}\nproject=proj-{id}\nuser=u{id}\ngpus={gpus}\nstart_ms={start}\n");
         std::fs::write(e.dir.path().join(format!("{id}.job")), text).unwrap();
+    }
+
+    fn end_job(e: &Env, id: &str, end_ms: u64) {
+        let path = e.dir.path().join(format!("{id}.job"));
+        let text = std::fs::read_to_string(&path).unwrap() + &format!("end_ms={end_ms}\n");
+        let tmp = e.dir.path().join(".tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, path).unwrap();
     }
 
     #[test]
@@ -348,18 +283,115 @@ mod tests {
         assert_eq!(idle.amounts.gpu_uj, 300_000_000, "GPU 1 belongs to nobody");
         assert!(s.job_totals.is_empty());
 
-        std::fs::remove_file(e.dir.path().join("7.job")).unwrap();
+        // The epilog records the end at 2_250: the job gets its quarter of the span.
+        end_job(&e, "7", 2_250);
         let mut s = sample(3_000, Some(300_000), vec![], &[]);
         e.acc.account(&mut s);
         assert_eq!(s.job_totals.len(), 1);
         let t = &s.job_totals[0];
         assert!(t.ended);
-        assert_eq!((t.job.as_str(), t.since_ms, t.until_ms), ("7", 500, 3_000));
-        assert_eq!(t.amounts.gpu_uj, 300_000_000);
+        assert_eq!((t.job.as_str(), t.since_ms, t.until_ms), ("7", 500, 2_250));
+        assert_eq!(t.amounts.gpu_uj, 375_000_000);
+        assert_eq!(t.amounts.gpu_ms, 1_250);
+        let seven = s
+            .usage
+            .iter()
+            .find(|u| u.job.as_deref() == Some("7"))
+            .unwrap();
+        assert_eq!(
+            (seven.amounts.gpu_uj, seven.amounts.gpu_ms),
+            (75_000_000, 250)
+        );
+
+        // Its file stays a while (ended files are kept an hour): nothing more is billed.
+        let mut s = sample(4_000, Some(300_000), vec![], &[]);
+        e.acc.account(&mut s);
         assert!(
             s.usage.iter().all(|u| u.job.is_none()),
             "after its end, nothing"
         );
+        assert!(s.job_totals.is_empty(), "the final total went out once");
+        assert_eq!(s.accounting.unwrap().jobs, 0);
+    }
+
+    #[test]
+    fn a_file_removed_without_an_end_bills_its_last_span_to_unattributed() {
+        let mut e = env();
+        add_job(&e, "7", "0", 500);
+        e.acc.account(&mut sample(1_000, None, vec![], &[]));
+        e.acc
+            .account(&mut sample(2_000, Some(300_000), vec![], &[]));
+        std::fs::remove_file(e.dir.path().join("7.job")).unwrap();
+        let mut s = sample(3_000, Some(300_000), vec![], &[]);
+        e.acc.account(&mut s);
+        let t = &s.job_totals[0];
+        assert_eq!(
+            (t.ended, t.until_ms, t.amounts.gpu_uj),
+            (true, 2_000, 300_000_000)
+        );
+        let un = s
+            .usage
+            .iter()
+            .find(|u| u.project == "_unattributed")
+            .unwrap();
+        assert_eq!(
+            un.amounts.gpu_uj, 300_000_000,
+            "GPU 0 was the job's for some of it"
+        );
+        assert!(s.usage.iter().all(|u| u.job.is_none()));
+    }
+
+    #[test]
+    fn a_failed_registry_read_keeps_the_jobs() {
+        let mut e = env();
+        add_job(&e, "7", "0", 500);
+        e.acc.account(&mut sample(1_000, None, vec![], &[]));
+        // Briefly untrusted (writable by others), then unreadable as a whole.
+        std::fs::set_permissions(e.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut s = sample(2_000, Some(300_000), vec![], &[]);
+        e.acc.account(&mut s);
+        std::fs::set_permissions(e.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(s.job_totals.is_empty(), "no job ended");
+        let seven = s
+            .usage
+            .iter()
+            .find(|u| u.job.as_deref() == Some("7"))
+            .unwrap();
+        assert_eq!(seven.amounts.gpu_uj, 300_000_000);
+        assert_eq!(s.accounting.unwrap().registry_errors, 1);
+        // The file itself rejected for a moment (rewritten badly): kept as well.
+        let path = e.dir.path().join("7.job");
+        let good = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, "garbage").unwrap();
+        let mut s = sample(3_000, Some(300_000), vec![], &[]);
+        e.acc.account(&mut s);
+        assert!(s.job_totals.is_empty());
+        std::fs::write(&path, good).unwrap();
+        end_job(&e, "7", 3_500);
+        let mut s = sample(4_000, Some(300_000), vec![], &[]);
+        e.acc.account(&mut s);
+        let t = &s.job_totals[0];
+        assert_eq!(
+            (t.since_ms, t.until_ms),
+            (500, 3_500),
+            "one total, never restarted"
+        );
+        assert_eq!(t.amounts.gpu_uj, 750_000_000);
+    }
+
+    #[test]
+    fn a_missing_directory_ends_nothing() {
+        let mut e = env();
+        add_job(&e, "7", "0", 500);
+        e.acc.account(&mut sample(1_000, None, vec![], &[]));
+        let moved = e.dir.path().with_extension("away");
+        std::fs::rename(e.dir.path(), &moved).unwrap();
+        let mut s = sample(2_000, Some(300_000), vec![], &[]);
+        e.acc.account(&mut s);
+        std::fs::rename(&moved, e.dir.path()).unwrap();
+        assert!(s.job_totals.is_empty());
+        assert_eq!(s.accounting.unwrap().registry_errors, 1);
+        assert_eq!(s.accounting.unwrap().jobs, 1);
     }
 
     #[test]

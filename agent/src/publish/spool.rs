@@ -1,0 +1,1 @@
+//! The crash-safe outbox spool (being written).
