@@ -140,6 +140,9 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
         field(&rows, "_idle", "gpu_kwh") > 0.0,
         "GPU 1 before job 102, GPU 0 after job 101"
     );
+    // Job 101's file was removed without a recorded end (no epilog): the span in which
+    // it vanished is nobody's for sure.
+    assert!(field(&rows, "_unattributed", "gpu_kwh") > 0.0);
 
     // By user and by job agree with by project.
     let users = usage(&collector_cfg, "user", from, to);
@@ -189,7 +192,7 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
         lines.next(),
         Some("key,project,user,energy_uj,energy_kwh,gpu_kwh,cpu_kwh,dram_kwh,other_kwh,gpu_hours,cpu_core_hours,pue,facility_kwh,cost,currency,co2e_kg")
     );
-    assert_eq!(lines.count(), 3, "{csv}");
+    assert_eq!(lines.count(), 4, "proj-a, proj-b, _idle, _unattributed: {csv}");
 
     // Reports: a job's whole run, and a project over the period.
     let out_dir = tempfile::tempdir().unwrap();

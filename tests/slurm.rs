@@ -1,6 +1,6 @@
 //! The Slurm prolog and epilog (config/slurm/) against a real single-node Slurm: jobs
 //! submitted with an account and GPUs appear in the registry, the agent bills them, and
-//! their files disappear when they end or are cancelled.
+//! their end is recorded when they end or are cancelled.
 
 use std::time::Duration;
 
@@ -52,9 +52,12 @@ fn prolog_and_epilog_feed_the_registry_and_the_agent_bills_the_job() {
             "root-owned, not writable by others"
         );
     }
+    let ended = |f: &std::path::Path| {
+        std::fs::read_to_string(f).is_ok_and(|t| t.lines().any(|l| l.starts_with("end_ms=")))
+    };
     assert!(
-        wait_until(Duration::from_secs(30), || !file.exists()),
-        "epilog did not remove the file"
+        wait_until(Duration::from_secs(30), || ended(&file)),
+        "epilog recorded no end"
     );
 
     // A cancelled job's file disappears too.
@@ -68,11 +71,11 @@ fn prolog_and_epilog_feed_the_registry_and_the_agent_bills_the_job() {
     assert!(wait_until(Duration::from_secs(20), || long_file.exists()));
     slurm.command("scancel", &[&long]);
     assert!(
-        wait_until(Duration::from_secs(30), || !long_file.exists()),
-        "cancelled job left its file"
+        wait_until(Duration::from_secs(30), || ended(&long_file)),
+        "cancelled job has no end"
     );
 
-    // The agent sent the job's final total when its file went away.
+    // The agent sent the job's final total at its end.
     let billed = wait_until(Duration::from_secs(20), || {
         db.rows(
             DB,
