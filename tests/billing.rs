@@ -192,7 +192,11 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
         lines.next(),
         Some("key,project,user,energy_uj,energy_kwh,gpu_kwh,cpu_kwh,dram_kwh,other_kwh,gpu_hours,cpu_core_hours,pue,facility_kwh,cost,currency,co2e_kg")
     );
-    assert_eq!(lines.count(), 4, "proj-a, proj-b, _idle, _unattributed: {csv}");
+    assert_eq!(
+        lines.count(),
+        4,
+        "proj-a, proj-b, _idle, _unattributed: {csv}"
+    );
 
     // Reports: a job's whole run, and a project over the period.
     let out_dir = tempfile::tempdir().unwrap();

@@ -196,3 +196,231 @@ fn a_restart_mid_job_bills_each_job_exactly_once() {
     assert_eq!(billed_exact, rise_uj, "the restart's gap is in the bills");
     assert!((billed_gpu_uj - rise_uj).abs() < 10.0);
 }
+
+/// Writes a registry file as the prolog and epilog do: aside, then renamed into place.
+fn write_job(dir: &Path, id: &str, lines: &str) {
+    let tmp = dir.join(format!(".{id}.tmp"));
+    std::fs::write(&tmp, lines).unwrap();
+    std::fs::rename(tmp, dir.join(format!("{id}.job"))).unwrap();
+}
+
+fn job_text(id: &str, project: &str, user: &str, gpus: &str, start_ms: u64) -> String {
+    format!("job={id}\nproject={project}\nuser={user}\ngpus={gpus}\nstart_ms={start_ms}\n")
+}
+
+/// A private registry on tmpfs, where two changes within one timestamp tick leave the
+/// directory's mtime unchanged.
+fn tmpfs_registry() -> (tempfile::TempDir, u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    (dir, unsafe { libc::geteuid() })
+}
+
+#[test]
+fn jobs_ending_in_the_same_millisecond_a_registry_blip_and_domain_users_bill_exactly() {
+    let Stack {
+        mq,
+        db,
+        collector_cfg,
+        collector,
+    } = Stack::start("races", DB);
+    let (registry, me) = tmpfs_registry();
+    let text = agent_config("lab", "node-q", "20ms", mq.port, &[WATTS; 4])
+        + &format!(
+            "[jobs]\ndir = {:?}\nowner_uid = {me}\ntotals_interval = \"1s\"\n",
+            registry.path()
+        );
+    let a = config_file("agent.toml", &text);
+    let t_begin = nodewatt_common::now_ms();
+    let mut agent = start_agent(&a, 1_000_000);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Pairs of jobs that start together and end in the same millisecond, back to back;
+    // the users are AD/SSSD names. One pair lives through a registry blip.
+    let dir = registry.path();
+    let mut truth = Vec::new();
+    for k in 0..30u64 {
+        let (x, y) = (format!("{}", 1000 + 2 * k), format!("{}", 1001 + 2 * k));
+        let start = nodewatt_common::now_ms();
+        let user = format!("user{k}@corp.example");
+        write_job(dir, &x, &job_text(&x, "proj-x", &user, "0", start));
+        write_job(
+            dir,
+            &y,
+            &job_text(&y, "proj-y", "jane.doe@corp.example", "1,2", start),
+        );
+        std::thread::sleep(Duration::from_millis(40 + (k * 37) % 110));
+        if k == 10 {
+            use std::os::unix::fs::PermissionsExt;
+            // Untrusted for a moment (writable by others): jobs must not end.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let end = nodewatt_common::now_ms();
+        write_job(
+            dir,
+            &x,
+            &(job_text(&x, "proj-x", &user, "0", start) + &format!("end_ms={end}\n")),
+        );
+        write_job(
+            dir,
+            &y,
+            &(job_text(&y, "proj-y", "jane.doe@corp.example", "1,2", start)
+                + &format!("end_ms={end}\n")),
+        );
+        truth.push((x, 1.0, start, end));
+        truth.push((y, 2.0, start, end));
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let all_final = wait_until(Duration::from_secs(30), || {
+        db.scalar(
+            DB,
+            "SELECT COUNT(energy_gpu_uj) FROM job_total WHERE node = 'node-q' AND ended = true",
+        ) == truth.len() as f64
+    });
+    assert!(
+        all_final,
+        "not every job's final total:\n{}\n{}",
+        agent.log(),
+        collector.log()
+    );
+    agent.stop_cleanly();
+    assert!(
+        agent.log().contains("not trusted"),
+        "the blip was seen:\n{}",
+        agent.log()
+    );
+
+    let mut exact = 0;
+    let mut worst_ms: f64 = 0.0;
+    for (id, gpus, start, end) in &truth {
+        let rows = db.rows(
+            DB,
+            &format!("SELECT energy_gpu_uj, until_ms FROM job_total WHERE job = '{id}' AND node = 'node-q'"),
+        );
+        assert_eq!(rows.len(), 1, "one total for job {id}: {rows:?}");
+        let got = rows[0].1["energy_gpu_uj"].as_f64().unwrap();
+        let want = WATTS * gpus * (end - start) as f64 * 1000.0;
+        let off_ms = (got - want) / (WATTS * gpus * 1000.0);
+        worst_ms = worst_ms.max(off_ms.abs());
+        exact += usize::from(got == want);
+        // The epilog's end is seen at the next sample at the latest; if it lands just
+        // after a sample read the registry, that sample bills up to 1 ms of it.
+        assert!(
+            off_ms.abs() <= 2.0,
+            "job {id}: {got} µJ, power x time {want} µJ"
+        );
+    }
+    eprintln!(
+        "{exact} of {} jobs billed exactly power x time; worst {worst_ms} ms of power off",
+        truth.len()
+    );
+
+    let t_end = nodewatt_common::now_ms();
+    let users = usage(&collector_cfg, "user", t_begin - 60_000, t_end + 60_000);
+    let jane = row(&users, "jane.doe@corp.example");
+    let want: f64 = truth
+        .iter()
+        .filter(|t| t.1 == 2.0)
+        .map(|(_, g, s, e)| WATTS * g * (e - s) as f64 * 1000.0)
+        .sum();
+    let got = jane["gpu_kwh"].as_f64().unwrap() * 3.6e12;
+    assert!(
+        (got - want).abs() <= WATTS * 2.0 * 30.0 * 2.0 * 1000.0,
+        "{got} vs {want}"
+    );
+}
+
+#[test]
+fn two_thousand_jobs_on_one_node_are_published_and_all_billed() {
+    let Stack {
+        mq,
+        db,
+        collector_cfg,
+        collector,
+    } = Stack::start("many", DB);
+    let (registry, me) = tmpfs_registry();
+    let text = agent_config("lab", "node-m", "500ms", mq.port, &[WATTS; 4])
+        + &format!(
+            "[jobs]\ndir = {:?}\nowner_uid = {me}\ntotals_interval = \"1s\"\n",
+            registry.path()
+        );
+    let a = config_file("agent.toml", &text);
+    let t_begin = nodewatt_common::now_ms();
+    let start = t_begin - 1_000;
+    // 2,000 jobs of 40 users in 20 projects (CPU-only, as on a shared node); four hold
+    // a GPU each.
+    for i in 0..2_000u32 {
+        let gpus = if i < 4 { i.to_string() } else { String::new() };
+        let id = format!("{}", 50_000 + i);
+        let text = job_text(
+            &id,
+            &format!("proj-{}", i % 20),
+            &format!("u{}@corp.example", i % 40),
+            &gpus,
+            start,
+        );
+        write_job(registry.path(), &id, &text);
+    }
+    let mut agent = start_agent(&a, 1_000_000);
+    std::thread::sleep(Duration::from_secs(4));
+    let end = nodewatt_common::now_ms();
+    for i in 0..2_000u32 {
+        let gpus = if i < 4 { i.to_string() } else { String::new() };
+        let id = format!("{}", 50_000 + i);
+        let text = job_text(
+            &id,
+            &format!("proj-{}", i % 20),
+            &format!("u{}@corp.example", i % 40),
+            &gpus,
+            start,
+        ) + &format!("end_ms={end}\n");
+        write_job(registry.path(), &id, &text);
+    }
+    let all_final = wait_until(Duration::from_secs(60), || {
+        db.scalar(
+            DB,
+            "SELECT COUNT(energy_gpu_uj) FROM job_total WHERE node = 'node-m' AND ended = true",
+        ) == 2_000.0
+    });
+    let stored = db.scalar(DB, "SELECT COUNT(seq) FROM agent WHERE node = 'node-m'");
+    assert!(
+        all_final,
+        "{stored} samples stored; final totals missing:\n{}\n{}",
+        agent.log(),
+        collector.log()
+    );
+    agent.stop_cleanly();
+    let log = collector.log();
+    let last_health = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("health"))
+        .unwrap_or("");
+    assert!(last_health.contains(" rejected=0 "), "{log}");
+
+    // The GPU jobs: their time on the node since the agent's first sample, exactly.
+    let first = db
+        .rows(DB, "SELECT FIRST(seq) FROM agent WHERE node = 'node-m'")
+        .first()
+        .and_then(|(_, r)| r["time"].as_u64())
+        .unwrap();
+    for i in 0..4 {
+        let id = 50_000 + i;
+        let got = db.scalar(
+            DB,
+            &format!("SELECT SUM(energy_gpu_uj) FROM job_total WHERE job = '{id}'"),
+        );
+        assert_eq!(got, WATTS * (end - first) as f64 * 1000.0, "job {id}");
+    }
+    let t_end = nodewatt_common::now_ms();
+    let projects = usage(&collector_cfg, "project", t_begin - 60_000, t_end + 60_000);
+    let by_jobs = usage(&collector_cfg, "job", t_begin - 60_000, t_end + 60_000);
+    assert_eq!(by_jobs.len(), 2_000);
+    assert!(projects.len() >= 20, "{projects:?}");
+    assert!(projects.iter().all(|r| r["key"] != "_unattributed"));
+}

@@ -75,6 +75,9 @@ pub struct State {
     pub origin_ms: u64,
     pub deltas: Deltas,
     pub ledger: Option<Ledger>,
+    /// Job totals not sent yet.
+    #[serde(default)]
+    pub pending_totals: Vec<nodewatt_wire::JobTotal>,
 }
 
 pub struct Sampler {
@@ -85,6 +88,8 @@ pub struct Sampler {
     last_error: Vec<Option<String>>,
     deltas: Deltas,
     template: Sample,
+    /// Job totals that did not fit in earlier messages (`publish::fit`).
+    pending_totals: Vec<nodewatt_wire::JobTotal>,
 }
 
 impl Sampler {
@@ -101,6 +106,7 @@ impl Sampler {
             // must not log the same reason again.
             last_error: sources.iter().map(|s| s.inventory().unavailable).collect(),
             deltas: Deltas::default(),
+            pending_totals: Vec::new(),
             sources,
             template: Sample::new(AGENT, cluster, node, interval_ms, agent_start_ms),
         }
@@ -145,7 +151,22 @@ impl Sampler {
         if let Some(a) = self.accountant.as_mut() {
             a.account(&mut s);
         }
+        self.fit(&mut s);
         s
+    }
+
+    fn fit(&mut self, s: &mut Sample) {
+        let done = crate::publish::fit::fit(
+            s,
+            &mut self.pending_totals,
+            crate::publish::MAX_MESSAGE_BYTES,
+        );
+        if done.unattributed {
+            tracing::error!(
+                usage_entries = s.usage.len(),
+                "a sample too large for one message: its usage is sent as _unattributed"
+            );
+        }
     }
 
     /// Attributes each sample's energy to the jobs of the registry.
@@ -184,6 +205,7 @@ impl Sampler {
         self.template.seq = st.seq;
         self.template.agent_start_ms = st.origin_ms;
         self.deltas = st.deltas;
+        self.pending_totals = st.pending_totals;
         Ok(now_ms - last)
     }
 
@@ -197,6 +219,7 @@ impl Sampler {
             origin_ms: self.template.agent_start_ms,
             deltas: self.deltas.clone(),
             ledger: self.accountant.as_ref().map(|a| a.ledger().clone()),
+            pending_totals: self.pending_totals.clone(),
         }
     }
 

@@ -53,6 +53,7 @@ mod tests {
             origin_ms: 1,
             deltas: Default::default(),
             ledger: Some(crate::accounting::ledger::Ledger::new(1, 60_000)),
+            pending_totals: Vec::new(),
         };
         save(&path, &st).unwrap();
         assert_eq!(take(&path).unwrap(), Some(st));

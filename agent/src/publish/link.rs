@@ -53,6 +53,8 @@ pub struct Link {
     status_pkids: Vec<u16>,
     connected: bool,
     stats: PublishStats,
+    /// Job totals moved out of a merged sample that was too large (see `fit`).
+    carry: Vec<nodewatt_wire::JobTotal>,
 }
 
 /// The retained status message; `ts_ms` is none in the last will (the broker sends it
@@ -75,6 +77,7 @@ impl Link {
             status_pkids: Vec::new(),
             connected: false,
             stats: PublishStats::default(),
+            carry: Vec::new(),
         }
     }
 
@@ -191,10 +194,20 @@ impl Link {
         };
         while let Some((id, sample)) = self.outbox.take_next() {
             sample.outbox = Some(stats);
+            let mut payload = sample.to_json().into_bytes();
+            // Merged samples can outgrow a packet: shaped again, the totals that do not
+            // fit ride on the next ones.
+            if payload.len() > super::MAX_MESSAGE_BYTES || !self.carry.is_empty() {
+                let done = super::fit::fit(sample, &mut self.carry, super::MAX_MESSAGE_BYTES);
+                if done.unattributed {
+                    tracing::error!("a merged sample too large for one message: its usage is sent as _unattributed");
+                }
+                payload = sample.to_json().into_bytes();
+            }
             self.awaiting.push_back(Tag::Sample(id));
             out.push(Send {
                 tag: Tag::Sample(id),
-                payload: sample.to_json().into_bytes(),
+                payload,
             });
         }
     }

@@ -8,6 +8,7 @@
 //! retries failed connections with backoff and jitter (rumqttc has none). The sampling
 //! thread only ever hands samples over a channel: it never waits for the network.
 
+pub mod fit;
 pub mod link;
 pub mod outbox;
 mod saved;
@@ -30,6 +31,8 @@ pub use saved::{load_saved, save};
 
 /// Large enough for a node with many GPUs and processes; rumqttc's default is 10 KiB.
 pub const MAX_PACKET_BYTES: usize = 256 * 1024;
+/// A sample's JSON at most: the packet less its header and topic (`fit` keeps to it).
+pub const MAX_MESSAGE_BYTES: usize = MAX_PACKET_BYTES - 1024;
 
 pub struct PublisherSettings {
     pub options: MqttOptions,
