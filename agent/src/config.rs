@@ -87,9 +87,56 @@ pub struct OutboxConfig {
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// Where unacknowledged samples are saved when the agent stops, to be sent after the
-    /// next start (a restart during a broker outage then loses nothing).
+    /// next start (a restart during a broker outage then loses nothing). Not needed with
+    /// `spool_dir`.
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// Every sample is written here before it is published and removed once the broker
+    /// acknowledged it, so even a killed agent or a power loss loses nothing measured.
+    #[serde(default)]
+    pub spool_dir: Option<PathBuf>,
+    /// Disk the spool may use before it is compacted to the (merged) outbox.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: usize,
+    /// When spooled samples are forced to disk: "always", "never" (the page cache, which
+    /// survives a killed agent but not a power loss), or at most every given duration.
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+}
+
+fn default_spool_max_bytes() -> usize {
+    64 << 20
+}
+
+/// `[outbox] fsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    Always,
+    Never,
+    Every(Duration),
+}
+
+impl Default for FsyncPolicy {
+    fn default() -> Self {
+        FsyncPolicy::Every(Duration::from_secs(1))
+    }
+}
+
+impl<'de> Deserialize<'de> for FsyncPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            other => humantime::parse_duration(other)
+                .map(FsyncPolicy::Every)
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "fsync {other:?} must be \"always\", \"never\" or a duration such as \"1s\""
+                    ))
+                }),
+        }
+    }
 }
 
 fn default_outbox_capacity() -> usize {
@@ -105,6 +152,9 @@ impl Default for OutboxConfig {
             capacity: default_outbox_capacity(),
             max_in_flight: default_max_in_flight(),
             state_file: None,
+            spool_dir: None,
+            spool_max_bytes: default_spool_max_bytes(),
+            fsync: FsyncPolicy::default(),
         }
     }
 }
@@ -310,6 +360,9 @@ impl Config {
         if let Some(p) = cfg.outbox.state_file.as_mut() {
             resolve(base, p);
         }
+        if let Some(p) = cfg.outbox.spool_dir.as_mut() {
+            resolve(base, p);
+        }
         Ok(cfg)
     }
 
@@ -355,6 +408,20 @@ impl Config {
         let o = &self.outbox;
         count_in("outbox.capacity", o.capacity, 16, MAX_CAPACITY)?;
         count_in("outbox.max_in_flight", o.max_in_flight, 1, o.capacity / 2)?;
+        count_in(
+            "outbox.spool_max_bytes",
+            o.spool_max_bytes,
+            1 << 20,
+            1 << 40,
+        )?;
+        if let FsyncPolicy::Every(d) = o.fsync {
+            duration_in(
+                "outbox.fsync",
+                d,
+                Duration::from_millis(10),
+                Duration::from_secs(3600),
+            )?;
+        }
         for pattern in &self.cpu.job_cgroups {
             let last = pattern.rsplit('/').next().unwrap_or_default();
             if !last.starts_with("job_") || pattern.starts_with('/') || pattern.contains("..") {

@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use nodewatt_agent::config::Config;
-use nodewatt_agent::publish::{self, PublisherSettings};
-use nodewatt_agent::sampler::{build_sources, Sampler};
+use nodewatt_agent::publish::{self, PublisherSettings, Sampled};
+use nodewatt_agent::sampler::{build_sources, Sampler, State};
 use nodewatt_agent::schedule::{self, Clock};
 use nodewatt_wire::Sample;
 
@@ -128,7 +128,7 @@ fn sample_loop(
     interval: u64,
     count: Option<u64>,
     stop: Option<&Receiver<()>>,
-    mut emit: impl FnMut(Sample) -> bool,
+    mut emit: impl FnMut(Sample, &Sampler) -> bool,
 ) -> bool {
     let mut clock = Clock::Real;
     let mut tick = schedule::next_tick(clock.now_ms(), interval);
@@ -142,7 +142,8 @@ fn sample_loop(
             }
         }
         clock.sleep_until(tick);
-        if !emit(sampler.sample(tick)) {
+        let s = sampler.sample(tick);
+        if !emit(s, sampler) {
             return false;
         }
         taken += 1;
@@ -158,25 +159,54 @@ fn sample_loop(
     false
 }
 
-/// Resumes the state an earlier run on this boot saved, if there is one.
-fn resume(sampler: &mut Sampler, cfg: &Config, boot_id: Option<&str>) {
+/// Resumes the state an earlier run on this boot left: the one saved at a clean stop, or
+/// the one spooled with the newest sample (after a crash), whichever is newer.
+fn resume(sampler: &mut Sampler, cfg: &Config, boot_id: Option<&str>, spooled: Option<Vec<u8>>) {
     let Some(file) = &cfg.agent.state_file else {
         return;
     };
-    match nodewatt_agent::state::take(file) {
-        Ok(None) => {}
-        Ok(Some(st)) => match sampler.resume(st, boot_id, nodewatt_common::now_ms()) {
-            Ok(gap_ms) => tracing::info!(
-                gap_ms,
-                file = %file.display(),
-                "resumed the previous run: job totals continue, the gap is measured"
-            ),
-            Err(why) => tracing::warn!(
-                file = %file.display(),
-                "saved state not resumed ({why}); starting afresh"
-            ),
+    let saved = match nodewatt_agent::state::take(file) {
+        Ok(st) => st,
+        Err(e) => {
+            tracing::warn!("{e}");
+            None
+        }
+    };
+    let spooled = spooled.and_then(|b| match serde_json::from_slice::<State>(&b) {
+        Ok(st) => Some(st),
+        Err(e) => {
+            tracing::warn!("the state spooled with the newest sample is unreadable: {e}");
+            None
+        }
+    });
+    let newest = [saved, spooled]
+        .into_iter()
+        .flatten()
+        .max_by_key(|st| st.deltas.last_ts());
+    let Some(st) = newest else {
+        return;
+    };
+    match sampler.resume(st, boot_id, nodewatt_common::now_ms()) {
+        Ok(gap_ms) => tracing::info!(
+            gap_ms,
+            "resumed the previous run: job totals continue, the gap is measured"
+        ),
+        Err(why) => tracing::warn!("saved state not resumed ({why}); starting afresh"),
+    }
+}
+
+fn spool_config(cfg: &Config, dir: &Path) -> publish::spool::SpoolConfig {
+    use nodewatt_agent::config::FsyncPolicy;
+    use publish::spool::Fsync;
+    publish::spool::SpoolConfig {
+        dir: dir.to_owned(),
+        segment_bytes: 4 << 20,
+        max_bytes: cfg.outbox.spool_max_bytes as u64,
+        fsync: match cfg.outbox.fsync {
+            FsyncPolicy::Always => Fsync::Always,
+            FsyncPolicy::Never => Fsync::Never,
+            FsyncPolicy::Every(d) => Fsync::Every(d),
         },
-        Err(e) => tracing::warn!("{e}; starting afresh"),
     }
 }
 
@@ -198,12 +228,25 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
     let interval = cfg.agent.interval.as_millis() as u64;
     log_inventory(&sampler);
     let boot_id = nodewatt_agent::state::boot_id(&cfg.agent.proc_root);
-    resume(&mut sampler, &cfg, boot_id.as_deref());
+    let mqtt = cfg.mqtt.as_ref().filter(|_| !to_stdout);
+    let node = cfg.node_name()?;
+    // The spool first: a crash leaves the newest state there.
+    let spool = match (mqtt, &cfg.outbox.spool_dir) {
+        (Some(_), Some(dir)) => {
+            publish::spooler::open(spool_config(&cfg, dir), &cfg.agent.cluster, &node)
+        }
+        _ => None,
+    };
+    let (spool, spooled_state) = match spool {
+        Some((spooler, recovered, state)) => (Some((spooler, recovered)), state),
+        None => (None, None),
+    };
+    resume(&mut sampler, &cfg, boot_id.as_deref(), spooled_state);
     tracing::info!(interval_ms = interval, "sampling");
-    let Some(mqtt) = cfg.mqtt.as_ref().filter(|_| !to_stdout) else {
+    let Some(mqtt) = mqtt else {
         let stdout = std::io::stdout();
         let mut failed = None;
-        sample_loop(&mut sampler, interval, count, None, |s| {
+        sample_loop(&mut sampler, interval, count, None, |s, _| {
             let mut out = stdout.lock();
             let r = writeln!(out, "{}", s.to_json()).and_then(|_| out.flush());
             failed = r.err();
@@ -217,7 +260,6 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
     };
 
     nodewatt_common::install_tls_provider();
-    let node = cfg.node_name()?;
     let settings = PublisherSettings {
         options: mqtt.options(&format!("nodewatt-agent-{}-{node}", cfg.agent.cluster))?,
         cluster: cfg.agent.cluster.clone(),
@@ -227,6 +269,7 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
         reconnect_initial: mqtt.reconnect_initial,
         reconnect_max: mqtt.reconnect_max,
         state_file: cfg.outbox.state_file.clone(),
+        spool,
     };
     // Sampling runs on its own thread and never waits for the network; the
     // single-threaded runtime only moves samples to the broker. At a stop the sampler
@@ -236,14 +279,24 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     let sampling = {
         let cfg = cfg.clone();
+        // With a spool, each sample travels with the state after it (see `Sampled`).
+        let keep_state = cfg.agent.state_file.is_some() && cfg.outbox.spool_dir.is_some();
+        let boot = boot_id.clone().unwrap_or_default();
+        let sampled = move |sampler: &Sampler, sample: Sample| Sampled {
+            sample,
+            state: keep_state
+                .then(|| serde_json::to_vec(&sampler.state(boot.clone())).unwrap_or_default()),
+        };
         std::thread::Builder::new()
             .name("sampler".into())
             .spawn(move || {
-                let stopped = sample_loop(&mut sampler, interval, count, Some(&stop_rx), |s| {
-                    tx.send(s).is_ok()
-                });
+                let stopped =
+                    sample_loop(&mut sampler, interval, count, Some(&stop_rx), |s, sp| {
+                        tx.send(sampled(sp, s)).is_ok()
+                    });
                 if stopped {
-                    let _ = tx.send(sampler.finish(nodewatt_common::now_ms()));
+                    let last = sampler.finish(nodewatt_common::now_ms());
+                    let _ = tx.send(sampled(&sampler, last));
                 }
                 drop(tx);
                 save_state(&sampler, &cfg, boot_id);

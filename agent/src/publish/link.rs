@@ -55,6 +55,8 @@ pub struct Link {
     stats: PublishStats,
     /// Job totals moved out of a merged sample that was too large (see `fit`).
     carry: Vec<nodewatt_wire::JobTotal>,
+    /// Spool records of acknowledged samples, for the caller to release.
+    released: Vec<std::ops::Range<u64>>,
 }
 
 /// The retained status message; `ts_ms` is none in the last will (the broker sends it
@@ -78,6 +80,7 @@ impl Link {
             connected: false,
             stats: PublishStats::default(),
             carry: Vec::new(),
+            released: Vec::new(),
         }
     }
 
@@ -108,8 +111,23 @@ impl Link {
 
     /// A new sample from the sampler.
     pub fn sample(&mut self, sample: Sample, out: &mut Vec<Send>) {
-        self.outbox.push(sample);
+        self.spooled(sample, 0..0, out);
+    }
+
+    /// A new sample, held on disk by these spool records.
+    pub fn spooled(&mut self, sample: Sample, records: std::ops::Range<u64>, out: &mut Vec<Send>) {
+        self.outbox.push_spooled(sample, records);
         self.fill(out);
+    }
+
+    /// Spool records of delivered samples, since the last call.
+    pub fn take_released(&mut self) -> Vec<std::ops::Range<u64>> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// The outbox as a spool snapshot: (last record, sample), oldest first.
+    pub fn spool_snapshot(&self) -> Vec<(u64, &Sample)> {
+        self.outbox.spooled()
     }
 
     /// ConnAck: the node is online; everything unacknowledged goes out again, oldest first.
@@ -133,8 +151,11 @@ impl Link {
 
     /// PubAck: the sample with this packet id is delivered and leaves the outbox.
     pub fn acked(&mut self, pkid: u16, out: &mut Vec<Send>) {
-        if self.outbox.ack(pkid) {
+        if let Some(spooled) = self.outbox.ack(pkid) {
             self.stats.acked += 1;
+            if !spooled.is_empty() {
+                self.released.push(spooled);
+            }
         } else if let Some(i) = self.status_pkids.iter().position(|p| *p == pkid) {
             self.status_pkids.swap_remove(i);
         } else {

@@ -13,6 +13,7 @@ pub mod link;
 pub mod outbox;
 mod saved;
 pub mod spool;
+pub mod spooler;
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,6 +29,14 @@ pub use link::PublishStats;
 use link::{status_payload, Link, Send, Tag};
 use outbox::Outbox;
 pub use saved::{load_saved, save};
+pub use spooler::{Recovered, Spooler};
+
+/// A sample from the sampler, with the sampler's state after it (JSON) when the state is
+/// kept across restarts: spooled together, so a crash can never separate them.
+pub struct Sampled {
+    pub sample: Sample,
+    pub state: Option<Vec<u8>>,
+}
 
 /// Large enough for a node with many GPUs and processes; rumqttc's default is 10 KiB.
 pub const MAX_PACKET_BYTES: usize = 256 * 1024;
@@ -44,6 +53,8 @@ pub struct PublisherSettings {
     pub reconnect_max: Duration,
     /// Unacknowledged samples are saved here at shutdown and resent after a restart.
     pub state_file: Option<std::path::PathBuf>,
+    /// The opened spool and the samples it held at start, oldest first.
+    pub spool: Option<(Spooler, Vec<Recovered>)>,
 }
 
 /// Hands messages to the client in order; if it refuses one (its queue is full: not
@@ -91,7 +102,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// marks the node offline (at most 2 s) and saves what is unacknowledged.
 pub async fn run(
     settings: PublisherSettings,
-    mut samples: UnboundedReceiver<Sample>,
+    mut samples: UnboundedReceiver<Sampled>,
     shutdown: impl Future<Output = ()>,
 ) -> PublishStats {
     let PublisherSettings {
@@ -103,6 +114,7 @@ pub async fn run(
         reconnect_initial,
         reconnect_max,
         state_file,
+        spool,
     } = settings;
     let topics = Topics {
         sample: sample_topic(&cluster, &node),
@@ -134,6 +146,12 @@ pub async fn run(
             link.sample(s, &mut sends);
         }
     }
+    let mut spool = spool.map(|(spooler, recovered)| {
+        for r in recovered {
+            link.spooled(r.sample, r.seq..r.seq + 1, &mut sends);
+        }
+        spooler
+    });
     let mut retry = Retry::new(Backoff::new(reconnect_initial, reconnect_max));
     let mut samples_open = true;
     let mut stop_by: Option<Instant> = None;
@@ -153,7 +171,10 @@ pub async fn run(
             }
             _ = sleep_until(stop_by), if stop_by.is_some() => break,
             msg = samples.recv(), if samples_open => match msg {
-                Some(s) => link.sample(s, &mut sends),
+                Some(Sampled { sample, state }) => match spool.as_mut() {
+                    Some(sp) => sp.add(sample, state, &mut link, &mut sends),
+                    None => link.sample(sample, &mut sends),
+                },
                 None => samples_open = false,
             },
             _ = sleep_until(reconnect_at), if reconnect_at.is_some() => {
@@ -169,7 +190,12 @@ pub async fn run(
                     }
                     link.connected(now_ms(), &mut sends);
                 }
-                Ok(ev) => on_event(&mut link, &ev, &mut sends),
+                Ok(ev) => {
+                    on_event(&mut link, &ev, &mut sends);
+                    if let Some(sp) = spool.as_mut() {
+                        sp.release(&mut link);
+                    }
+                }
                 Err(e) => {
                     lost(&mut eventloop, &mut link, &mut sends);
                     let f = retry.failed(std::time::Instant::now());
@@ -201,7 +227,12 @@ pub async fn run(
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
     }
-    if let Some(path) = state_file.filter(|_| !link.is_empty()) {
+    if let Some(sp) = spool.as_mut() {
+        sp.release(&mut link);
+        sp.sync();
+    }
+    // With a spool, what is unacknowledged is on disk already.
+    if let Some(path) = state_file.filter(|_| !link.is_empty() && spool.is_none()) {
         let samples = link.unacknowledged();
         match save(&path, &samples) {
             Ok(()) => {

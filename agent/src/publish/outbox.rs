@@ -7,6 +7,8 @@
 //! (same number of samples folded in), else the oldest pair. Old data thus coarsens in
 //! powers of two while recent data keeps full resolution.
 
+use std::ops::Range;
+
 use heapless::Deque;
 use nodewatt_wire::Sample;
 
@@ -20,6 +22,8 @@ struct Entry {
     sample: Box<Sample>,
     /// Packet id while published and awaiting its PubAck on the current connection.
     in_flight: Option<InFlight>,
+    /// The spool records it holds (merges join adjacent ranges); empty when not spooled.
+    spooled: Range<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,6 +77,11 @@ impl Outbox {
 
     /// Adds a sample, first merging two waiting ones if the outbox is full.
     pub fn push(&mut self, sample: Sample) {
+        self.push_spooled(sample, 0..0);
+    }
+
+    /// Adds a sample held by these spool records.
+    pub fn push_spooled(&mut self, sample: Sample, spooled: Range<u64>) {
         if self.entries.len() >= self.capacity {
             let merged = self.merge_one();
             debug_assert!(merged, "a full outbox always has a waiting pair");
@@ -81,6 +90,7 @@ impl Outbox {
             id: self.next_id,
             sample: Box::new(sample),
             in_flight: None,
+            spooled,
         };
         self.next_id += 1;
         if self.entries.push_back(entry).is_err() {
@@ -100,7 +110,9 @@ impl Outbox {
             .find(|&i| self.entry(i).sample.merged == self.entry(i + 1).sample.merged)
             .unwrap_or(first_waiting);
         let removed = self.remove_at(older);
-        merge_into(&removed.sample, &mut self.entry_mut(older).sample);
+        let into = self.entry_mut(older);
+        merge_into(&removed.sample, &mut into.sample);
+        into.spooled = join(&removed.spooled, &into.spooled);
         self.merges += 1;
         true
     }
@@ -164,17 +176,12 @@ impl Outbox {
         }
     }
 
-    /// PubAck for `pkid`: the sample is delivered and leaves the outbox.
-    pub fn ack(&mut self, pkid: u16) -> bool {
+    /// PubAck for `pkid`: the sample is delivered and leaves the outbox; the spool
+    /// records it held, if it was there.
+    pub fn ack(&mut self, pkid: u16) -> Option<Range<u64>> {
         let pos = (0..self.entries.len())
-            .find(|&i| self.entry(i).in_flight == Some(InFlight::Pkid(pkid)));
-        match pos {
-            Some(i) => {
-                self.remove_at(i);
-                true
-            }
-            None => false,
-        }
+            .find(|&i| self.entry(i).in_flight == Some(InFlight::Pkid(pkid)))?;
+        Some(self.remove_at(pos).spooled)
     }
 
     /// Connection lost: nothing is in flight any more; all of it will be sent again.
@@ -187,6 +194,24 @@ impl Outbox {
     /// All samples, oldest first (for saving at shutdown).
     pub fn samples(&self) -> Vec<&Sample> {
         self.entries.iter().map(|e| &*e.sample).collect()
+    }
+
+    /// Spooled samples, oldest first, each with its last spool record (a spool snapshot).
+    pub fn spooled(&self) -> Vec<(u64, &Sample)> {
+        self.entries
+            .iter()
+            .filter(|e| !e.spooled.is_empty())
+            .map(|e| (e.spooled.end - 1, &*e.sample))
+            .collect()
+    }
+}
+
+/// The records of two adjacent entries, merged.
+fn join(a: &Range<u64>, b: &Range<u64>) -> Range<u64> {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.clone(),
+        (_, true) => a.clone(),
+        _ => a.start.min(b.start)..a.end.max(b.end),
     }
 }
 
@@ -287,6 +312,20 @@ mod tests {
     }
 
     #[test]
+    fn merged_entries_hold_all_their_spool_records() {
+        let mut o = Outbox::new(3, 1);
+        for seq in 0..4 {
+            o.push_spooled(sample(seq), seq..seq + 1);
+        }
+        // Full at 3: the two oldest merged; their records travel together.
+        let lasts: Vec<u64> = o.spooled().iter().map(|(last, _)| *last).collect();
+        assert_eq!(lasts, [1, 2, 3]);
+        o.take_next();
+        o.assign_pkid(o.entries.front().unwrap().id, 5);
+        assert_eq!(o.ack(5), Some(0..2));
+    }
+
+    #[test]
     fn merges_keep_every_joule_and_coarsen_old_data_first() {
         let mut o = Outbox::new(8, 2);
         for seq in 0..100 {
@@ -324,9 +363,9 @@ mod tests {
         o.push(sample(4)); // full: merges seq 2 and 3, not the in-flight 0 and 1
         let seqs: Vec<(u64, u32)> = o.samples().iter().map(|s| (s.seq, s.merged)).collect();
         assert_eq!(seqs, [(0, 0), (1, 0), (3, 1), (4, 0)]);
-        assert!(!o.ack(99), "unknown packet id");
-        assert!(o.ack(8));
-        assert!(o.ack(7));
+        assert!(o.ack(99).is_none(), "unknown packet id");
+        assert!(o.ack(8).is_some());
+        assert!(o.ack(7).is_some());
         assert_eq!(o.len(), 2);
         assert_eq!(total_gpu_mj(&o), 3 * 350_000);
     }
@@ -356,7 +395,7 @@ mod tests {
         let order: Vec<u64> = std::iter::from_fn(|| o.take_next().map(|(_, s)| s.seq)).collect();
         assert_eq!(order, [0, 1, 2]);
         assert!(
-            !o.ack(1),
+            o.ack(1).is_none(),
             "an ack from the old connection matches nothing after reset"
         );
     }
