@@ -584,6 +584,9 @@ mod tests {
             ),
             ("[outbox]\ncapacity = 100000\n", "outbox.capacity"),
             ("[outbox]\nmax_in_flight = 0\n", "outbox.max_in_flight"),
+            ("[outbox]\nspool_max_bytes = 1000\n", "outbox.spool_max_bytes"),
+            ("[outbox]\nfsync = \"1ms\"\n", "outbox.fsync"),
+            ("[outbox]\nfsync = \"sometimes\"\n", "fsync \"sometimes\""),
             (
                 "[mqtt]\nhost = \"h\"\nkeep_alive = \"100000s\"\n",
                 "mqtt.keep_alive",
