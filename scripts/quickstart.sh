@@ -131,10 +131,14 @@ scenario() {
   while true; do
     for node in "${sim_nodes[@]}"; do
       local dir="$demo/jobs/$node" k=$((RANDOM % 3))
-      # End one running job here, if any, and start another on half of the GPUs.
+      # End one running job here, if any (recording its end, as the epilog does), and
+      # start another on half of the GPUs. Ended files go after a minute.
       local old
-      old=$(ls "$dir"/*.job 2>/dev/null | head -n 1 || true)
-      [ -n "$old" ] && rm -f "$old"
+      old=$(grep -L '^end_ms=' "$dir"/*.job 2>/dev/null | head -n 1 || true)
+      if [ -n "$old" ]; then
+        { cat "$old" && printf 'end_ms=%s\n' "$(date +%s%3N)"; } >"$dir/.tmp" && mv "$dir/.tmp" "$old"
+      fi
+      find "$dir" -name '*.job' -mmin +1 -exec grep -l '^end_ms=' {} + 2>/dev/null | xargs -r rm -f || true
       n=$((n + 1))
       local gpus="0,1,2,3"
       [ $((n % 2)) -eq 0 ] && gpus="4,5,6,7"

@@ -126,3 +126,58 @@ fn prolog_and_epilog_feed_the_registry_and_the_agent_bills_the_job() {
     );
     agent.stop_cleanly();
 }
+
+/// The epilog on its own: it adds the end instant to the job's file, leaves running jobs'
+/// files alone however old, and removes ended files after an hour.
+#[test]
+fn the_epilog_records_the_end_and_removes_ended_files_after_an_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let write = |name: &str, text: &str, age_min: u64| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        let t = std::time::SystemTime::now() - Duration::from_secs(age_min * 60);
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    };
+    write("7.job", "job=7\nstart_ms=1\n", 0);
+    write("8.job", "job=8\nstart_ms=1\n", 120); // running for two hours
+    write("9.job", "job=9\nstart_ms=1\nend_ms=2\n", 120); // ended two hours ago
+    write("10.job", "job=10\nstart_ms=1\nend_ms=2\n", 10); // ended ten minutes ago
+    let epilog = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/slurm/epilog");
+    let before = nodewatt_common::now_ms();
+    let status = std::process::Command::new(epilog)
+        .env_clear()
+        .env("SLURM_JOB_ID", "7")
+        .env("NODEWATT_JOBS_DIR", d)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let seven = std::fs::read_to_string(d.join("7.job")).unwrap();
+    let end: u64 = seven
+        .lines()
+        .find_map(|l| l.strip_prefix("end_ms="))
+        .expect("end recorded")
+        .parse()
+        .unwrap();
+    assert!((before..=nodewatt_common::now_ms()).contains(&end), "{end}");
+    assert!(seven.starts_with("job=7\nstart_ms=1\n"), "{seven}");
+    assert!(d.join("8.job").exists(), "a running job's file stays");
+    assert!(!d.join("9.job").exists(), "ended over an hour ago: removed");
+    assert!(d.join("10.job").exists(), "ended recently: kept");
+    // A second run (a retried epilog) records nothing twice.
+    std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/slurm/epilog"),
+    )
+    .env_clear()
+    .env("SLURM_JOB_ID", "7")
+    .env("NODEWATT_JOBS_DIR", d)
+    .status()
+    .unwrap();
+    let again = std::fs::read_to_string(d.join("7.job")).unwrap();
+    assert_eq!(again, seven);
+}

@@ -584,7 +584,10 @@ mod tests {
             ),
             ("[outbox]\ncapacity = 100000\n", "outbox.capacity"),
             ("[outbox]\nmax_in_flight = 0\n", "outbox.max_in_flight"),
-            ("[outbox]\nspool_max_bytes = 1000\n", "outbox.spool_max_bytes"),
+            (
+                "[outbox]\nspool_max_bytes = 1000\n",
+                "outbox.spool_max_bytes",
+            ),
             ("[outbox]\nfsync = \"1ms\"\n", "outbox.fsync"),
             ("[outbox]\nfsync = \"sometimes\"\n", "fsync \"sometimes\""),
             (

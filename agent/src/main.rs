@@ -428,10 +428,16 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
     }
     if let Some(dir) = &cfg.outbox.spool_dir {
         // The agent creates it; its parent must let it.
-        let probe = if dir.is_dir() { dir.join("probe") } else { dir.clone() };
+        let probe = if dir.is_dir() {
+            dir.join("probe")
+        } else {
+            dir.clone()
+        };
         line(
             "spool",
-            writable_dir(&probe).err().map(|e| format!("outbox.spool_dir: {e}")),
+            writable_dir(&probe)
+                .err()
+                .map(|e| format!("outbox.spool_dir: {e}")),
             format!("outbox.spool_dir {} can be written", dir.display()),
         );
     }

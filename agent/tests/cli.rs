@@ -247,3 +247,40 @@ fn run_emits_aligned_consecutive_samples() {
     // From the second sample on, CPU utilisation and RAPL power are rates.
     assert!(samples[1].rapl.iter().all(|d| d.power_w == Some(0.0)));
 }
+
+#[test]
+fn check_names_what_would_cost_money_before_it_does() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\ncluster = \"mycluster\"\nnode = \"n\"\nsys_root = {sys:?}\nproc_root = {proc:?}\n\
+             state_file = \"/nonexistent/state.json\"\n[nvml]\nenabled = false\n\
+             [jobs]\ndir = \"jobs-not-there\"\n[outbox]\nspool_dir = \"/nonexistent/spool\"\n\
+             [mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n",
+            sys = fixtures().join("node/sys"),
+            proc = fixtures().join("node/proc"),
+        ),
+    )
+    .unwrap();
+    let out = agent(&["check", "-c", cfg.to_str().unwrap(), "--strict"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for want in [
+        "cluster    PROBLEM      cluster is the example's placeholder \"mycluster\"",
+        "jobs       PROBLEM      job registry ",
+        "jobs-not-there does not exist",
+        "state      PROBLEM      agent.state_file: cannot write in /nonexistent",
+        "spool      PROBLEM      outbox.spool_dir: cannot write in /nonexistent",
+        &format!("broker     PROBLEM      127.0.0.1:{port}: "),
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
