@@ -192,7 +192,9 @@ fn jobs_through(interruption: Interruption, node: &str) {
             (project_gpu_uj - truth_uj).abs() <= tolerance,
             "project {project}"
         );
-        assert!(job_uj >= job_gpu_uj);
+        // The job's total and its project's per-interval usage agree (one job each).
+        let project_uj = row(&by_project, project)["energy_uj"].as_f64().unwrap();
+        assert_eq!(job_uj, project_uj, "job {id}");
     }
 
     // Every joule the counters rose by, first sample to last, across the interruption,

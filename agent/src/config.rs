@@ -92,7 +92,8 @@ pub struct OutboxConfig {
     #[serde(default)]
     pub state_file: Option<PathBuf>,
     /// Every sample is written here before it is published and removed once the broker
-    /// acknowledged it, so even a killed agent or a power loss loses nothing measured.
+    /// acknowledged it, so a killed agent loses nothing measured (a power loss at most
+    /// what `fsync` had not forced to disk).
     #[serde(default)]
     pub spool_dir: Option<PathBuf>,
     /// Disk the spool may use before it is compacted to the (merged) outbox.
@@ -104,8 +105,9 @@ pub struct OutboxConfig {
     pub fsync: FsyncPolicy,
 }
 
+/// Well below the unit's 64 MiB memory limit: the spool is read whole at start.
 fn default_spool_max_bytes() -> usize {
-    64 << 20
+    16 << 20
 }
 
 /// `[outbox] fsync`.

@@ -3,10 +3,11 @@
 //! in order (collectors may share a subscription and each see only some).
 //!
 //! The previous values are saved at stop and resumed at the next start on the same boot,
-//! so the span across a restart is measured too. A delta is only given where the counter
-//! provably did not reset or wrap unseen: NVML energy that rose by more than a GPU can draw
-//! over the span was reset (driver reload) and climbed back; a RAPL counter over a span in
-//! which a package at its maximum power could pass the wrap point twice is ambiguous.
+//! so the span across a restart is measured too. No delta is given where a reset or an
+//! unseen wrap is evident or possible: NVML energy that went back, or rose by more than a
+//! GPU can draw over the span, was reset (driver reload); a RAPL counter over a span in
+//! which a package at its maximum power could pass the wrap point twice is ambiguous. A
+//! reset whose counter climbed back within the bound is not detectable from the values.
 
 use std::collections::HashMap;
 

@@ -299,7 +299,7 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
                     let _ = tx.send(sampled(&sampler, last));
                 }
                 drop(tx);
-                save_state(&sampler, &cfg, boot_id);
+                sampler
             })
             .context("starting the sampling thread")?
     };
@@ -317,6 +317,17 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
     let saved_by = std::time::Instant::now() + Duration::from_secs(2);
     while !sampling.is_finished() && std::time::Instant::now() < saved_by {
         std::thread::sleep(Duration::from_millis(10));
+    }
+    // Only a state whose samples all reached the publisher: a newer one would skip the
+    // span of a sample that never went out.
+    match (sampling.is_finished(), stats.drained) {
+        (true, true) => match sampling.join() {
+            Ok(sampler) => save_state(&sampler, &cfg, boot_id),
+            Err(_) => tracing::error!("the sampling thread failed; state not saved"),
+        },
+        _ => tracing::warn!(
+            "the last sample did not reach the publisher in time; state not saved (the spooled one, if any, is used)"
+        ),
     }
     tracing::info!(
         acked = stats.acked,

@@ -190,6 +190,8 @@ impl Sampler {
         if st.cluster != self.template.cluster || st.node != self.template.node {
             return Err(format!("it is of node {}/{}", st.cluster, st.node));
         }
+        // Totals not sent yet are facts about the past whatever happens to the rest.
+        self.pending_totals = st.pending_totals;
         if boot_id != Some(st.boot_id.as_str()) {
             return Err("the node rebooted since (boot id differs)".into());
         }
@@ -205,7 +207,6 @@ impl Sampler {
         self.template.seq = st.seq;
         self.template.agent_start_ms = st.origin_ms;
         self.deltas = st.deltas;
-        self.pending_totals = st.pending_totals;
         Ok(now_ms - last)
     }
 

@@ -223,11 +223,38 @@ impl Ledger {
                 },
             );
         }
-        for (k, h) in self.held.iter_mut() {
+        // GPUs of the jobs whose files are there and readable: a job kept only because its
+        // file is rejected loses its GPUs to a newer job that claims them, never shares them.
+        let claimed: Vec<&Job> = self
+            .held
+            .iter()
+            .filter(|(k, _)| listed.contains(*k))
+            .map(|(_, h)| &h.job)
+            .collect();
+        let mut gone = Vec::new();
+        for (k, h) in &self.held {
             // A file that is there but unreadable keeps its job, as a failed read does.
-            let present = listed.contains(k) || listing.rejected.contains(k.0.as_str());
-            if !present && h.job.end_ms.is_none() {
+            let rejected = !listed.contains(k) && listing.rejected.contains(k.0.as_str());
+            // ... until the scheduler gives one of its GPUs to a newer job: it had ended.
+            let taken_at = claimed
+                .iter()
+                .filter(|c| c.start_ms > h.job.start_ms)
+                .filter(|c| c.gpus.iter().any(|g| h.job.gpus.contains(g)))
+                .map(|c| c.start_ms)
+                .min();
+            if h.job.end_ms.is_some() {
+                continue;
+            }
+            match (listed.contains(k), rejected, taken_at) {
+                (false, false, _) => gone.push((k.clone(), None)),
+                (false, true, Some(at)) => gone.push((k.clone(), Some(at.max(horizon)))),
+                _ => {}
+            }
+        }
+        for (k, end) in gone {
+            if let Some(h) = self.held.get_mut(&k) {
                 h.vanished = true;
+                h.job.end_ms = end;
             }
         }
         self.finished.retain(|k| listed.contains(k));

@@ -380,6 +380,37 @@ mod tests {
     }
 
     #[test]
+    fn a_job_kept_for_a_rejected_file_never_shares_its_gpu_with_the_next_tenant() {
+        let mut e = env();
+        add_job(&e, "7", "0", 500);
+        e.acc.account(&mut sample(1_000, None, vec![], &[]));
+        std::fs::write(e.dir.path().join("7.job"), "garbage").unwrap();
+        e.acc
+            .account(&mut sample(2_000, Some(300_000), vec![], &[]));
+        // The scheduler gives GPU 0 to job 8: job 7 must have ended.
+        add_job(&e, "8", "0", 2_500);
+        let mut s = sample(3_000, Some(300_000), vec![], &[]);
+        e.acc.account(&mut s);
+        let t = s.job_totals.iter().find(|t| t.job == "7").unwrap();
+        assert!(t.ended);
+        let eight = s
+            .usage
+            .iter()
+            .find(|u| u.job.as_deref() == Some("8"))
+            .unwrap();
+        assert_eq!(
+            eight.amounts.gpu_uj, 150_000_000,
+            "its half of the span, not shared"
+        );
+        let un = s
+            .usage
+            .iter()
+            .find(|u| u.project == "_unattributed")
+            .unwrap();
+        assert_eq!(un.amounts.gpu_uj, 150_000_000);
+    }
+
+    #[test]
     fn a_missing_directory_ends_nothing() {
         let mut e = env();
         add_job(&e, "7", "0", 500);

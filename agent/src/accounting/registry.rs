@@ -70,9 +70,9 @@ pub fn parse_job(text: &str) -> Result<Job, String> {
         }
     }
     let start_ms = start_ms.ok_or("no start_ms=")?;
-    if end_ms.is_some_and(|e| e < start_ms) {
-        return Err(format!("end_ms is before start_ms {start_ms}"));
-    }
+    // A clock stepped back between prolog and epilog: the job ended, at no time after
+    // its start. Rejecting the file would keep billing it.
+    let end_ms = end_ms.map(|e: u64| e.max(start_ms));
     Ok(Job {
         id: job.ok_or("no job=")?,
         project: project.ok_or("no project=")?,
@@ -407,15 +407,15 @@ mod tests {
     }
 
     #[test]
-    fn end_before_start_is_rejected() {
-        let err = parse_job(&(GOOD.to_string() + "end_ms=999\n")).unwrap_err();
-        assert!(err.contains("before start_ms"), "{err}");
+    fn an_end_before_the_start_ends_the_job_at_its_start() {
+        let j = parse_job(&format!("{GOOD}end_ms=999\n")).unwrap();
         assert_eq!(
-            parse_job(&(GOOD.to_string() + "end_ms=1000\n"))
-                .unwrap()
-                .end_ms,
-            Some(1000)
+            j.end_ms,
+            Some(1000),
+            "a clock stepped back: ended, not rejected"
         );
+        let j = parse_job(&format!("{GOOD}end_ms=1500\n")).unwrap();
+        assert_eq!(j.end_ms, Some(1500));
     }
 
     #[test]

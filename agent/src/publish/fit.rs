@@ -10,7 +10,7 @@
 //!    messages: totals are cumulative, a later one of a job supersedes an earlier one,
 //!    and ended jobs' totals go first;
 //! 3. as a last resort the usage is folded into `_unattributed`: energy is kept, only its
-//!    attribution is lost, and that is logged and counted.
+//!    attribution is lost, and that is logged as an error.
 
 use std::collections::HashMap;
 

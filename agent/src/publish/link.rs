@@ -42,6 +42,9 @@ pub struct PublishStats {
     pub reconnects: u64,
     /// PubAcks that matched no sample in flight (duplicates, or from a broken broker).
     pub stray_acks: u64,
+    /// Every sample the sampler sent was taken in (spooled or saved, if configured): the
+    /// sampler's final state may be saved.
+    pub drained: bool,
 }
 
 #[derive(Debug)]

@@ -32,7 +32,8 @@ pub use saved::{load_saved, save};
 pub use spooler::{Recovered, Spooler};
 
 /// A sample from the sampler, with the sampler's state after it (JSON) when the state is
-/// kept across restarts: spooled together, so a crash can never separate them.
+/// kept across restarts: spooled in one record, so a crash cannot leave one without the
+/// other.
 pub struct Sampled {
     pub sample: Sample,
     pub state: Option<Vec<u8>>,
@@ -228,8 +229,7 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
     }
     if let Some(sp) = spool.as_mut() {
-        sp.release(&mut link);
-        sp.sync();
+        sp.close(&mut link);
     }
     // With a spool, what is unacknowledged is on disk already.
     if let Some(path) = state_file.filter(|_| !link.is_empty() && spool.is_none()) {
@@ -243,7 +243,10 @@ pub async fn run(
             }
         }
     }
-    link.stats()
+    PublishStats {
+        drained: !samples_open,
+        ..link.stats()
+    }
 }
 
 /// The connection failed. rumqttc may still hold events it read before the failure

@@ -17,9 +17,15 @@ pub struct Spooler {
     spool: Spool,
     dir: std::path::PathBuf,
     failures: u64,
-    /// The newest sampler state, kept with the newest record through compactions.
-    last_state: Option<Vec<u8>>,
+    /// The newest state spooled and the record it is in, kept with that record through
+    /// compactions.
+    last_state: Option<(u64, Vec<u8>)>,
 }
+
+/// Present while the newest spooled state is the sampler's newest: removed when an
+/// append fails (removing works on a full disk), so a state older than what was published
+/// meanwhile is never resumed, which would bill that time twice.
+const STATE_VALID: &str = "state-valid";
 
 /// A sample found in the spool at start.
 pub struct Recovered {
@@ -60,7 +66,7 @@ pub fn open(
         );
     }
     let mut samples = Vec::new();
-    let mut state = None;
+    let mut state: Option<(u64, Vec<u8>)> = None;
     let mut foreign = 0;
     for r in recovered.records {
         let (sample, st) = split(&r.payload);
@@ -71,7 +77,7 @@ pub fn open(
                     sample: s,
                 });
                 if let Some(st) = st {
-                    state = Some(st.to_vec());
+                    state = Some((r.seq, st.to_vec()));
                 }
             }
             _ => foreign += 1,
@@ -86,13 +92,19 @@ pub fn open(
             "spooled records that are not this node's samples were skipped"
         );
     }
+    let valid = dir.join(STATE_VALID).exists();
+    if state.is_some() && !valid {
+        tracing::warn!(dir = %dir.display(), "the spooled state is older than what was published (a spool write failed); not resumed");
+    }
+    let state = state.filter(|_| valid);
+    let resumed = state.as_ref().map(|(_, st)| st.clone());
     let spooler = Spooler {
         spool: sp,
         dir,
         failures: 0,
-        last_state: state.clone(),
+        last_state: state,
     };
-    Some((spooler, samples, state))
+    Some((spooler, samples, resumed))
 }
 
 impl Spooler {
@@ -109,12 +121,21 @@ impl Spooler {
             payload.push(b'\n');
             payload.extend_from_slice(st);
         }
-        if state.is_some() {
-            self.last_state = state;
-        }
         let records = match self.spool.append(&payload, now) {
-            Ok(seq) => seq..seq + 1,
+            Ok(seq) => {
+                if let Some(st) = state {
+                    if self.last_state.is_none() || self.failures > 0 {
+                        self.mark_state_valid(true);
+                    }
+                    self.last_state = Some((seq, st));
+                }
+                self.failures = 0;
+                seq..seq + 1
+            }
             Err(e) => {
+                if self.failures == 0 {
+                    self.mark_state_valid(false);
+                }
                 self.failures += 1;
                 if self.failures.is_power_of_two() {
                     tracing::error!(failures = self.failures, "cannot spool a sample: {e}");
@@ -126,30 +147,47 @@ impl Spooler {
         if let Err(e) = self.spool.sync_if_due(now) {
             tracing::error!("{e}");
         }
-        let snapshot = link.spool_snapshot();
-        if self.spool.needs_rewrite() && !snapshot.is_empty() {
-            let last = snapshot.len() - 1;
-            let snapshot: Vec<(u64, Vec<u8>)> = snapshot
-                .into_iter()
-                .enumerate()
-                .map(|(i, (seq, s))| {
-                    let mut p = s.to_json().into_bytes();
-                    // The newest sample keeps the state spooled with it.
-                    if let (true, Some(st)) = (i == last, &self.last_state) {
-                        p.push(b'\n');
-                        p.extend_from_slice(st);
-                    }
-                    (seq, p)
-                })
-                .collect();
-            match self
-                .spool
-                .rewrite(snapshot.iter().map(|(seq, p)| (*seq, p.as_slice())))
-            {
-                Ok(()) => {
-                    tracing::info!(dir = %self.dir.display(), samples = snapshot.len(), bytes = self.spool.bytes(), "spool compacted to the outbox")
+        if self.spool.needs_rewrite() && !link.spool_snapshot().is_empty() {
+            self.compact(link);
+        }
+    }
+
+    /// Replaces the spool by the outbox (merged, acknowledged samples gone); the state
+    /// stays with the record it was spooled in.
+    fn compact(&mut self, link: &Link) {
+        let snapshot: Vec<(u64, Vec<u8>)> = link
+            .spool_snapshot()
+            .into_iter()
+            .map(|(seq, s)| {
+                let mut p = s.to_json().into_bytes();
+                if let Some((_, st)) = self.last_state.as_ref().filter(|(at, _)| *at == seq) {
+                    p.push(b'\n');
+                    p.extend_from_slice(st);
                 }
-                Err(e) => tracing::error!("cannot compact the spool: {e}"),
+                (seq, p)
+            })
+            .collect();
+        match self
+            .spool
+            .rewrite(snapshot.iter().map(|(seq, p)| (*seq, p.as_slice())))
+        {
+            Ok(()) => {
+                tracing::debug!(dir = %self.dir.display(), samples = snapshot.len(), bytes = self.spool.bytes(), "spool compacted to the outbox")
+            }
+            Err(e) => tracing::error!("cannot compact the spool: {e}"),
+        }
+    }
+
+    fn mark_state_valid(&mut self, valid: bool) {
+        let path = self.dir.join(STATE_VALID);
+        let r = if valid {
+            std::fs::write(&path, b"")
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if let Err(e) = r {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %path.display(), "{e}");
             }
         }
     }
@@ -164,8 +202,16 @@ impl Spooler {
         }
     }
 
-    pub fn sync(&mut self) {
-        // A clean stop: what is spooled reaches the disk whatever the policy.
+    /// A clean stop: the spool is compacted to what is unacknowledged (so acknowledged
+    /// samples do not come back at the next start) and reaches the disk.
+    pub fn close(&mut self, link: &mut Link) {
+        self.release(link);
+        self.compact(link);
+        self.sync();
+    }
+
+    fn sync(&mut self) {
+        // What is spooled reaches the disk whatever the policy.
         if let Err(e) = self
             .spool
             .sync_if_due(std::time::Instant::now() + Duration::from_secs(86_400))
