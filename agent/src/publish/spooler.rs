@@ -20,7 +20,30 @@ pub struct Spooler {
     /// The newest state spooled and the record it is in, kept with that record through
     /// compactions.
     last_state: Option<(u64, Vec<u8>)>,
+    acked: Acked,
+    /// One past the newest record appended.
+    next_seq: u64,
 }
+
+/// Which records the broker acknowledged, persisted beside the spool (`acked`) so that a
+/// start after a crash does not send delivered samples again: resent alone they would
+/// only rewrite the same points, but merged with undelivered ones in a long outage the
+/// merged point would count the delivered span twice.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Acked {
+    /// Every record below this one is acknowledged.
+    below: u64,
+    /// Records at or above `below` acknowledged out of order.
+    ranges: Vec<std::ops::Range<u64>>,
+}
+
+impl Acked {
+    fn contains(&self, seq: u64) -> bool {
+        seq < self.below || self.ranges.iter().any(|r| r.contains(&seq))
+    }
+}
+
+const ACKED: &str = "acked";
 
 /// Present while the newest spooled state is the sampler's newest: removed when an
 /// append fails (removing works on a full disk), so a state older than what was published
@@ -68,7 +91,23 @@ pub fn open(
     let mut samples = Vec::new();
     let mut state: Option<(u64, Vec<u8>)> = None;
     let mut foreign = 0;
+    let acked: Acked = std::fs::read(dir.join(ACKED))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut sp = sp;
+    let mut delivered = 0;
+    let next_seq = recovered.records.last().map_or(0, |r| r.seq + 1);
     for r in recovered.records {
+        if acked.contains(r.seq) {
+            // Delivered before the crash; its state may still be the newest.
+            if let (_, Some(st)) = split(&r.payload) {
+                state = Some((r.seq, st.to_vec()));
+            }
+            let _ = sp.ack(r.seq);
+            delivered += 1;
+            continue;
+        }
         let (sample, st) = split(&r.payload);
         match Sample::from_json(sample) {
             Ok(s) if s.cluster == cluster && s.node == node => {
@@ -85,6 +124,12 @@ pub fn open(
     }
     if !samples.is_empty() {
         tracing::info!(samples = samples.len(), dir = %dir.display(), "resending spooled samples");
+    }
+    if delivered > 0 {
+        tracing::debug!(
+            records = delivered,
+            "spooled samples delivered before the stop skipped"
+        );
     }
     if foreign > 0 {
         tracing::warn!(
@@ -103,6 +148,8 @@ pub fn open(
         dir,
         failures: 0,
         last_state: state,
+        acked,
+        next_seq,
     };
     Some((spooler, samples, resumed))
 }
@@ -123,6 +170,7 @@ impl Spooler {
         }
         let records = match self.spool.append(&payload, now) {
             Ok(seq) => {
+                self.next_seq = seq + 1;
                 if let Some(st) = state {
                     if self.last_state.is_none() || self.failures > 0 {
                         self.mark_state_valid(true);
@@ -193,12 +241,33 @@ impl Spooler {
     }
 
     pub fn release(&mut self, link: &mut Link) {
-        for range in link.take_released() {
-            for seq in range {
+        let released = link.take_released();
+        if released.is_empty() {
+            return;
+        }
+        for range in &released {
+            for seq in range.clone() {
                 if let Err(e) = self.spool.ack(seq) {
                     tracing::warn!("{e}");
                 }
             }
+        }
+        // Everything older than the oldest spooled sample still waiting was acknowledged.
+        let below = link
+            .spool_snapshot()
+            .first()
+            .map_or(self.next_seq, |_| link.spool_floor());
+        self.acked.ranges.extend(released);
+        self.acked.ranges.retain(|r| r.end > below);
+        self.acked.below = below;
+        let path = self.dir.join(ACKED);
+        let tmp = self.dir.join("acked.tmp");
+        let written = serde_json::to_vec(&self.acked)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), "{e}");
         }
     }
 
@@ -218,5 +287,61 @@ impl Spooler {
         {
             tracing::error!("{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publish::outbox::Outbox;
+    use crate::publish::spool::Fsync;
+    use crate::testutil::n;
+
+    fn config(dir: &std::path::Path) -> SpoolConfig {
+        SpoolConfig {
+            dir: dir.to_owned(),
+            segment_bytes: 4 << 20,
+            max_bytes: 16 << 20,
+            fsync: Fsync::Never,
+        }
+    }
+
+    fn sample(seq: u64) -> Sample {
+        let mut s = Sample::new("a", n("c"), n("n1"), 1000, 0);
+        s.seq = seq;
+        s
+    }
+
+    /// A crash after some PubAcks: only what was not delivered comes back, with the
+    /// newest state, even one spooled with a delivered sample.
+    #[test]
+    fn delivered_samples_do_not_come_back_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sp, recovered, state) = open(config(dir.path()), "c", "n1").unwrap();
+        assert!(recovered.is_empty() && state.is_none());
+        let mut link = Link::new(Outbox::new(10, 8));
+        let mut sends = Vec::new();
+        link.connected(0, &mut sends);
+        for seq in 0..4 {
+            sp.add(
+                sample(seq),
+                Some(format!("{{\"s\":{seq}}}").into_bytes()),
+                &mut link,
+                &mut sends,
+            );
+        }
+        for pkid in 1..=5 {
+            link.written(pkid); // the status, then samples 0..4
+        }
+        // Samples 0 and 2 delivered (out of order), 1 and 3 not.
+        link.acked(2, &mut sends);
+        link.acked(4, &mut sends);
+        sp.release(&mut link);
+        drop(sp); // the crash: no close
+
+        let (_, recovered, state) = open(config(dir.path()), "c", "n1").unwrap();
+        let seqs: Vec<u64> = recovered.iter().map(|r| r.sample.seq).collect();
+        assert_eq!(seqs, [1, 3]);
+        assert_eq!(state.as_deref(), Some(&b"{\"s\":3}"[..]));
     }
 }
