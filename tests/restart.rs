@@ -249,14 +249,24 @@ fn job_text(id: &str, project: &str, user: &str, gpus: &str, start_ms: u64) -> S
     format!("job={id}\nproject={project}\nuser={user}\ngpus={gpus}\nstart_ms={start_ms}\n")
 }
 
-/// A private registry on tmpfs, where two changes within one timestamp tick leave the
-/// directory's mtime unchanged.
-fn tmpfs_registry() -> (tempfile::TempDir, u32) {
+/// A private registry on tmpfs (where two changes within one timestamp tick leave the
+/// directory's mtime unchanged), and an agent config billing from it.
+fn tmpfs_registry_agent(
+    node: &str,
+    interval: &str,
+    mq_port: u16,
+) -> (tempfile::TempDir, ConfigFile) {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let registry = tempfile::tempdir_in("/dev/shm").unwrap();
+    std::fs::set_permissions(registry.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // SAFETY: geteuid has no preconditions.
-    (dir, unsafe { libc::geteuid() })
+    let me = unsafe { libc::geteuid() };
+    let text = agent_config("lab", node, interval, mq_port, &[WATTS; 4])
+        + &format!(
+            "[jobs]\ndir = {:?}\nowner_uid = {me}\ntotals_interval = \"1s\"\n",
+            registry.path()
+        );
+    (registry, config_file("agent.toml", &text))
 }
 
 #[test]
@@ -267,13 +277,7 @@ fn jobs_ending_in_the_same_millisecond_a_registry_blip_and_domain_users_bill_exa
         collector_cfg,
         collector,
     } = Stack::start("races", DB);
-    let (registry, me) = tmpfs_registry();
-    let text = agent_config("lab", "node-q", "20ms", mq.port, &[WATTS; 4])
-        + &format!(
-            "[jobs]\ndir = {:?}\nowner_uid = {me}\ntotals_interval = \"1s\"\n",
-            registry.path()
-        );
-    let a = config_file("agent.toml", &text);
+    let (registry, a) = tmpfs_registry_agent("node-q", "20ms", mq.port);
     let t_begin = nodewatt_common::now_ms();
     let mut agent = start_agent(&a, 1_000_000);
     std::thread::sleep(Duration::from_millis(300));
@@ -384,44 +388,33 @@ fn two_thousand_jobs_on_one_node_are_published_and_all_billed() {
         collector_cfg,
         collector,
     } = Stack::start("many", DB);
-    let (registry, me) = tmpfs_registry();
-    let text = agent_config("lab", "node-m", "500ms", mq.port, &[WATTS; 4])
-        + &format!(
-            "[jobs]\ndir = {:?}\nowner_uid = {me}\ntotals_interval = \"1s\"\n",
-            registry.path()
-        );
-    let a = config_file("agent.toml", &text);
+    let (registry, a) = tmpfs_registry_agent("node-m", "500ms", mq.port);
     let t_begin = nodewatt_common::now_ms();
     let start = t_begin - 1_000;
     // 2,000 jobs of 40 users in 20 projects (CPU-only, as on a shared node); four hold
     // a GPU each.
-    for i in 0..2_000u32 {
-        let gpus = if i < 4 { i.to_string() } else { String::new() };
-        let id = format!("{}", 50_000 + i);
-        let text = job_text(
-            &id,
-            &format!("proj-{}", i % 20),
-            &format!("u{}@corp.example", i % 40),
-            &gpus,
-            start,
-        );
-        write_job(registry.path(), &id, &text);
-    }
+    let write_all = |end: Option<u64>| {
+        for i in 0..2_000u32 {
+            let gpus = if i < 4 { i.to_string() } else { String::new() };
+            let id = format!("{}", 50_000 + i);
+            let mut text = job_text(
+                &id,
+                &format!("proj-{}", i % 20),
+                &format!("u{}@corp.example", i % 40),
+                &gpus,
+                start,
+            );
+            if let Some(end) = end {
+                text += &format!("end_ms={end}\n");
+            }
+            write_job(registry.path(), &id, &text);
+        }
+    };
+    write_all(None);
     let mut agent = start_agent(&a, 1_000_000);
     std::thread::sleep(Duration::from_secs(4));
     let end = nodewatt_common::now_ms();
-    for i in 0..2_000u32 {
-        let gpus = if i < 4 { i.to_string() } else { String::new() };
-        let id = format!("{}", 50_000 + i);
-        let text = job_text(
-            &id,
-            &format!("proj-{}", i % 20),
-            &format!("u{}@corp.example", i % 40),
-            &gpus,
-            start,
-        ) + &format!("end_ms={end}\n");
-        write_job(registry.path(), &id, &text);
-    }
+    write_all(Some(end));
     let all_final = wait_until(Duration::from_secs(60), || {
         db.scalar(
             DB,
