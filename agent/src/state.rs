@@ -26,14 +26,10 @@ pub fn take(path: &Path) -> Result<Option<State>, String> {
     parsed.map(Some)
 }
 
-/// Writes the state atomically (a temporary file, synced, renamed into place).
+/// Writes the state atomically, synced.
 pub fn save(path: &Path, state: &State) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let bytes = serde_json::to_vec(state).map_err(std::io::Error::other)?;
+    nodewatt_common::write_atomic(path, &bytes, true)
 }
 
 #[cfg(test)]

@@ -7,6 +7,23 @@ pub mod mqtt;
 
 use std::io::IsTerminal;
 
+/// Replaces `path` by `bytes` atomically: a reader (or a start after a crash) sees the
+/// old contents or the new, never a mix. With `sync` the data reaches the disk before the
+/// rename (a power loss keeps one of the two); without, the page cache suffices (a killed
+/// process does).
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    if sync {
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
 /// Selects ring as the process's TLS crypto provider (rumqttc and reqwest are built
 /// without one of their own). Call once at start; later calls are no-ops.
 pub fn install_tls_provider() {

@@ -30,16 +30,14 @@ pub fn load_saved(path: &std::path::Path, cluster: &str, node: &str) -> Vec<Samp
     samples
 }
 
-/// Writes samples as JSON lines, atomically (a temporary file renamed into place).
+/// Writes samples as JSON lines, atomically and synced.
 pub fn save(path: &std::path::Path, samples: &[&Sample]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut text = String::new();
     for s in samples {
-        writeln!(f, "{}", s.to_json())?;
+        text.push_str(&s.to_json());
+        text.push('\n');
     }
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    nodewatt_common::write_atomic(path, text.as_bytes(), true)
 }
 
 #[cfg(test)]
