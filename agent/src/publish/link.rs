@@ -128,11 +128,6 @@ impl Link {
         std::mem::take(&mut self.released)
     }
 
-    /// The oldest spool record still waiting (all older ones were acknowledged); 0 if none.
-    pub fn spool_floor(&self) -> u64 {
-        self.outbox.spool_floor()
-    }
-
     /// The outbox as a spool snapshot: (last record, sample), oldest first.
     pub fn spool_snapshot(&self) -> Vec<(u64, &Sample)> {
         self.outbox.spooled()

@@ -196,16 +196,6 @@ impl Outbox {
         self.entries.iter().map(|e| &*e.sample).collect()
     }
 
-    /// The first spool record of any entry still here; 0 if none is spooled.
-    pub fn spool_floor(&self) -> u64 {
-        self.entries
-            .iter()
-            .filter(|e| !e.spooled.is_empty())
-            .map(|e| e.spooled.start)
-            .min()
-            .unwrap_or(0)
-    }
-
     /// Spooled samples, oldest first, each with its last spool record (a spool snapshot).
     pub fn spooled(&self) -> Vec<(u64, &Sample)> {
         self.entries

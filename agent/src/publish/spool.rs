@@ -48,7 +48,7 @@
 //! survives the death of the process but not of the machine; a snapshot rewrite always
 //! fsyncs its file and the directory.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -96,8 +96,11 @@ pub struct Record {
 /// What [`Spool::open`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovered {
-    /// Unique seqs, oldest (lowest seq) first.
+    /// Records not acknowledged, unique seqs, oldest (lowest seq) first.
     pub records: Vec<Record>,
+    /// Records acknowledged before the stop (per the ack mark) whose segment was not
+    /// deleted yet: not to be sent again, returned for what they carry. Oldest first.
+    pub delivered: Vec<Record>,
     /// Truncation points: one per segment cut short or deleted for a bad header.
     pub corrupt_records: u64,
     /// Bytes cut off (or deleted with a bad header).
@@ -161,6 +164,27 @@ pub struct Spool {
     synced_at: Option<Instant>,
     /// Twice the size of the last snapshot: see [`Spool::needs_rewrite`].
     rewrite_floor: u64,
+    /// Acknowledged seqs above the oldest unacknowledged one (acks arrive out of order).
+    acked_above: BTreeSet<u64>,
+}
+
+/// The ack mark beside the segments: every seq below `below` and those listed are
+/// acknowledged. Written (atomically, page cache) by [`Spool::ack_all`], so a start after
+/// a crash does not send delivered records again; resent alone they would only be
+/// duplicates, but a caller that merges records could count them twice. A missing or
+/// unreadable mark means nothing is known to be acknowledged.
+const ACK_MARK: &str = "acked";
+
+fn read_ack_mark(dir: &Path) -> (u64, BTreeSet<u64>) {
+    let text = fs::read_to_string(dir.join(ACK_MARK)).unwrap_or_default();
+    let mut nums = text.split_ascii_whitespace().map(str::parse::<u64>);
+    match nums.next() {
+        Some(Ok(below)) => match nums.collect::<Result<BTreeSet<u64>, _>>() {
+            Ok(above) => (below, above),
+            Err(_) => (0, BTreeSet::new()),
+        },
+        _ => (0, BTreeSet::new()),
+    }
 }
 
 fn segment_path(dir: &Path, number: u64) -> PathBuf {
@@ -337,6 +361,7 @@ impl Spool {
             .map(|(n, _)| *n)
             .max();
 
+        let (below, acked_above) = read_ack_mark(&dir);
         let mut segments = BTreeMap::new();
         let mut index = HashMap::new();
         let mut records = Vec::new();
@@ -373,6 +398,10 @@ impl Spool {
                 if index.contains_key(&seq) {
                     continue;
                 }
+                if seq < below || acked_above.contains(&seq) {
+                    rec.delivered.push(Record { seq, payload });
+                    continue;
+                }
                 index.insert(seq, n);
                 unacked += 1;
                 records.push(Record { seq, payload });
@@ -389,6 +418,8 @@ impl Spool {
         }
         records.sort_by_key(|r| r.seq);
         rec.records = records;
+        rec.delivered.sort_by_key(|r| r.seq);
+        rec.delivered.dedup_by_key(|r| r.seq);
 
         let mut spool = Spool {
             cfg,
@@ -399,6 +430,7 @@ impl Spool {
             next_seq,
             synced_at: None,
             rewrite_floor: 0,
+            acked_above,
         };
         rec.removed_segments += spool.reap()?;
         Ok((spool, rec))
@@ -489,6 +521,24 @@ impl Spool {
             }
         }
         Ok(())
+    }
+
+    /// [`Spool::ack`] for each, then the ack mark is written once.
+    pub fn ack_all(&mut self, seqs: impl IntoIterator<Item = u64>) -> Result<(), SpoolError> {
+        for seq in seqs {
+            self.ack(seq)?;
+            self.acked_above.insert(seq);
+        }
+        let below = self.index.keys().min().copied().unwrap_or(self.next_seq);
+        self.acked_above = self.acked_above.split_off(&below);
+        let mut text = below.to_string();
+        for seq in &self.acked_above {
+            text.push(' ');
+            text.push_str(&seq.to_string());
+        }
+        let path = self.cfg.dir.join(ACK_MARK);
+        nodewatt_common::write_atomic(&path, text.as_bytes(), false)
+            .map_err(io_err("writing the ack mark", &path))
     }
 
     /// Bytes on disk of the spool's segment files.
@@ -769,6 +819,33 @@ mod tests {
             encode_record(&mut buf, *seq, p);
         }
         buf
+    }
+
+    #[test]
+    fn acknowledged_records_do_not_come_back_as_unacknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = open(dir.path(), 1 << 20);
+        for i in 0..5 {
+            append(&mut s, i);
+        }
+        // Out of order, as PubAcks come: 0, 1 and 3.
+        s.ack_all([0, 3]).unwrap();
+        s.ack_all([1]).unwrap();
+        drop(s); // a crash: the active segment still holds all five
+        let (mut s, rec) = open(dir.path(), 1 << 20);
+        let seqs = |r: &[Record]| r.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&rec.records), [2, 4]);
+        assert_eq!(seqs(&rec.delivered), [0, 1, 3]);
+        assert_eq!(
+            append(&mut s, 5),
+            5,
+            "seqs continue past delivered ones too"
+        );
+        // A damaged mark: nothing is known to be acknowledged, all come back.
+        std::fs::write(dir.path().join(ACK_MARK), "x y").unwrap();
+        drop(s);
+        let (_, rec) = open(dir.path(), 1 << 20);
+        assert_eq!(seqs(&rec.records), [0, 1, 2, 3, 4, 5]);
     }
 
     #[test]

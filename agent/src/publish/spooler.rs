@@ -20,30 +20,7 @@ pub struct Spooler {
     /// The newest state spooled and the record it is in, kept with that record through
     /// compactions.
     last_state: Option<(u64, Vec<u8>)>,
-    acked: Acked,
-    /// One past the newest record appended.
-    next_seq: u64,
 }
-
-/// Which records the broker acknowledged, persisted beside the spool (`acked`) so that a
-/// start after a crash does not send delivered samples again: resent alone they would
-/// only rewrite the same points, but merged with undelivered ones in a long outage the
-/// merged point would count the delivered span twice.
-#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-struct Acked {
-    /// Every record below this one is acknowledged.
-    below: u64,
-    /// Records at or above `below` acknowledged out of order.
-    ranges: Vec<std::ops::Range<u64>>,
-}
-
-impl Acked {
-    fn contains(&self, seq: u64) -> bool {
-        seq < self.below || self.ranges.iter().any(|r| r.contains(&seq))
-    }
-}
-
-const ACKED: &str = "acked";
 
 /// Present while the newest spooled state is the sampler's newest: removed when an
 /// append fails (removing works on a full disk), so a state older than what was published
@@ -91,23 +68,13 @@ pub fn open(
     let mut samples = Vec::new();
     let mut state: Option<(u64, Vec<u8>)> = None;
     let mut foreign = 0;
-    let acked: Acked = std::fs::read(dir.join(ACKED))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let mut sp = sp;
-    let mut delivered = 0;
-    let next_seq = recovered.records.last().map_or(0, |r| r.seq + 1);
-    for r in recovered.records {
-        if acked.contains(r.seq) {
-            // Delivered before the crash; its state may still be the newest.
-            if let (_, Some(st)) = split(&r.payload) {
-                state = Some((r.seq, st.to_vec()));
-            }
-            let _ = sp.ack(r.seq);
-            delivered += 1;
-            continue;
+    // Delivered before the stop: not sent again, but the newest state may be in one.
+    for r in &recovered.delivered {
+        if let (_, Some(st)) = split(&r.payload) {
+            state = Some((r.seq, st.to_vec()));
         }
+    }
+    for r in recovered.records {
         let (sample, st) = split(&r.payload);
         match Sample::from_json(sample) {
             Ok(s) if s.cluster == cluster && s.node == node => {
@@ -115,7 +82,8 @@ pub fn open(
                     seq: r.seq,
                     sample: s,
                 });
-                if let Some(st) = st {
+                // The newest state, whether its record was delivered or not.
+                if let Some(st) = st.filter(|_| state.as_ref().is_none_or(|(at, _)| *at < r.seq)) {
                     state = Some((r.seq, st.to_vec()));
                 }
             }
@@ -124,12 +92,6 @@ pub fn open(
     }
     if !samples.is_empty() {
         tracing::info!(samples = samples.len(), dir = %dir.display(), "resending spooled samples");
-    }
-    if delivered > 0 {
-        tracing::debug!(
-            records = delivered,
-            "spooled samples delivered before the stop skipped"
-        );
     }
     if foreign > 0 {
         tracing::warn!(
@@ -148,8 +110,6 @@ pub fn open(
         dir,
         failures: 0,
         last_state: state,
-        acked,
-        next_seq,
     };
     Some((spooler, samples, resumed))
 }
@@ -170,7 +130,6 @@ impl Spooler {
         }
         let records = match self.spool.append(&payload, now) {
             Ok(seq) => {
-                self.next_seq = seq + 1;
                 if let Some(st) = state {
                     if self.last_state.is_none() || self.failures > 0 {
                         self.mark_state_valid(true);
@@ -245,29 +204,8 @@ impl Spooler {
         if released.is_empty() {
             return;
         }
-        for range in &released {
-            for seq in range.clone() {
-                if let Err(e) = self.spool.ack(seq) {
-                    tracing::warn!("{e}");
-                }
-            }
-        }
-        // Everything older than the oldest spooled sample still waiting was acknowledged.
-        let below = link
-            .spool_snapshot()
-            .first()
-            .map_or(self.next_seq, |_| link.spool_floor());
-        self.acked.ranges.extend(released);
-        self.acked.ranges.retain(|r| r.end > below);
-        self.acked.below = below;
-        let path = self.dir.join(ACKED);
-        let tmp = self.dir.join("acked.tmp");
-        let written = serde_json::to_vec(&self.acked)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            tracing::warn!(file = %path.display(), "{e}");
+        if let Err(e) = self.spool.ack_all(released.into_iter().flatten()) {
+            tracing::warn!("{e}");
         }
     }
 
