@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use nodewatt_wire::{AccountingStats, Amounts, JobId, JobTotal, Project, Sample, Usage};
+use nodewatt_wire::{Amounts, JobId, JobTotal, Project, Sample, Usage};
 use serde::{Deserialize, Serialize};
 
 use super::registry::{Listing, ReadError};
@@ -69,8 +69,9 @@ pub struct Ledger {
     /// Cumulative cgroup CPU time per job at the previous sample.
     job_cpu: BTreeMap<JobId, u64>,
     totals_interval_ms: u64,
+    /// Registry reads that failed as a whole since start.
     #[serde(skip)]
-    stats: AccountingStats,
+    pub registry_errors: u64,
 }
 
 impl Ledger {
@@ -82,7 +83,7 @@ impl Ledger {
             finished: BTreeSet::new(),
             job_cpu: BTreeMap::new(),
             totals_interval_ms: totals_interval_ms.max(1),
-            stats: AccountingStats::default(),
+            registry_errors: 0,
         }
     }
 
@@ -109,8 +110,8 @@ impl Ledger {
         self.held.values().map(|h| &h.job).collect()
     }
 
-    /// Fills `usage`, `job_totals` and `accounting` of a sample whose deltas are set.
-    /// `measured` gives what the sample's deltas measured over (t0, ts].
+    /// Fills `usage` and `job_totals` of a sample whose deltas are set. `measured` gives
+    /// what the sample's deltas measured over (t0, ts].
     pub fn account(
         &mut self,
         s: &mut Sample,
@@ -124,7 +125,7 @@ impl Ledger {
             Ok(listing) => self.update(listing, horizon, t1),
             // No directory and nothing known: no scheduler on this node (yet).
             Err(ReadError::Missing(_)) if self.held.is_empty() => self.finished.clear(),
-            Err(_) => self.stats.registry_errors += 1,
+            Err(_) => self.registry_errors += 1,
         }
         let job_cpu_us = self.cpu_deltas(s, t0);
         let jobs: Vec<Job> = self.held.values().map(|h| h.job.clone()).collect();
@@ -179,8 +180,6 @@ impl Ledger {
         if t0.is_some_and(|t0| t0 / iv != t1 / iv) {
             s.job_totals.extend(self.running_totals());
         }
-        self.stats.jobs = self.held.len() as u32;
-        s.accounting = Some(self.stats);
     }
 
     /// Takes in a registry listing: new jobs, recorded ends, vanished files.
@@ -323,10 +322,6 @@ impl Ledger {
         }
         self.job_cpu = now;
         deltas
-    }
-
-    pub fn stats_mut(&mut self) -> &mut AccountingStats {
-        &mut self.stats
     }
 }
 

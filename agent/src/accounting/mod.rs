@@ -5,9 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use nodewatt_wire::{JobId, Sample, SensorKind};
+use nodewatt_wire::{AccountingStats, JobId, Sample, SensorKind};
 
-use crate::attribution::{GpuEnergy, Job, Measured};
+use crate::attribution::{GpuEnergy, Measured};
 use ledger::Ledger;
 use registry::Registry;
 
@@ -23,6 +23,7 @@ pub struct Accountant {
     /// The job of each live GPU process (`None`: not in a job). A process never changes
     /// job, so its cgroup file is read once, not on every sample.
     pid_job: HashMap<u32, Option<JobId>>,
+    foreign_gpu_processes: u64,
 }
 
 /// The job a process belongs to, from its /proc/<pid>/cgroup (`.../job_<id>/...`).
@@ -89,6 +90,7 @@ impl Accountant {
             ledger,
             foreign_seen: HashSet::new(),
             pid_job: HashMap::new(),
+            foreign_gpu_processes: 0,
         }
     }
 
@@ -109,10 +111,14 @@ impl Accountant {
     /// Fills `usage`, `job_totals` and `accounting` of a sample whose deltas are set.
     pub fn account(&mut self, s: &mut Sample) {
         let read = self.registry.read();
-        self.ledger.stats_mut().rejected_files = self.registry.rejected_files;
         self.ledger.account(s, read, measured);
         self.cross_check(s);
-        s.accounting = Some(*self.ledger.stats_mut());
+        s.accounting = Some(AccountingStats {
+            jobs: self.ledger.jobs().len() as u32,
+            rejected_files: self.registry.rejected_files,
+            foreign_gpu_processes: self.foreign_gpu_processes,
+            registry_errors: self.ledger.registry_errors,
+        });
     }
 
     /// Running jobs' totals, for the last sample before a stop.
@@ -123,7 +129,7 @@ impl Accountant {
     /// A GPU process that belongs to a job other than the GPU's owner is reported, not
     /// silently billed: the GPU's energy still goes to its owner (or `_idle`).
     fn cross_check(&mut self, s: &Sample) {
-        let jobs: Vec<Job> = self.ledger.jobs().into_iter().cloned().collect();
+        let jobs = self.ledger.jobs();
         let live: HashSet<u32> = s.gpus.iter().flat_map(|g| g.pids.iter().copied()).collect();
         self.pid_job.retain(|pid, _| live.contains(pid));
         self.foreign_seen.retain(|(_, pid)| live.contains(pid));
@@ -146,7 +152,7 @@ impl Accountant {
                 let Some(job) = job.as_deref() else { continue };
                 if !owners.contains(&job) {
                     self.foreign_seen.insert((g.index, pid));
-                    self.ledger.stats_mut().foreign_gpu_processes += 1;
+                    self.foreign_gpu_processes += 1;
                     tracing::warn!(
                         gpu = g.index,
                         pid,
