@@ -202,6 +202,12 @@ impl Ledger {
                 self.finished.insert(k);
                 continue;
             }
+            // Written after this sample's instant (the read comes later): nothing of it is
+            // in this span, and a total dated after the sample would be refused with the
+            // whole message. The next sample takes it up.
+            if j.start_ms >= t1 {
+                continue;
+            }
             let total = JobTotal {
                 job: j.id.clone(),
                 project: j.project.clone(),
@@ -527,6 +533,46 @@ mod tests {
                 prop_assert_eq!((got[0].since_ms, got[0].until_ms), (T0 + sp.start, T0 + sp.end));
             }
         }
+    }
+
+    #[test]
+    fn a_job_starting_after_the_sample_instant_waits_for_the_next_sample() {
+        // The prolog wrote it 30 ms after the tick, before the (late) registry read.
+        let specs = [Spec {
+            start: 1_030,
+            end: 9_000,
+            gpus: vec![0],
+        }];
+        let watts = [100, 0, 0, 0];
+        let mut deltas = Deltas::default();
+        let mut ledger = Ledger::new(T0, 1_000);
+        let mut s = sample(T0, &watts);
+        deltas.apply(&mut s);
+        ledger.account(&mut s, Ok(listing(&specs, T0)), super::super::measured);
+        let mut s = sample(T0 + 1_000, &watts);
+        deltas.apply(&mut s);
+        ledger.account(
+            &mut s,
+            Ok(listing(&specs, T0 + 1_040)),
+            super::super::measured,
+        );
+        assert!(
+            s.job_totals.is_empty(),
+            "no total dated after its sample: {:?}",
+            s.job_totals
+        );
+        assert!(ledger.jobs().is_empty());
+        let mut s = sample(T0 + 2_000, &watts);
+        deltas.apply(&mut s);
+        ledger.account(
+            &mut s,
+            Ok(listing(&specs, T0 + 2_000)),
+            super::super::measured,
+        );
+        let u = s.usage.iter().find(|u| u.job.is_some()).unwrap();
+        assert_eq!(u.amounts.gpu_uj, 100 * 970 * 1000, "from its start");
+        let t = &s.job_totals[0];
+        assert!(t.since_ms <= s.ts_ms && t.until_ms == s.ts_ms);
     }
 
     #[test]
