@@ -107,6 +107,20 @@ fn jobs_through(interruption: Interruption, node: &str) {
             agent.stop_cleanly();
             let log = agent.log();
             assert!(log.contains("saved counters and job totals"), "{log}");
+            // Totals go out every 60 s: only the stop can have sent these, 5 s in.
+            for (id, _, _) in &jobs {
+                let sent = wait_until(Duration::from_secs(10), || {
+                    db.rows(
+                        DB,
+                        &format!(
+                            "SELECT until_ms FROM job_total WHERE job = '{id}' AND ended = false"
+                        ),
+                    )
+                    .len()
+                        == 1
+                });
+                assert!(sent, "no running total for {id} at the stop:\n{log}");
+            }
             std::thread::sleep(Duration::from_secs(3));
             start_agent(&a, 1_000_000)
         }

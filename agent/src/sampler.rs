@@ -254,3 +254,92 @@ impl Sampler {
         self.template.seq -= 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::n;
+
+    const T: u64 = 1_763_700_000_000;
+
+    fn sampler() -> Sampler {
+        Sampler::new(Vec::new(), n("c"), n("n1"), 1000, T)
+    }
+
+    fn total(job: &str) -> nodewatt_wire::JobTotal {
+        nodewatt_wire::JobTotal {
+            job: n(job),
+            project: n("p"),
+            user: n("u"),
+            start_ms: T,
+            since_ms: T,
+            until_ms: T + 1_000,
+            ended: true,
+            gpus: Vec::new(),
+            amounts: Default::default(),
+        }
+    }
+
+    /// A run that took three samples and stopped, as its state was saved.
+    fn stopped_run() -> State {
+        let mut first = sampler();
+        for i in 0..3 {
+            first.sample(T + i * 1_000);
+        }
+        first.pending_totals.push(total("7"));
+        first.state("boot-a".into())
+    }
+
+    #[test]
+    fn a_resumed_run_continues_seq_origin_and_counters() {
+        let mut again = Sampler::new(Vec::new(), n("c"), n("n1"), 1000, T + 10_000);
+        let gap = again
+            .resume(stopped_run(), Some("boot-a"), T + 5_500)
+            .unwrap();
+        assert_eq!(gap, 3_500);
+        let s = again.sample(T + 6_000);
+        assert_eq!(
+            (s.seq, s.agent_start_ms),
+            (3, T),
+            "one continuous measurement"
+        );
+        assert_eq!(s.span_ms, 4_000, "the gap is a span like any other");
+        assert_eq!(
+            s.job_totals.len(),
+            1,
+            "the total not sent before the stop goes now"
+        );
+    }
+
+    #[test]
+    fn another_boot_another_node_or_a_future_state_is_refused() {
+        let refused = |st: State, boot: &str, now: u64| {
+            let mut again = Sampler::new(Vec::new(), n("c"), n("n1"), 1000, now);
+            let why = again.resume(st, Some(boot), now).unwrap_err();
+            let s = again.sample(now + 1_000);
+            (why, s)
+        };
+        let (why, s) = refused(stopped_run(), "boot-b", T + 5_000);
+        assert!(why.contains("rebooted"), "{why}");
+        assert_eq!(
+            (s.seq, s.span_ms),
+            (0, 0),
+            "afresh: no delta across a reboot"
+        );
+        assert_eq!(
+            s.job_totals.len(),
+            1,
+            "totals not sent yet are kept even so"
+        );
+        let (why, _) = refused(stopped_run(), "boot-a", T + 1_000);
+        assert!(why.contains("not in the past"), "{why}");
+        let mut other = stopped_run();
+        other.node = n("n2");
+        let (why, s) = refused(other, "boot-a", T + 5_000);
+        assert!(why.contains("n2"), "{why}");
+        assert!(
+            s.job_totals.is_empty(),
+            "another node's totals are not ours"
+        );
+    }
+}

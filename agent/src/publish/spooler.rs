@@ -282,4 +282,45 @@ mod tests {
         assert_eq!(seqs, [1, 3]);
         assert_eq!(state.as_deref(), Some(&b"{\"s\":3}"[..]));
     }
+
+    /// A clean stop compacts the spool to what is unacknowledged: delivered samples are
+    /// gone from disk, and the state stays only with the record it was spooled in.
+    #[test]
+    fn a_clean_stop_leaves_only_what_is_unacknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |ack: &[u16]| {
+            let (mut sp, recovered, _) = open(config(dir.path()), "c", "n1").unwrap();
+            let mut link = Link::new(Outbox::new(10, 8));
+            let mut sends = Vec::new();
+            for r in recovered {
+                link.spooled(r.sample, r.seq..r.seq + 1, &mut sends);
+            }
+            link.connected(0, &mut sends);
+            let base = link.spool_snapshot().len() as u64;
+            for seq in base..base + 3 {
+                let st = format!("{{\"s\":{seq}}}").into_bytes();
+                sp.add(sample(seq), Some(st), &mut link, &mut sends);
+            }
+            for pkid in 1..=(base as u16 + 4) {
+                link.written(pkid);
+            }
+            for pkid in ack {
+                link.acked(*pkid, &mut sends);
+            }
+            sp.close(&mut link);
+        };
+        let files = || std::fs::read_dir(dir.path()).unwrap().count();
+        run(&[]);
+        let (_, recovered, state) = open(config(dir.path()), "c", "n1").unwrap();
+        let seqs: Vec<u64> = recovered.iter().map(|r| r.sample.seq).collect();
+        assert_eq!(seqs, [0, 1, 2]);
+        assert_eq!(state.as_deref(), Some(&b"{\"s\":2}"[..]));
+        // Next run: the three come back, three more; all but the newest delivered.
+        run(&[2, 3, 4, 5, 6]);
+        let (_, recovered, state) = open(config(dir.path()), "c", "n1").unwrap();
+        let seqs: Vec<u64> = recovered.iter().map(|r| r.sample.seq).collect();
+        assert_eq!(seqs, [5], "only the undelivered sample is on disk");
+        assert_eq!(state.as_deref(), Some(&b"{\"s\":5}"[..]));
+        assert!(files() <= 4, "one snapshot, the marks: {}", files());
+    }
 }
