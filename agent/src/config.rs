@@ -172,6 +172,16 @@ pub struct AgentConfig {
     /// Sampling interval, e.g. "1s", "100ms", "1m".
     #[serde(with = "humantime_serde", default = "default_interval")]
     pub interval: Duration,
+    /// How often device telemetry is published: a multiple of `interval`, every sample
+    /// when absent. Samples in between are folded: energy and time summed, power and
+    /// utilisation averaged over the span, maxima kept.
+    #[serde(with = "humantime_serde", default)]
+    pub telemetry_interval: Option<Duration>,
+    /// How often usage per job, project and user is published, and at every job start
+    /// and end: a multiple of `telemetry_interval` that divides an hour, with telemetry
+    /// when absent.
+    #[serde(with = "humantime_serde", default)]
+    pub usage_interval: Option<Duration>,
     /// Root of the sysfs tree (tests point this at a fixture tree).
     #[serde(default = "default_sys_root")]
     pub sys_root: PathBuf,
@@ -391,6 +401,23 @@ impl Config {
         if !whole_ms(i) {
             return bad("agent.interval must be a whole number of milliseconds".into());
         }
+        let c = self.cadence();
+        let ms = |d: u64| humantime::format_duration(Duration::from_millis(d));
+        if c.telemetry_ms % i.as_millis() as u64 != 0 || c.telemetry_ms > 3_600_000 {
+            return bad(format!(
+                "agent.telemetry_interval ({}) must be a multiple of agent.interval ({}), at most 1h",
+                ms(c.telemetry_ms),
+                ms(i.as_millis() as u64)
+            ));
+        }
+        if c.usage_ms % c.telemetry_ms != 0 || 3_600_000 % c.usage_ms != 0 {
+            return bad(format!(
+                "agent.usage_interval ({}) must be a multiple of agent.telemetry_interval ({}) \
+                 that divides 1h, so that hours and days start on a usage boundary",
+                ms(c.usage_ms),
+                ms(c.telemetry_ms)
+            ));
+        }
         if let Some(t) = self.nvml.timeout {
             duration_in("nvml.timeout", t, Duration::from_millis(1), MAX_INTERVAL)?;
         }
@@ -525,6 +552,17 @@ impl Config {
             .unwrap_or_else(|| self.agent.sys_root.join("fs/cgroup"))
     }
 
+    /// When telemetry and usage are published (`agent.telemetry_interval`,
+    /// `agent.usage_interval`).
+    pub fn cadence(&self) -> crate::cadence::Cadence {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let telemetry_ms = ms(self.agent.telemetry_interval.unwrap_or(self.agent.interval));
+        crate::cadence::Cadence {
+            telemetry_ms,
+            usage_ms: self.agent.usage_interval.map_or(telemetry_ms, ms),
+        }
+    }
+
     pub fn nvml_timeout(&self) -> Duration {
         self.nvml.timeout.unwrap_or(self.agent.interval / 2)
     }
@@ -559,6 +597,18 @@ mod tests {
         assert!(!c.simulated.enabled);
         assert_eq!(c.cgroup_root(), PathBuf::from("/sys/fs/cgroup"));
         assert_eq!(c.nvml_timeout(), Duration::from_millis(500));
+        assert_eq!(c.cadence(), crate::cadence::Cadence::every_sample(1_000));
+        let c = Config::parse(&format!(
+            "{MIN}telemetry_interval = \"10s\"\nusage_interval = \"1m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.cadence(),
+            crate::cadence::Cadence {
+                telemetry_ms: 10_000,
+                usage_ms: 60_000
+            }
+        );
     }
 
     #[test]
@@ -579,6 +629,15 @@ mod tests {
         let path = dir.path().join("agent.toml");
         for (extra, option) in [
             ("interval = \"0s\"\n", "agent.interval"),
+            (
+                "telemetry_interval = \"1500ms\"\n",
+                "agent.telemetry_interval",
+            ),
+            (
+                "telemetry_interval = \"10s\"\nusage_interval = \"25s\"\n",
+                "agent.usage_interval",
+            ),
+            ("usage_interval = \"7m\"\n", "divides 1h"),
             ("[nvml]\ntimeout = \"0s\"\n", "nvml.timeout"),
             (
                 "[jobs]\ntotals_interval = \"400d\"\n",

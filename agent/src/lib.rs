@@ -2,6 +2,7 @@
 
 pub mod accounting;
 pub mod attribution;
+pub mod cadence;
 pub mod config;
 pub mod counter;
 pub mod deltas;

@@ -29,14 +29,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Sample at the configured interval and publish each sample to the MQTT broker of the
-    /// [mqtt] section, or, without one, write one JSON message per line to stdout.
+    /// Sample at the configured interval and publish to the MQTT broker of the [mqtt]
+    /// section (telemetry and usage at their configured cadences), or, without one, write
+    /// one JSON message per line to stdout.
     /// Stops on SIGTERM or SIGINT, marking the node offline.
     Run {
         /// Agent configuration file (TOML).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
-        /// Stop after this many samples, once all of them are acknowledged by the broker
+        /// Stop after this many messages, once all of them are acknowledged by the broker
         /// (for tests and benchmarks).
         #[arg(long, value_name = "N")]
         count: Option<u64>,
@@ -105,7 +106,8 @@ fn load(path: &Path, clock: &Clock) -> anyhow::Result<(Config, Sampler)> {
         cfg.agent.interval.as_millis() as u64,
         start_ms,
     )
-    .with_accounting(&cfg, start_ms);
+    .with_accounting(&cfg, start_ms)
+    .with_cadence(cfg.cadence());
     Ok((cfg, sampler))
 }
 
@@ -121,8 +123,8 @@ fn log_inventory(sampler: &Sampler) {
     }
 }
 
-/// Samples at aligned ticks until `count` samples were taken, `emit` returns false, or a
-/// stop is asked on `stop`; returns whether a stop was asked.
+/// Samples at aligned ticks until `count` messages were emitted, `emit` returns false, or
+/// a stop is asked on `stop`; returns whether a stop was asked.
 fn sample_loop(
     sampler: &mut Sampler,
     interval: u64,
@@ -142,11 +144,12 @@ fn sample_loop(
             }
         }
         clock.sleep_until(tick);
-        let s = sampler.sample(tick);
-        if !emit(s, sampler) {
-            return false;
+        if let Some(m) = sampler.tick(tick) {
+            if !emit(m, sampler) {
+                return false;
+            }
+            taken += 1;
         }
-        taken += 1;
         let skipped;
         (tick, skipped) = schedule::after(tick, clock.now_ms(), interval);
         if skipped > 0 {
@@ -242,7 +245,13 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
         None => (None, None),
     };
     resume(&mut sampler, &cfg, boot_id.as_deref(), spooled_state);
-    tracing::info!(interval_ms = interval, "sampling");
+    let cadence = cfg.cadence();
+    tracing::info!(
+        interval_ms = interval,
+        telemetry_ms = cadence.telemetry_ms,
+        usage_ms = cadence.usage_ms,
+        "sampling"
+    );
     let Some(mqtt) = mqtt else {
         let stdout = std::io::stdout();
         let mut failed = None;
@@ -364,11 +373,13 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
     let clock = Clock::Real;
     let (cfg, sampler) = load(path, &clock)?;
     println!(
-        "config {}: cluster {}, node {}, interval {}",
+        "config {}: cluster {}, node {}, interval {}, telemetry every {}, usage every {}",
         path.display(),
         cfg.agent.cluster,
         cfg.node_name()?,
-        humantime::format_duration(cfg.agent.interval)
+        humantime::format_duration(cfg.agent.interval),
+        humantime::format_duration(Duration::from_millis(cfg.cadence().telemetry_ms)),
+        humantime::format_duration(Duration::from_millis(cfg.cadence().usage_ms)),
     );
     let mut bad = 0;
     for (name, inv) in sampler.inventories() {

@@ -5,6 +5,7 @@ use std::time::Instant;
 use nodewatt_wire::{NodeName, Sample, SourceStatus};
 
 use crate::accounting::{ledger::Ledger, Accountant};
+use crate::cadence::{Aggregate, Cadence};
 use crate::config::Config;
 use crate::deltas::Deltas;
 use crate::sources::{
@@ -78,6 +79,10 @@ pub struct State {
     /// Job totals not sent yet.
     #[serde(default)]
     pub pending_totals: Vec<nodewatt_wire::JobTotal>,
+    /// Sampled but not published yet: the usage window (telemetry is empty whenever a
+    /// state is taken, right after a message).
+    #[serde(default)]
+    pub aggregate: Aggregate,
 }
 
 pub struct Sampler {
@@ -90,6 +95,8 @@ pub struct Sampler {
     template: Sample,
     /// Job totals that did not fit in earlier messages (`publish::fit`).
     pending_totals: Vec<nodewatt_wire::JobTotal>,
+    cadence: Cadence,
+    aggregate: Aggregate,
 }
 
 impl Sampler {
@@ -107,6 +114,8 @@ impl Sampler {
             last_error: sources.iter().map(|s| s.inventory().unavailable).collect(),
             deltas: Deltas::default(),
             pending_totals: Vec::new(),
+            cadence: Cadence::every_sample(interval_ms),
+            aggregate: Aggregate::default(),
             sources,
             template: Sample::new(AGENT, cluster, node, interval_ms, agent_start_ms),
         }
@@ -119,7 +128,27 @@ impl Sampler {
             .collect()
     }
 
-    /// Reads every source for the tick at `at`; the sequence number advances by one.
+    /// Publishes telemetry and usage at these instants instead of every sample.
+    pub fn with_cadence(mut self, c: Cadence) -> Sampler {
+        self.cadence = c;
+        self
+    }
+
+    /// Samples the tick at `at`; returns the message to publish when one is due
+    /// ([`Cadence`]).
+    pub fn tick(&mut self, at: TickMs) -> Option<Sample> {
+        let s = self.sample(at);
+        self.publishable(s, false)
+    }
+
+    fn publishable(&mut self, s: Sample, stop: bool) -> Option<Sample> {
+        let mut m = self.aggregate.push(s, self.cadence, stop)?;
+        self.fit(&mut m);
+        Some(m)
+    }
+
+    /// Reads every source for the tick at `at` (one sample, not yet a message); the
+    /// sequence number advances by one.
     pub fn sample(&mut self, at: TickMs) -> Sample {
         let mut s = self.template.clone();
         s.ts_ms = at;
@@ -151,7 +180,6 @@ impl Sampler {
         if let Some(a) = self.accountant.as_mut() {
             a.account(&mut s);
         }
-        self.fit(&mut s);
         s
     }
 
@@ -207,6 +235,7 @@ impl Sampler {
         self.template.seq = st.seq;
         self.template.agent_start_ms = st.origin_ms;
         self.deltas = st.deltas;
+        self.aggregate = st.aggregate;
         Ok(now_ms - last)
     }
 
@@ -221,11 +250,12 @@ impl Sampler {
             deltas: self.deltas.clone(),
             ledger: self.accountant.as_ref().map(|a| a.ledger().clone()),
             pending_totals: self.pending_totals.clone(),
+            aggregate: self.aggregate.clone(),
         }
     }
 
-    /// The last sample before a stop, at `at` (not a tick): it bills up to the stop and
-    /// carries every running job's total.
+    /// The last message before a stop, at `at` (not a tick): it publishes everything
+    /// sampled, bills up to the stop and carries every running job's total.
     pub fn finish(&mut self, at: TickMs) -> Sample {
         let mut s = self.sample(at);
         if let Some(a) = self.accountant.as_mut() {
@@ -239,7 +269,8 @@ impl Sampler {
                 }
             }
         }
-        s
+        self.publishable(s, true)
+            .expect("a stop publishes what was sampled")
     }
 
     /// Where the job registry is read from, when accounting is on.
@@ -284,7 +315,7 @@ mod tests {
     fn stopped_run() -> State {
         let mut first = sampler();
         for i in 0..3 {
-            first.sample(T + i * 1_000);
+            first.tick(T + i * 1_000);
         }
         first.pending_totals.push(total("7"));
         first.state("boot-a".into())
@@ -297,7 +328,7 @@ mod tests {
             .resume(stopped_run(), Some("boot-a"), T + 5_500)
             .unwrap();
         assert_eq!(gap, 3_500);
-        let s = again.sample(T + 6_000);
+        let s = again.tick(T + 6_000).unwrap();
         assert_eq!(
             (s.seq, s.agent_start_ms),
             (3, T),
@@ -316,7 +347,7 @@ mod tests {
         let refused = |st: State, boot: &str, now: u64| {
             let mut again = Sampler::new(Vec::new(), n("c"), n("n1"), 1000, now);
             let why = again.resume(st, Some(boot), now).unwrap_err();
-            let s = again.sample(now + 1_000);
+            let s = again.tick(now + 1_000).unwrap();
             (why, s)
         };
         let (why, s) = refused(stopped_run(), "boot-b", T + 5_000);

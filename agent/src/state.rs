@@ -50,6 +50,7 @@ mod tests {
             deltas: Default::default(),
             ledger: Some(crate::accounting::ledger::Ledger::new(1, 60_000)),
             pending_totals: Vec::new(),
+            aggregate: Default::default(),
         };
         save(&path, &st).unwrap();
         assert_eq!(take(&path).unwrap(), Some(st));

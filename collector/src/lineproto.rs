@@ -125,10 +125,12 @@ pub fn encode_sample(s: &ValidSample, out: &mut Vec<u8>) -> usize {
         let index = g.index.to_string();
         let mut f = Fields::default();
         f.f("power_w", g.power_w)
+            .f("power_max_w", g.power_max_w)
             .i("energy_mj", g.energy_mj)
             .i("energy_delta_mj", g.energy_delta_mj)
             .i("span_ms", span)
             .f("temp_c", g.temp_c)
+            .f("temp_max_c", g.temp_max_c)
             .f("mem_temp_c", g.mem_temp_c)
             .f("util_pct", g.util_pct)
             .f("mem_util_pct", g.mem_util_pct)
@@ -240,9 +242,11 @@ pub fn encode_sample(s: &ValidSample, out: &mut Vec<u8>) -> usize {
         a.add(&u.amounts);
         *jobs += u64::from(u.job.is_some());
     }
+    // The time the usage covers: its own window when published coarser than telemetry.
+    let usage_span = Some(s.usage_window.map_or(s.span_ms, |w| w.span_ms));
     for (project, user, a, jobs) in &by_owner {
         let mut f = amount_fields(a);
-        f.i("span_ms", span).i("jobs", Some(*jobs));
+        f.i("span_ms", usage_span).i("jobs", Some(*jobs));
         let tags = [
             ("cluster", c),
             ("node", n),

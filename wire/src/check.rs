@@ -5,7 +5,7 @@
 //! and bookkeeping (the attributed usage sums exactly to the measured deltas). A
 //! [`ValidSample`] can only be made here, so code that stores one needs no checks of its own.
 
-use crate::{RaplDomain, Sample, Status, WireError};
+use crate::{RaplDomain, Sample, Status, UsageWindow, WireError};
 
 /// Why a message was rejected; `as_str` is the label in logs, counters and health points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -223,6 +223,33 @@ impl Sample {
     }
 }
 
+impl Sample {
+    /// What this message's usage covers and must split: the window it declares (usage
+    /// published coarser than telemetry), else its own span's deltas and devices; `None`
+    /// for a message without usage.
+    pub fn usage_cover(&self) -> Option<UsageWindow> {
+        if let Some(w) = self.usage_window {
+            return Some(w);
+        }
+        if self.usage.is_empty() {
+            return None;
+        }
+        let m = self.class_energy();
+        let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+        let n = |k: usize| u32::try_from(k).unwrap_or(u32::MAX);
+        Some(UsageWindow {
+            span_ms: self.span_ms,
+            gpu_uj: clamp(m.gpu_uj),
+            cpu_uj: clamp(m.cpu_uj),
+            dram_uj: clamp(m.dram_uj),
+            gpus: n(self.gpus.len()),
+            cpu_packages: n(self.rapl.iter().filter(|d| is_cpu_package(d)).count()),
+            dram_domains: n(self.rapl.iter().filter(|d| is_dram(d)).count()),
+            cores: self.cpu.as_ref().map_or(0, |c| c.cores),
+        })
+    }
+}
+
 fn count(what: &str, v: u64) -> Result<(), Invalid> {
     sum_fits(what, u128::from(v))
 }
@@ -335,7 +362,9 @@ pub fn check_sample(s: Sample, now_ms: u64, l: &Limits) -> Result<ValidSample, I
         at_most("pids of one GPU", g.pids.len(), MAX_PIDS)?;
         at_most("errors of one GPU", g.errors.len(), MAX_SOURCES)?;
         range("gpu power_w", g.power_w, 0.0, 10_000.0)?;
+        range("gpu power_max_w", g.power_max_w, 0.0, 10_000.0)?;
         range("gpu temp_c", g.temp_c, -100.0, 250.0)?;
+        range("gpu temp_max_c", g.temp_max_c, -100.0, 250.0)?;
         range("gpu mem_temp_c", g.mem_temp_c, -100.0, 250.0)?;
         range("gpu util_pct", g.util_pct, 0.0, 100.0)?;
         range("gpu mem_util_pct", g.mem_util_pct, 0.0, 100.0)?;
@@ -411,16 +440,57 @@ pub fn check_sample(s: Sample, now_ms: u64, l: &Limits) -> Result<ValidSample, I
     for t in &s.thermal {
         range("thermal temp_c", t.temp_c, -273.0, 1_000.0)?;
     }
-    check_usage(&s, p)?;
+    check_usage(&s, p, max_span)?;
     check_job_totals(&s, p)?;
     Ok(ValidSample(s))
 }
 
-/// Conservation: the usage of a message splits exactly its own measured deltas, so no
-/// entry can bill energy that was not measured.
-fn check_usage(s: &Sample, p: &crate::check::MaxPower) -> Result<(), Invalid> {
-    if s.usage.is_empty() {
+/// Conservation: the usage of a message splits exactly the energy measured over the time
+/// it covers, so no entry can bill energy that was not measured; and that energy is what
+/// the devices could deliver in that time.
+fn check_usage(s: &Sample, p: &crate::check::MaxPower, max_span: u64) -> Result<(), Invalid> {
+    let Some(w) = s.usage_cover() else {
         return Ok(());
+    };
+    if s.usage_window.is_some() {
+        if w.span_ms > max_span {
+            return Err(invalid(
+                Reason::Range,
+                format!(
+                    "usage_window span_ms = {} is longer than the agent has run ({max_span} ms)",
+                    w.span_ms
+                ),
+            ));
+        }
+        at_most("usage_window gpus", w.gpus as usize, MAX_GPUS)?;
+        at_most(
+            "usage_window cpu_packages",
+            w.cpu_packages as usize,
+            MAX_RAPL,
+        )?;
+        at_most(
+            "usage_window dram_domains",
+            w.dram_domains as usize,
+            MAX_RAPL,
+        )?;
+        if u64::from(w.cores) > MAX_CORES {
+            return Err(invalid(
+                Reason::Range,
+                format!("usage_window cores = {}", w.cores),
+            ));
+        }
+        for (class, uj, devices, watts) in [
+            ("gpu", w.gpu_uj, w.gpus, p.gpu_w),
+            ("cpu", w.cpu_uj, w.cpu_packages, p.cpu_w),
+            ("dram", w.dram_uj, w.dram_domains, p.dram_w),
+        ] {
+            physics(
+                &format!("usage_window {class}_uj"),
+                u128::from(uj),
+                watts.saturating_mul(u64::from(devices)),
+                w.span_ms,
+            )?;
+        }
     }
     let mut sum = [0u128; 6];
     for u in &s.usage {
@@ -440,11 +510,10 @@ fn check_usage(s: &Sample, p: &crate::check::MaxPower) -> Result<(), Invalid> {
         sum_fits("usage amounts summed", v)?;
     }
     sum_fits("usage energy summed", sum[..4].iter().sum())?;
-    let m = s.class_energy();
     for (class, used, measured) in [
-        ("gpu", sum[0], m.gpu_uj),
-        ("cpu", sum[1], m.cpu_uj),
-        ("dram", sum[2], m.dram_uj),
+        ("gpu", sum[0], u128::from(w.gpu_uj)),
+        ("cpu", sum[1], u128::from(w.cpu_uj)),
+        ("dram", sum[2], u128::from(w.dram_uj)),
     ] {
         if used != measured {
             return Err(invalid(
@@ -453,10 +522,10 @@ fn check_usage(s: &Sample, p: &crate::check::MaxPower) -> Result<(), Invalid> {
             ));
         }
     }
-    physics("usage other_uj", sum[3], p.other_w, s.span_ms)?;
-    let gpus = s.gpus.len() as u128;
-    let cores = s.cpu.as_ref().map_or(0, |c| u128::from(c.cores));
-    let span = u128::from(s.span_ms);
+    physics("usage other_uj", sum[3], p.other_w, w.span_ms)?;
+    let gpus = u128::from(w.gpus);
+    let cores = u128::from(w.cores);
+    let span = u128::from(w.span_ms);
     for (what, used, max) in [
         ("gpu_ms", sum[4], gpus * span),
         ("cpu_us", sum[5], cores * span * 1000),
@@ -762,6 +831,78 @@ mod tests {
         s.usage[0].amounts.gpu_uj += 1;
         s.usage[1].amounts.gpu_uj -= 1;
         assert!(check_sample(s, NOW, &Limits::default()).is_ok());
+    }
+
+    /// Usage published coarser than telemetry: the entries split the window they declare,
+    /// and that window holds no more than its devices can deliver in its time.
+    #[test]
+    fn a_usage_window_is_checked_like_a_span() {
+        let windowed = |s: &mut Sample| {
+            let m = s.class_energy();
+            s.usage_window = Some(UsageWindow {
+                span_ms: 3_000,
+                gpu_uj: m.gpu_uj as u64,
+                cpu_uj: m.cpu_uj as u64,
+                dram_uj: m.dram_uj as u64,
+                gpus: 1,
+                cpu_packages: 1,
+                dram_domains: 0,
+                cores: 4,
+            });
+        };
+        let mut s = sample();
+        windowed(&mut s);
+        // Sent over a window, the same entries need not match this message's deltas.
+        s.gpus[0].energy_delta_mj = Some(1);
+        assert!(check_sample(s.clone(), NOW, &Limits::default()).is_ok());
+        // A telemetry-only message: no usage, no window.
+        let mut quiet = s.clone();
+        quiet.usage.clear();
+        quiet.usage_window = None;
+        assert!(check_sample(quiet, NOW, &Limits::default()).is_ok());
+
+        type Case = (&'static str, fn(&mut Sample), Reason);
+        let cases: [Case; 6] = [
+            (
+                "entries sum to more than the window",
+                |s| s.usage[0].amounts.gpu_uj += 1,
+                Reason::Conservation,
+            ),
+            (
+                "a window without its entries",
+                |s| s.usage.clear(),
+                Reason::Conservation,
+            ),
+            (
+                "energy no GPU delivers in the window",
+                |s| {
+                    let w = s.usage_window.as_mut().unwrap();
+                    w.gpu_uj = 2_000 * 3_000 * 1_000 + 1;
+                    s.usage[0].amounts.gpu_uj = w.gpu_uj - s.usage[1].amounts.gpu_uj;
+                },
+                Reason::Physics,
+            ),
+            (
+                "GPU time beyond the window's GPUs",
+                |s| s.usage[0].amounts.gpu_ms = 3_001,
+                Reason::Conservation,
+            ),
+            (
+                "a window longer than the agent ran",
+                |s| s.usage_window.as_mut().unwrap().span_ms = 400 * 86_400_000,
+                Reason::Range,
+            ),
+            (
+                "more GPUs than a node has",
+                |s| s.usage_window.as_mut().unwrap().gpus = 65,
+                Reason::TooMany,
+            ),
+        ];
+        for (what, f, want) in cases {
+            let mut bad = s.clone();
+            f(&mut bad);
+            assert_eq!(reason(bad), want, "{what}");
+        }
     }
 
     #[test]

@@ -30,8 +30,10 @@ pub struct Sample {
     /// when the agent merged queued samples during an outage.
     #[serde(default)]
     pub span_ms: u64,
-    /// How many earlier samples were folded into this one while the agent could not
-    /// publish (their deltas are summed here; their instantaneous readings are gone).
+    /// How many earlier samples were folded into this one: samples between publications
+    /// (`telemetry_interval`) and samples merged while the agent could not publish. Their
+    /// deltas are summed here; gauges are the last reading, with the span's mean or
+    /// maximum where a field says so.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub merged: u32,
     /// The agent's outbox when this message was sent (absent when not publishing to MQTT).
@@ -49,11 +51,17 @@ pub struct Sample {
     pub hwmon: Vec<HwmonSensor>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub thermal: Vec<ThermalZone>,
-    /// Energy and time of this sample's span attributed to jobs, one entry per job plus
-    /// one for the project `_idle` (what no job owned). Per node and span, the entries
-    /// sum exactly to the measured deltas of each device class.
+    /// Energy and time attributed to jobs, one entry per job plus one for the project
+    /// `_idle` (what no job owned), over `usage_window` when present, else over this
+    /// message's span. The entries sum exactly to the measured energy of each device
+    /// class over that time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub usage: Vec<Usage>,
+    /// Present when `usage` covers another time than this message's span: the agent
+    /// publishes usage every `usage_interval`, coarser than its telemetry, so a message
+    /// carries usage only at those instants and at job edges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_window: Option<UsageWindow>,
     /// Cumulative usage of jobs, sent every `totals_interval` and when a job ends.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub job_totals: Vec<JobTotal>,
@@ -67,6 +75,43 @@ pub const IDLE_PROJECT: &str = "_idle";
 
 /// The project billed for energy that some job used but whose job is not known.
 pub const UNATTRIBUTED_PROJECT: &str = "_unattributed";
+
+/// The time a message's `usage` covers, `(ts_ms - span_ms, ts_ms]`, and what was measured
+/// in it: the entries must sum to these energies exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageWindow {
+    pub span_ms: u64,
+    pub gpu_uj: u64,
+    pub cpu_uj: u64,
+    pub dram_uj: u64,
+    /// The most GPUs, CPU packages, DRAM domains and cores seen in the window: they bound
+    /// what the window can hold (energy, GPU time, CPU time).
+    pub gpus: u32,
+    pub cpu_packages: u32,
+    pub dram_domains: u32,
+    pub cores: u32,
+}
+
+impl UsageWindow {
+    /// The window of two consecutive windows: spans and energies summed, device counts
+    /// the larger.
+    pub fn add(&mut self, o: &UsageWindow) {
+        self.span_ms = self.span_ms.saturating_add(o.span_ms);
+        self.gpu_uj = self.gpu_uj.saturating_add(o.gpu_uj);
+        self.cpu_uj = self.cpu_uj.saturating_add(o.cpu_uj);
+        self.dram_uj = self.dram_uj.saturating_add(o.dram_uj);
+        self.gpus = self.gpus.max(o.gpus);
+        self.cpu_packages = self.cpu_packages.max(o.cpu_packages);
+        self.dram_domains = self.dram_domains.max(o.dram_domains);
+        self.cores = self.cores.max(o.cores);
+    }
+
+    /// Whether `o` covers the same time and energy (device counts aside).
+    pub fn same_measure(&self, o: &UsageWindow) -> bool {
+        (self.span_ms, self.gpu_uj, self.cpu_uj, self.dram_uj)
+            == (o.span_ms, o.gpu_uj, o.cpu_uj, o.dram_uj)
+    }
+}
 
 /// Additive usage of one job (or of `_idle`) over a sample's `span_ms`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,20 +242,29 @@ pub struct Gpu {
     /// True for devices of the `simulated` source; absent (false) for real hardware.
     #[serde(default, skip_serializing_if = "is_false")]
     pub simulated: bool,
-    /// Board power draw, watts.
+    /// Board power draw, watts: the reading, or the mean over the span when the message
+    /// folds several samples.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_w: Option<f64>,
+    /// The highest power reading over the span (present when samples were folded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_max_w: Option<f64>,
     /// Energy since the driver loaded, millijoules (cumulative; resets on driver reload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy_mj: Option<u64>,
     /// Energy over `span_ms`, millijoules; absent on the first sample and after a reset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy_delta_mj: Option<u64>,
+    /// The last reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temp_c: Option<f64>,
+    /// The highest reading over the span (present when samples were folded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp_max_c: Option<f64>,
     /// HBM/memory temperature, where the device reports one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mem_temp_c: Option<f64>,
+    /// Utilisation, mean over the span when samples were folded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub util_pct: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -463,6 +517,7 @@ impl Sample {
             hwmon: Vec::new(),
             thermal: Vec::new(),
             usage: Vec::new(),
+            usage_window: None,
             job_totals: Vec::new(),
             accounting: None,
         }

@@ -222,20 +222,66 @@ fn add(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     }
 }
 
-/// Folds `older` into `newer`: newer counters and readings, summed deltas and span.
-/// Devices only the older sample has are kept, so their energy is not lost.
+/// The larger of two readings (either may be missing).
+fn max(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, None) | (None, x) => x,
+    }
+}
+
+/// The mean of two means weighted by the time each covers.
+fn mean(a: Option<f64>, a_ms: u64, b: Option<f64>, b_ms: u64) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) if a_ms + b_ms > 0 => {
+            Some((x * a_ms as f64 + y * b_ms as f64) / (a_ms + b_ms) as f64)
+        }
+        (_, Some(y)) => Some(y),
+        (x, None) => x,
+    }
+}
+
+/// Folds `older` into `newer`, the sample or message just after it: newer counters and
+/// last readings, summed deltas, span and usage, power and utilisation as means over the
+/// span and their maxima. Devices only the older sample has are kept, so their energy is
+/// not lost.
 pub fn merge_into(older: &Sample, newer: &mut Sample) {
+    let (old_ms, new_ms) = (older.span_ms, newer.span_ms);
+    let cover = match (older.usage_cover(), newer.usage_cover()) {
+        (None, None) => None,
+        (a, b) => {
+            let mut w = a.unwrap_or_default();
+            w.add(&b.unwrap_or_default());
+            Some(w)
+        }
+    };
     newer.merged = newer.merged.saturating_add(older.merged).saturating_add(1);
-    newer.span_ms = newer.span_ms.saturating_add(older.span_ms);
+    newer.span_ms = old_ms.saturating_add(new_ms);
     for og in &older.gpus {
         match newer
             .gpus
             .iter_mut()
             .find(|g| g.index == og.index && g.uuid == og.uuid)
         {
-            Some(g) => g.energy_delta_mj = add(og.energy_delta_mj, g.energy_delta_mj),
+            Some(g) => {
+                g.power_max_w = max(og.power_max_w.or(og.power_w), g.power_max_w.or(g.power_w));
+                g.temp_max_c = max(og.temp_max_c.or(og.temp_c), g.temp_max_c.or(g.temp_c));
+                g.util_pct = mean(og.util_pct, old_ms, g.util_pct, new_ms);
+                g.mem_util_pct = mean(og.mem_util_pct, old_ms, g.mem_util_pct, new_ms);
+                g.power_w = match (og.energy_delta_mj, g.energy_delta_mj) {
+                    // Exact from the counter where both spans were measured.
+                    (Some(a), Some(b)) if old_ms + new_ms > 0 => {
+                        Some((a + b) as f64 / (old_ms + new_ms) as f64)
+                    }
+                    _ => mean(og.power_w, old_ms, g.power_w, new_ms),
+                };
+                g.energy_delta_mj = add(og.energy_delta_mj, g.energy_delta_mj);
+            }
             None => newer.gpus.push(og.clone()),
         }
+    }
+    if let (Some(oc), Some(c)) = (&older.cpu, &mut newer.cpu) {
+        c.util_pct = mean(oc.util_pct, old_ms, c.util_pct, new_ms);
     }
     for od in &older.rapl {
         match newer.rapl.iter_mut().find(|d| d.zone == od.zone) {
@@ -253,6 +299,13 @@ pub fn merge_into(older: &Sample, newer: &mut Sample) {
             None => newer.usage.push(ou.clone()),
         }
     }
+    // The usage now covers both; said explicitly unless that is the merged span's deltas.
+    newer.usage_window = None;
+    newer.usage_window = cover.filter(|w| {
+        !newer
+            .usage_cover()
+            .is_some_and(|own| own.same_measure(w) && !newer.usage.is_empty())
+    });
     // Totals are cumulative: the newer one of a job wins; an ended job's final total is
     // only in the older sample and is kept.
     for ot in &older.job_totals {
