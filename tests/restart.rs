@@ -54,7 +54,8 @@ enum Interruption {
 /// Two Slurm jobs of 15 s on 2 and 1 of four 400 W GPUs, the agent interrupted 5 s in;
 /// then each job's bill is checked against power × its recorded time, and the bills of
 /// all projects against the counters' rise.
-fn jobs_through(interruption: Interruption, node: &str) {
+/// `cadence` goes into `[agent]` (coarser publishing than sampling).
+fn jobs_through(interruption: Interruption, node: &str, cadence: &str) {
     let slurm = Slurm::start();
     let Stack {
         mut mq,
@@ -67,7 +68,7 @@ fn jobs_through(interruption: Interruption, node: &str) {
     let text = agent_config("lab", node, "100ms", mq.port, &[WATTS; 4]).replace(
         "[agent]\n",
         &format!(
-            "[agent]\nstate_file = {:?}\n",
+            "[agent]\nstate_file = {:?}\n{cadence}",
             state.path().join("agent-state.json")
         ),
     ) + &format!(
@@ -244,12 +245,23 @@ fn jobs_through(interruption: Interruption, node: &str) {
 
 #[test]
 fn a_restart_mid_job_bills_each_job_exactly_once() {
-    jobs_through(Interruption::Restart, "node-r");
+    jobs_through(Interruption::Restart, "node-r", "");
 }
 
 #[test]
 fn a_kill_during_a_broker_outage_loses_nothing_and_bills_each_job_exactly_once() {
-    jobs_through(Interruption::KillDuringOutage, "node-k");
+    jobs_through(Interruption::KillDuringOutage, "node-k", "");
+}
+
+/// With usage published every 2 s, the kill loses a usage window that was sampled but not
+/// sent: the spooled state carries it, and the restarted agent publishes it.
+#[test]
+fn a_kill_with_coarse_cadences_loses_no_unpublished_usage() {
+    jobs_through(
+        Interruption::KillDuringOutage,
+        "node-kc",
+        "telemetry_interval = \"500ms\"\nusage_interval = \"2s\"\n",
+    );
 }
 
 /// Writes a registry file as the prolog and epilog do: aside, then renamed into place.
