@@ -249,7 +249,7 @@ fn build(sh: Shape) -> Sample {
     });
     // Every other sample as an agent with a coarser usage_interval sends it: the usage
     // covers a window longer than the span, and says so.
-    if sh.age_ms % 2 == 0 {
+    if sh.age_ms.is_multiple_of(2) {
         s.usage_window = s.usage_cover().map(|mut w| {
             w.span_ms += sh.interval_ms;
             w
