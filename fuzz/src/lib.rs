@@ -172,16 +172,16 @@ pub fn check_lines(lines: &[u8]) -> Result<usize, String> {
 
 /// What passes bills exactly the measured energy.
 fn conserves(s: &ValidSample) -> Result<(), String> {
-    if s.usage.is_empty() {
+    // The measure is the usage window when the message declares one, else its own deltas.
+    let Some(m) = s.usage_cover() else {
         return Ok(());
-    }
-    let m = s.class_energy();
+    };
     let sum = |f: fn(&nodewatt_wire::Amounts) -> u64| -> u128 {
         s.usage.iter().map(|u| u128::from(f(&u.amounts))).sum()
     };
-    if sum(|a| a.gpu_uj) != m.gpu_uj
-        || sum(|a| a.cpu_uj) != m.cpu_uj
-        || sum(|a| a.dram_uj) != m.dram_uj
+    if sum(|a| a.gpu_uj) != u128::from(m.gpu_uj)
+        || sum(|a| a.cpu_uj) != u128::from(m.cpu_uj)
+        || sum(|a| a.dram_uj) != u128::from(m.dram_uj)
     {
         return Err("admitted usage does not sum to the measured energy".into());
     }
