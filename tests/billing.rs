@@ -252,3 +252,156 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
     assert!(md.contains("| Users | bob |"), "{md}");
     assert!(md.contains(" CO2e (facility energy × 300"), "{md}");
 }
+
+/// `--by job` reads `job_total` points dated (at their job's start) after `from -
+/// max_job_length`, not all history: against a real influxd, a job that started longer
+/// ago than that is not found (the documented limit), while every job within it is
+/// billed exactly, on several nodes and across agent restarts; a longer limit finds it.
+#[test]
+fn job_bills_read_job_totals_from_max_job_length_before_the_period() {
+    let db = Influxd::start();
+    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
+        .unwrap();
+    let day = 86_400_000u64;
+    let from = 1_790_812_800_000u64; // 2026-10-01T00:00:00Z
+    let to = from + 31 * day;
+    // (job, node, project, user, since, until, gpu µJ): points as the collector writes
+    // them (collector/src/lineproto.rs), one per job, node and agent run, at since_ms.
+    let points: &[(&str, &str, &str, &str, u64, u64, u64)] = &[
+        // Started 2 days before the period, still running in it: found.
+        (
+            "1",
+            "n1",
+            "proj-a",
+            "alice",
+            from - 2 * day,
+            from + day,
+            1_000_000_007,
+        ),
+        // Started 4 days before the period, ran into it: older than 3 days, not found.
+        (
+            "2",
+            "n1",
+            "proj-a",
+            "alice",
+            from - 4 * day,
+            from + 3_600_000,
+            2_000_000_011,
+        ),
+        // Two nodes: both points found and added.
+        (
+            "3",
+            "n1",
+            "proj-b",
+            "bob",
+            from + 5 * day,
+            from + 6 * day,
+            3_000_000_013,
+        ),
+        (
+            "3",
+            "n2",
+            "proj-b",
+            "bob",
+            from + 5 * day,
+            from + 6 * day,
+            4_000_000_017,
+        ),
+        // An agent restart: a second point for the same job and node, added.
+        (
+            "4",
+            "n2",
+            "proj-a",
+            "carol",
+            from + 10 * day,
+            from + 10 * day + 7_200_000,
+            19,
+        ),
+        (
+            "4",
+            "n2",
+            "proj-a",
+            "carol",
+            from + 10 * day + 7_200_000,
+            from + 11 * day,
+            23,
+        ),
+        // Ended before the period; started after it: not in this bill.
+        (
+            "5",
+            "n1",
+            "proj-a",
+            "alice",
+            from - day,
+            from - 3_600_000,
+            29,
+        ),
+        ("6", "n1", "proj-a", "alice", to + 1, to + day, 31),
+    ];
+    let lines: Vec<String> = points
+        .iter()
+        .map(|(job, node, project, user, since, until, gpu_uj)| {
+            format!(
+                "job_total,cluster=c1,job={job},node={node},project={project},user={user} \
+                 energy_gpu_uj={gpu_uj}i,energy_cpu_uj=5i,energy_dram_uj=3i,energy_other_uj=2i,\
+                 energy_uj={}i,gpu_ms=1000i,cpu_us=7i,start_ms={since}i,until_ms={until}i,\
+                 ended=true,gpus=\"0\" {since}",
+                gpu_uj + 10
+            )
+        })
+        .collect();
+    db.write_lines(DB, None, "ms", lines.join("\n").into_bytes(), false)
+        .unwrap();
+
+    let bill = |max_job: &str, project: Option<&str>| -> Vec<(String, u64, u64)> {
+        let cfg = config_file(
+            "collector.toml",
+            &format!(
+                "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n\
+                 [billing]\nmax_job_length = \"{max_job}\"\n",
+                db.url()
+            ),
+        );
+        let (f, t) = (rfc3339(from), rfc3339(to));
+        let mut args = vec![
+            "usage", "--by", "job", "--format", "json", "--from", &f, "--to", &t,
+        ];
+        if let Some(p) = project {
+            args.extend(["--project", p]);
+        }
+        let rows: serde_json::Value = serde_json::from_str(&collector_cli(&cfg, &args)).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["key"].as_str().unwrap().to_string(),
+                    r["energy_uj"].as_u64().unwrap(),
+                    (r["cpu_core_hours"].as_f64().unwrap() * 3.6e9).round() as u64,
+                )
+            })
+            .collect()
+    };
+    let e = |gpu_uj: u64| gpu_uj + 10;
+    assert_eq!(
+        bill("3days", None),
+        [
+            ("1".to_string(), e(1_000_000_007), 7),
+            ("3".to_string(), e(3_000_000_013) + e(4_000_000_017), 14),
+            ("4".to_string(), e(19) + e(23), 14),
+        ],
+        "job 2 started more than 3 days before the period"
+    );
+    assert_eq!(
+        bill("5days", None)
+            .iter()
+            .map(|r| r.0.as_str())
+            .collect::<Vec<_>>(),
+        ["1", "2", "3", "4"],
+        "a longer max_job_length finds it"
+    );
+    assert_eq!(
+        bill("3days", Some("proj-b")),
+        [("3".to_string(), e(3_000_000_013) + e(4_000_000_017), 14)]
+    );
+}

@@ -155,9 +155,39 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
     u64::try_from(ms - offset_s * 1000).map_err(|_| format!("{s:?} is before 1970"))
 }
 
-const SUMS: &str = "SUM(\"energy_gpu_uj\") AS gpu_uj, SUM(\"energy_cpu_uj\") AS cpu_uj, \
-SUM(\"energy_dram_uj\") AS dram_uj, SUM(\"energy_other_uj\") AS other_uj, \
-SUM(\"gpu_ms\") AS gpu_ms, SUM(\"cpu_us\") AS cpu_us";
+/// The six integer fields a bill sums, and the names their sums get in answers.
+const FIELDS: [(&str, &str); 6] = [
+    ("energy_gpu_uj", "gpu_uj"),
+    ("energy_cpu_uj", "cpu_uj"),
+    ("energy_dram_uj", "dram_uj"),
+    ("energy_other_uj", "other_uj"),
+    ("gpu_ms", "gpu_ms"),
+    ("cpu_us", "cpu_us"),
+];
+
+/// How `usage` and `report` read InfluxDB: the `[billing]` section of the collector
+/// config (`max_job_length`, `query_parallelism`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// `--by job` reads the `job_total` points dated after `from - max_job_ms`. A job's
+    /// point is dated at its start (or its agent run's), so a job that ran longer than
+    /// this before the period began is not found; everything else is, without reading
+    /// all history.
+    pub max_job_ms: u64,
+    /// The six sums of `--by project|user|node` are asked for in this many requests at
+    /// once (1 to 6): InfluxDB 1.x answers one request on one core, so a bill in six
+    /// requests can use six.
+    pub parallel: usize,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan {
+            max_job_ms: 31 * 86_400_000,
+            parallel: 6,
+        }
+    }
+}
 
 fn group_tags(by: By) -> &'static [&'static str] {
     match by {
@@ -168,29 +198,106 @@ fn group_tags(by: By) -> &'static [&'static str] {
     }
 }
 
-/// InfluxDB sums integers in signed 64 bits and wraps silently, so each series is summed
-/// per node (a node draws at most its physics bound, far below 2^63 µJ over any period a
-/// bill covers) and the nodes are added here with checked arithmetic.
-pub fn query(by: By, from_ms: u64, to_ms: u64, project: Option<&Project>) -> String {
+/// The tags a usage query groups by: those of the bill, and the node.
+fn group_with_node(tags: &[&'static str]) -> Vec<&'static str> {
+    let mut all = tags.to_vec();
+    if !all.contains(&"node") {
+        all.push("node");
+    }
+    all
+}
+
+/// The InfluxQL statements of a bill, to be run concurrently.
+///
+/// `--by project|user|node` sums `usage` per group and node: InfluxDB sums integers in
+/// signed 64 bits and wraps silently, so each series is summed per node (a node draws at
+/// most its physics bound, far below 2^63 µJ over any period a bill covers) and the nodes
+/// are added here with checked arithmetic. The six sums are split over `plan.parallel`
+/// statements (each a request of its own); a statement costs InfluxDB about the same per
+/// field whatever else it asks, so the parts add up to one statement's work.
+///
+/// `--by job` reads the `job_total` points themselves, with their tags as columns, and
+/// adds them up here: each point is one job's total on one node. Summing them in InfluxDB
+/// grouped by job costs about ten times as much (one group per job and node).
+pub fn queries(
+    by: By,
+    from_ms: u64,
+    to_ms: u64,
+    project: Option<&Project>,
+    plan: &Plan,
+) -> Vec<String> {
     let filter = project.map_or(String::new(), |p| {
         format!(" AND {}", influxql::eq("project", p))
     });
-    let mut tags: Vec<&str> = group_tags(by).to_vec();
-    if !tags.contains(&"node") {
-        tags.push("node");
+    if by == By::Job {
+        let columns: Vec<String> = ["job", "project", "user", "node"]
+            .iter()
+            .chain(FIELDS.iter().map(|(f, _)| f))
+            .map(|c| influxql::ident(c))
+            .collect();
+        let since = from_ms.saturating_sub(plan.max_job_ms);
+        return vec![format!(
+            "SELECT {} FROM \"job_total\" WHERE time > {since}ms AND time <= {to_ms}ms AND \"until_ms\" > {from_ms}{filter}",
+            columns.join(", ")
+        )];
     }
-    let group = tags
+    usage_queries(group_tags(by), from_ms, to_ms, &filter, plan.parallel)
+}
+
+/// `SELECT SUM(...) ... FROM "usage"` over (from, to], grouped by `tags` and node, the
+/// six sums split over `parallel` statements.
+fn usage_queries(
+    tags: &[&'static str],
+    from_ms: u64,
+    to_ms: u64,
+    filter: &str,
+    parallel: usize,
+) -> Vec<String> {
+    let group = group_with_node(tags)
         .iter()
         .map(|t| influxql::ident(t))
         .collect::<Vec<_>>()
         .join(", ");
-    match by {
-        By::Job => format!(
-            "SELECT {SUMS} FROM \"job_total\" WHERE time <= {to_ms}ms AND \"until_ms\" > {from_ms}{filter} GROUP BY {group}"
-        ),
-        _ => format!(
-            "SELECT {SUMS} FROM \"usage\" WHERE time > {from_ms}ms AND time <= {to_ms}ms{filter} GROUP BY {group}"
-        ),
+    let per_part = FIELDS.len().div_ceil(parallel.clamp(1, FIELDS.len()));
+    FIELDS
+        .chunks(per_part)
+        .map(|part| {
+            let sums = part
+                .iter()
+                .map(|(f, alias)| format!("SUM({}) AS {alias}", influxql::ident(f)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "SELECT {sums} FROM \"usage\" WHERE time > {from_ms}ms AND time <= {to_ms}ms{filter} GROUP BY {group}"
+            )
+        })
+        .collect()
+}
+
+/// An answer InfluxDB cut short (`max-row-limit`) would be a wrong bill.
+fn complete(v: &serde_json::Value) -> Result<(), String> {
+    if v["results"][0]["partial"].as_bool() == Some(true) {
+        return Err(
+            "InfluxDB returned part of the answer (its [http] max-row-limit): set \
+             max-row-limit = 0 as in config/influxdb.conf, or bill a shorter period"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// A stored count: a non-negative integer, or null (0).
+fn count(x: &serde_json::Value, col: &str, what: &dyn Fn() -> String) -> Result<u64, String> {
+    match x {
+        serde_json::Value::Null => Ok(0),
+        x => x.as_u64().ok_or_else(|| {
+            format!(
+                "the sum of {col} for {} is {x}, not a count: the stored integers \
+                 overflowed InfluxDB's 64-bit sum or were written by something else; \
+                 bill a shorter period and inspect that series",
+                what()
+            )
+        }),
     }
 }
 
@@ -199,8 +306,23 @@ pub fn query(by: By, from_ms: u64, to_ms: u64, project: Option<&Project>) -> Str
 /// sum (InfluxDB's 64-bit sum wrapped) and a total past u64 are errors naming the
 /// series, never a wrong bill.
 pub fn parse_answer(v: &serde_json::Value, by: By) -> Result<Vec<(Vec<String>, Sums)>, String> {
-    let tags = group_tags(by);
-    let mut groups: std::collections::BTreeMap<Vec<String>, Sums> = Default::default();
+    let mut groups = Default::default();
+    add_sums(&mut groups, v, group_tags(by), true)?;
+    Ok(groups.into_iter().collect())
+}
+
+type Groups = std::collections::BTreeMap<Vec<String>, Sums>;
+
+/// Adds the sums of one answer to `groups`, keyed by `tags`. With `all_columns`, every
+/// one of the six sums must be in the answer; otherwise (one part of a split query)
+/// those present are added and the others count 0.
+fn add_sums(
+    groups: &mut Groups,
+    v: &serde_json::Value,
+    tags: &[&'static str],
+    all_columns: bool,
+) -> Result<(), String> {
+    complete(v)?;
     for series in v["results"][0]["series"].as_array().into_iter().flatten() {
         let cols: Vec<&str> = series["columns"]
             .as_array()
@@ -210,29 +332,18 @@ pub fn parse_answer(v: &serde_json::Value, by: By) -> Result<Vec<(Vec<String>, S
             .collect();
         let tag = |t: &str| series["tags"][t].as_str().unwrap_or_default().to_string();
         let name = || {
-            let mut all: Vec<&str> = tags.to_vec();
-            if !all.contains(&"node") {
-                all.push("node");
-            }
-            all.iter()
+            group_with_node(tags)
+                .iter()
                 .map(|t| format!("{t}={}", tag(t)))
                 .collect::<Vec<_>>()
                 .join(" ")
         };
         for row in series["values"].as_array().into_iter().flatten() {
             let get = |col: &str| -> Result<u64, String> {
-                let i = cols
-                    .iter()
-                    .position(|c| *c == col)
-                    .ok_or(format!("InfluxDB answer without column {col}"))?;
-                match &row[i] {
-                    serde_json::Value::Null => Ok(0),
-                    x => x.as_u64().ok_or(format!(
-                        "the sum of {col} for {} is {x}, not a count: the stored integers \
-                         overflowed InfluxDB's 64-bit sum or were written by something else; \
-                         bill a shorter period and inspect that series",
-                        name()
-                    )),
+                match cols.iter().position(|c| *c == col) {
+                    Some(i) => count(&row[i], col, &name),
+                    None if all_columns => Err(format!("InfluxDB answer without column {col}")),
+                    None => Ok(0),
                 }
             };
             let sums = Sums {
@@ -244,13 +355,76 @@ pub fn parse_answer(v: &serde_json::Value, by: By) -> Result<Vec<(Vec<String>, S
                 cpu_us: get("cpu_us")?,
             };
             let key: Vec<String> = tags.iter().map(|t| tag(t)).collect();
-            let total = groups.entry(key.clone()).or_default();
-            *total = total.checked_add(&sums).ok_or_else(|| {
+            add_to(groups, key, &sums)?;
+        }
+    }
+    Ok(())
+}
+
+fn add_to(groups: &mut Groups, key: Vec<String>, sums: &Sums) -> Result<(), String> {
+    let total = groups.entry(key).or_default();
+    match total.checked_add(sums) {
+        Some(t) => {
+            *total = t;
+            Ok(())
+        }
+        None => Err(format!(
+            "the total for {} passes 2^64 µJ; bill a shorter period",
+            groups
+                .iter()
+                .find(|(_, s)| s.checked_add(sums).is_none())
+                .map_or(String::new(), |(k, _)| k.join(" "))
+        )),
+    }
+}
+
+/// Job totals from the `job_total` points of [`queries`]' `--by job` statement, added up
+/// per (job, project, user): a job's points on several nodes, and after agent restarts.
+pub fn parse_jobs(v: &serde_json::Value) -> Result<Vec<(Vec<String>, Sums)>, String> {
+    complete(v)?;
+    let mut groups = Groups::new();
+    for series in v["results"][0]["series"].as_array().into_iter().flatten() {
+        let cols: Vec<&str> = series["columns"]
+            .as_array()
+            .ok_or("InfluxDB answer without columns")?
+            .iter()
+            .filter_map(|c| c.as_str())
+            .collect();
+        let at = |col: &str| {
+            cols.iter()
+                .position(|c| *c == col)
+                .ok_or(format!("InfluxDB answer without column {col}"))
+        };
+        let tag_cols = [at("job")?, at("project")?, at("user")?, at("node")?];
+        let field_cols: Vec<(usize, &str)> = FIELDS
+            .iter()
+            .map(|(f, _)| at(f).map(|i| (i, *f)))
+            .collect::<Result<_, _>>()?;
+        for row in series["values"].as_array().into_iter().flatten() {
+            let text = |i: usize| row[i].as_str().unwrap_or_default().to_string();
+            let name = || {
                 format!(
-                    "the total for {} passes 2^64 µJ; bill a shorter period",
-                    key.join(" ")
+                    "job={} project={} user={} node={}",
+                    text(tag_cols[0]),
+                    text(tag_cols[1]),
+                    text(tag_cols[2]),
+                    text(tag_cols[3])
                 )
-            })?;
+            };
+            let mut v = [0u64; 6];
+            for (slot, (i, f)) in v.iter_mut().zip(&field_cols) {
+                *slot = count(&row[*i], f, &name)?;
+            }
+            let sums = Sums {
+                gpu_uj: v[0],
+                cpu_uj: v[1],
+                dram_uj: v[2],
+                other_uj: v[3],
+                gpu_ms: v[4],
+                cpu_us: v[5],
+            };
+            let key = vec![text(tag_cols[0]), text(tag_cols[1]), text(tag_cols[2])];
+            add_to(&mut groups, key, &sums)?;
         }
     }
     Ok(groups.into_iter().collect())
@@ -368,12 +542,69 @@ pub async fn usage(
     from_ms: u64,
     to_ms: u64,
     project: Option<&Project>,
+    plan: &Plan,
 ) -> Result<Vec<(Vec<String>, Sums)>, String> {
     if from_ms >= to_ms {
         return Err("--from must be before --to".into());
     }
-    let v = influx.query(&query(by, from_ms, to_ms, project)).await?;
-    parse_answer(&v, by)
+    let statements = queries(by, from_ms, to_ms, project, plan);
+    let answers = join_all(statements.iter().map(|q| influx.query(q))).await;
+    if by == By::Job {
+        let [answer] = <[_; 1]>::try_from(answers).map_err(|_| "one statement per job bill")?;
+        return parse_jobs(&answer?);
+    }
+    let mut groups = Groups::new();
+    for answer in answers {
+        add_sums(&mut groups, &answer?, group_tags(by), false)?;
+    }
+    Ok(groups.into_iter().collect())
+}
+
+/// Sums of `usage` per (user, node) of one project over (from, to]: a project report's
+/// users, nodes and totals from one grouped query.
+pub async fn project_detail(
+    influx: &Influx,
+    from_ms: u64,
+    to_ms: u64,
+    project: &Project,
+    plan: &Plan,
+) -> Result<Vec<(Vec<String>, Sums)>, String> {
+    if from_ms >= to_ms {
+        return Err("--from must be before --to".into());
+    }
+    let filter = format!(" AND {}", influxql::eq("project", project));
+    let tags: &[&'static str] = &["user", "node"];
+    let statements = usage_queries(tags, from_ms, to_ms, &filter, plan.parallel);
+    let mut groups = Groups::new();
+    for answer in join_all(statements.iter().map(|q| influx.query(q))).await {
+        add_sums(&mut groups, &answer?, tags, false)?;
+    }
+    Ok(groups.into_iter().collect())
+}
+
+/// Runs futures concurrently on the current task and returns their outputs in order
+/// (the requests of one bill; no runtime threads needed).
+async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, out) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if out.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *out = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }
 
 #[cfg(test)]
@@ -409,14 +640,121 @@ mod tests {
     }
 
     #[test]
-    fn queries() {
+    fn queries_split_the_sums_and_bound_job_totals() {
         let p: Project = "p-1".parse().unwrap();
+        let one = Plan {
+            parallel: 1,
+            ..Plan::default()
+        };
         assert_eq!(
-            query(By::Project, 1, 2, Some(&p)),
-            "SELECT SUM(\"energy_gpu_uj\") AS gpu_uj, SUM(\"energy_cpu_uj\") AS cpu_uj, SUM(\"energy_dram_uj\") AS dram_uj, SUM(\"energy_other_uj\") AS other_uj, SUM(\"gpu_ms\") AS gpu_ms, SUM(\"cpu_us\") AS cpu_us FROM \"usage\" WHERE time > 1ms AND time <= 2ms AND \"project\" = 'p-1' GROUP BY \"project\", \"node\""
+            queries(By::Project, 1, 2, Some(&p), &one),
+            ["SELECT SUM(\"energy_gpu_uj\") AS gpu_uj, SUM(\"energy_cpu_uj\") AS cpu_uj, SUM(\"energy_dram_uj\") AS dram_uj, SUM(\"energy_other_uj\") AS other_uj, SUM(\"gpu_ms\") AS gpu_ms, SUM(\"cpu_us\") AS cpu_us FROM \"usage\" WHERE time > 1ms AND time <= 2ms AND \"project\" = 'p-1' GROUP BY \"project\", \"node\""]
         );
-        assert!(query(By::Job, 1, 2, None).contains("FROM \"job_total\" WHERE time <= 2ms AND \"until_ms\" > 1 GROUP BY \"job\", \"project\", \"user\", \"node\""));
-        assert!(query(By::Node, 1, 2, None).ends_with("GROUP BY \"node\""));
+        let two = queries(
+            By::User,
+            1,
+            2,
+            None,
+            &Plan {
+                parallel: 2,
+                ..Plan::default()
+            },
+        );
+        assert_eq!(two.len(), 2);
+        assert!(two[0].starts_with("SELECT SUM(\"energy_gpu_uj\") AS gpu_uj, SUM(\"energy_cpu_uj\") AS cpu_uj, SUM(\"energy_dram_uj\") AS dram_uj FROM"));
+        assert!(two[1].starts_with("SELECT SUM(\"energy_other_uj\") AS other_uj, SUM(\"gpu_ms\") AS gpu_ms, SUM(\"cpu_us\") AS cpu_us FROM"));
+        assert!(two
+            .iter()
+            .all(|q| q.ends_with("GROUP BY \"user\", \"node\"")));
+        let six = queries(By::Node, 1, 2, None, &Plan::default());
+        assert_eq!(six.len(), 6, "one request per sum by default");
+        assert!(six[5].starts_with("SELECT SUM(\"cpu_us\") AS cpu_us FROM"));
+        assert!(six[5].ends_with("GROUP BY \"node\""));
+        // Jobs: the points themselves, from max_job before the period.
+        let day = 86_400_000;
+        let jobs = queries(
+            By::Job,
+            40 * day,
+            41 * day,
+            Some(&p),
+            &Plan {
+                max_job_ms: 31 * day,
+                parallel: 2,
+            },
+        );
+        assert_eq!(
+            jobs,
+            [format!("SELECT \"job\", \"project\", \"user\", \"node\", \"energy_gpu_uj\", \"energy_cpu_uj\", \"energy_dram_uj\", \"energy_other_uj\", \"gpu_ms\", \"cpu_us\" FROM \"job_total\" WHERE time > {}ms AND time <= {}ms AND \"until_ms\" > {} AND \"project\" = 'p-1'", 9 * day, 41 * day, 40 * day)]
+        );
+        assert!(queries(By::Job, 5, 9, None, &Plan::default())[0].contains("WHERE time > 0ms AND"));
+    }
+
+    #[test]
+    fn split_answers_add_up_and_job_points_are_summed_per_job() {
+        let part = |cols: &str, vals: &str| -> serde_json::Value {
+            serde_json::from_str(&format!(r#"{{"results":[{{"statement_id":0,"series":[
+                {{"name":"usage","tags":{{"project":"p","node":"n1"}},"columns":["time",{cols}],"values":[[0,{vals}]]}}
+            ]}}]}}"#)).unwrap()
+        };
+        let mut g = Groups::new();
+        add_sums(
+            &mut g,
+            &part(r#""gpu_uj","cpu_uj""#, "5,6"),
+            &["project"],
+            false,
+        )
+        .unwrap();
+        add_sums(&mut g, &part(r#""gpu_ms""#, "7"), &["project"], false).unwrap();
+        assert_eq!(
+            g.into_iter().collect::<Vec<_>>(),
+            vec![(
+                vec!["p".to_string()],
+                Sums {
+                    gpu_uj: 5,
+                    cpu_uj: 6,
+                    gpu_ms: 7,
+                    ..Sums::default()
+                }
+            )]
+        );
+        let cut: serde_json::Value =
+            serde_json::from_str(r#"{"results":[{"statement_id":0,"partial":true,"series":[]}]}"#)
+                .unwrap();
+        assert!(parse_answer(&cut, By::Project)
+            .unwrap_err()
+            .contains("max-row-limit"));
+        assert!(parse_jobs(&cut).unwrap_err().contains("max-row-limit"));
+
+        let cols = r#""columns":["time","job","project","user","node","energy_gpu_uj","energy_cpu_uj","energy_dram_uj","energy_other_uj","gpu_ms","cpu_us"]"#;
+        let jobs: serde_json::Value = serde_json::from_str(&format!(
+            r#"{{"results":[{{"statement_id":0,"series":[
+            {{"name":"job_total",{cols},"values":[
+                [1,"7","p","alice","n1",10,1,0,0,100,5],
+                [2,"7","p","alice","n2",20,2,0,null,100,5],
+                [3,"8","q","bob","n1",1,1,1,1,1,1]
+            ]}}]}}]}}"#
+        ))
+        .unwrap();
+        let totals = parse_jobs(&jobs).unwrap();
+        assert_eq!(totals.len(), 2);
+        assert_eq!(totals[0].0, ["7", "p", "alice"]);
+        assert_eq!(
+            totals[0].1,
+            Sums {
+                gpu_uj: 30,
+                cpu_uj: 3,
+                gpu_ms: 200,
+                cpu_us: 10,
+                ..Sums::default()
+            }
+        );
+        let bad: serde_json::Value = serde_json::from_str(&format!(
+            r#"{{"results":[{{"statement_id":0,"series":[
+            {{"name":"job_total",{cols},"values":[[1,"7","p","alice","n1",-1,0,0,0,0,0]]}}]}}]}}"#
+        ))
+        .unwrap();
+        let e = parse_jobs(&bad).unwrap_err();
+        assert!(e.contains("job=7 project=p user=alice node=n1"), "{e}");
     }
 
     #[test]

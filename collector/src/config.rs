@@ -40,6 +40,17 @@ pub struct BillingConfig {
     /// Grid carbon intensity, grams CO2e per kWh.
     #[serde(default)]
     pub co2_g_per_kwh: Option<f64>,
+    /// The longest a job runs: `usage --by job` reads `job_total` points (dated at a
+    /// job's start) from this long before the period on, not all history.
+    #[serde(with = "humantime_serde", default = "default_max_job_length")]
+    pub max_job_length: Duration,
+    /// How long `usage` and `report` wait for one InfluxDB answer (the write timeout,
+    /// `influxdb.timeout`, is far shorter than a month's bill takes).
+    #[serde(with = "humantime_serde", default = "default_query_timeout")]
+    pub query_timeout: Duration,
+    /// Requests a bill's six sums are split into, sent at once (1 to 6).
+    #[serde(default = "default_query_parallelism")]
+    pub query_parallelism: usize,
 }
 
 fn default_currency() -> String {
@@ -47,6 +58,15 @@ fn default_currency() -> String {
 }
 fn default_pue() -> f64 {
     1.0
+}
+fn default_max_job_length() -> Duration {
+    Duration::from_secs(31 * 86_400)
+}
+fn default_query_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_query_parallelism() -> usize {
+    crate::billing::Plan::default().parallel
 }
 
 impl Default for BillingConfig {
@@ -56,6 +76,19 @@ impl Default for BillingConfig {
             currency: default_currency(),
             pue: default_pue(),
             co2_g_per_kwh: None,
+            max_job_length: default_max_job_length(),
+            query_timeout: default_query_timeout(),
+            query_parallelism: default_query_parallelism(),
+        }
+    }
+}
+
+impl BillingConfig {
+    /// How `usage` and `report` query InfluxDB.
+    pub fn plan(&self) -> crate::billing::Plan {
+        crate::billing::Plan {
+            max_job_ms: self.max_job_length.as_millis() as u64,
+            parallel: self.query_parallelism,
         }
     }
 }
@@ -340,6 +373,18 @@ impl Config {
                 s(1),
                 s(7 * 86_400),
             ),
+            (
+                "billing.max_job_length",
+                self.billing.max_job_length,
+                s(60),
+                s(3660 * 86_400),
+            ),
+            (
+                "billing.query_timeout",
+                self.billing.query_timeout,
+                s(1),
+                s(86_400),
+            ),
         ] {
             duration_in(name, d, lo, hi)?;
         }
@@ -370,6 +415,12 @@ impl Config {
                 v.max_new_series_per_node,
                 1,
                 10_000_000,
+            ),
+            (
+                "billing.query_parallelism",
+                self.billing.query_parallelism,
+                1,
+                6,
             ),
             ("validation.max_power.gpu_w", p.gpu_w as usize, 1, 1_000_000),
             ("validation.max_power.cpu_w", p.cpu_w as usize, 1, 1_000_000),
@@ -471,6 +522,31 @@ mod tests {
                 "{text}: {err}"
             );
         }
+        for (text, option) in [
+            (
+                format!("{MIN}[billing]\nmax_job_length = \"1s\"\n"),
+                "billing.max_job_length",
+            ),
+            (
+                format!("{MIN}[billing]\nquery_parallelism = 7\n"),
+                "billing.query_parallelism",
+            ),
+            (
+                format!("{MIN}[billing]\nquery_timeout = \"0s\"\n"),
+                "billing.query_timeout",
+            ),
+        ] {
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.contains(option), "{text}: {err}");
+        }
+        let b = load(&format!("{MIN}[billing]\nmax_job_length = \"7days\"\n"))
+            .unwrap()
+            .billing;
+        assert_eq!(b.plan().max_job_ms, 7 * 86_400_000);
+        assert_eq!(
+            load(MIN).unwrap().billing.plan(),
+            crate::billing::Plan::default()
+        );
         let c = load(&format!("{MIN}[validation.max_power]\ngpu_w = 1500\n")).unwrap();
         assert_eq!(c.validation.limits().wire.max_power.gpu_w, 1500);
         assert_eq!(

@@ -19,7 +19,7 @@ use nodewatt_wire::{JobId, Project};
 struct Cli {
     /// Log filter for stderr (error, warn, info, debug, or a tracing filter); RUST_LOG is
     /// used when this is not given.
-    #[arg(long, global = true, value_name = "FILTER")]
+    #[arg(long, global = true, value_name = "FILTER", value_parser = nodewatt_common::log_filter)]
     log_level: Option<String>,
 
     #[command(subcommand)]
@@ -145,8 +145,9 @@ fn main() -> ExitCode {
                 (None, Some(p)) => report::Subject::Project(p),
                 (None, None) => anyhow::bail!("give --job or --project"),
             };
+            let plan = cfg.billing.plan();
             let data = block_on(&cfg, |influx| async move {
-                report::gather(&influx, &subject, period).await
+                report::gather(&influx, &subject, period, &plan).await
             })?
             .map_err(anyhow::Error::msg)?;
             let chart = output.with_extension("svg");
@@ -174,8 +175,9 @@ fn main() -> ExitCode {
             let prices = resolve_prices(&cfg, &prices)?;
             let from = billing::parse_time(&from).map_err(anyhow::Error::msg)?;
             let to = billing::parse_time(&to).map_err(anyhow::Error::msg)?;
+            let plan = cfg.billing.plan();
             let groups = block_on(&cfg, |influx| async move {
-                billing::usage(&influx, by, from, to, project.as_ref()).await
+                billing::usage(&influx, by, from, to, project.as_ref(), &plan).await
             })?
             .map_err(anyhow::Error::msg)?;
             let rows = billing::rows(&groups, by, &prices);
@@ -207,14 +209,17 @@ fn resolve_prices(cfg: &Config, args: &PriceArgs) -> anyhow::Result<Prices> {
     Ok(p)
 }
 
-/// Runs `f` with an InfluxDB client on a single-threaded runtime.
+/// Runs `f` with an InfluxDB client on a single-threaded runtime; its requests wait up to
+/// `[billing] query_timeout` (a bill reads far more than a write sends).
 fn block_on<F, Fut, T>(cfg: &Config, f: F) -> anyhow::Result<T>
 where
     F: FnOnce(Influx) -> Fut,
     Fut: std::future::Future<Output = T>,
 {
     nodewatt_common::install_tls_provider();
-    let influx = Influx::new(&cfg.influxdb)?;
+    let mut influx_cfg = cfg.influxdb.clone();
+    influx_cfg.timeout = cfg.billing.query_timeout;
+    let influx = Influx::new(&influx_cfg)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use nodewatt_wire::{JobId, Project};
 
-use crate::billing::{Prices, Sums};
+use crate::billing::{Plan, Prices, Sums};
 use crate::influx::Influx;
 use crate::influxql::{any_of, eq};
 
@@ -278,6 +278,7 @@ pub async fn gather(
     influx: &Influx,
     subject: &Subject,
     period: Option<(u64, u64)>,
+    plan: &Plan,
 ) -> Result<ReportData, String> {
     let mut d = ReportData::default();
     let filter;
@@ -346,17 +347,20 @@ pub async fn gather(
             d.project = p.to_string();
             d.title = format!("project {p}");
             filter = eq("project", p);
-            let sums =
-                crate::billing::usage(influx, crate::billing::By::Project, from, to, Some(p))
-                    .await?;
-            if let Some((_, s)) = sums.first() {
-                d.sums = *s;
+            // One grouped query gives the totals, the users and the nodes.
+            let detail = crate::billing::project_detail(influx, from, to, p, plan).await?;
+            for (key, s) in &detail {
+                d.sums = d
+                    .sums
+                    .checked_add(s)
+                    .ok_or(format!("project {p}: its totals pass 2^64 µJ"))?;
+                d.users.push(key[0].clone());
+                d.nodes.push(key[1].clone());
             }
-            let v = influx
-                .query(&format!("SELECT energy_uj, node, \"user\" FROM \"usage\" WHERE {filter} AND time > {from}ms AND time <= {to}ms"))
-                .await?;
-            d.nodes = strings(&v, 2);
-            d.users = strings(&v, 3);
+            for v in [&mut d.users, &mut d.nodes] {
+                v.sort();
+                v.dedup();
+            }
         }
     }
     for n in d.nodes.clone() {
