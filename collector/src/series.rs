@@ -7,7 +7,7 @@
 //! they come back).
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use nodewatt_wire::{invalid, Invalid, NodeName, Reason};
 
@@ -24,11 +24,33 @@ pub fn series_key(line: &[u8]) -> &[u8] {
     line
 }
 
+/// Hashes a set of series hashes by taking them as they are: they are outputs of a
+/// randomly keyed SipHash already, as unpredictable to a node as hashing them again.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed; anything else is folded in, never lost.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type SeriesSet = HashSet<u64, BuildHasherDefault<Prehashed>>;
+
 #[derive(Default)]
 struct Node {
     /// Series seen in this window and in the previous one.
-    current: HashSet<u64>,
-    previous: HashSet<u64>,
+    current: SeriesSet,
+    previous: SeriesSet,
     window: u64,
     new_in_window: usize,
 }
@@ -37,7 +59,11 @@ pub struct SeriesBudget {
     max_new: usize,
     window_ms: u64,
     hasher: std::collections::hash_map::RandomState,
-    nodes: HashMap<(NodeName, NodeName), Node>,
+    /// By cluster, then node: looked up by reference, without copying the names.
+    nodes: HashMap<NodeName, HashMap<NodeName, Node>>,
+    /// Scratch space of [`admit`](Self::admit), kept between messages.
+    hashes: Vec<u64>,
+    fresh: Vec<u64>,
 }
 
 impl SeriesBudget {
@@ -47,6 +73,8 @@ impl SeriesBudget {
             window_ms: window_ms.max(1),
             hasher: Default::default(),
             nodes: HashMap::new(),
+            hashes: Vec::new(),
+            fresh: Vec::new(),
         }
     }
 
@@ -59,48 +87,63 @@ impl SeriesBudget {
         now_ms: u64,
     ) -> Result<usize, Invalid> {
         let window = now_ms / self.window_ms;
-        let hashes: Vec<u64> = lines
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| self.hasher.hash_one(series_key(l)))
-            .collect();
-        let key = (node.0.clone(), node.1.clone());
-        let n = self.nodes.entry(key).or_default();
+        let hasher = &self.hasher;
+        self.hashes.clear();
+        // Line ends found with SIMD (memchr); only the keys are scanned byte by byte.
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', lines).chain([lines.len()]) {
+            let line = &lines[start..end];
+            start = end + 1;
+            if !line.is_empty() {
+                self.hashes.push(hasher.hash_one(series_key(line)));
+            }
+        }
+        if !self.nodes.contains_key(node.0.as_str()) {
+            self.nodes.insert(node.0.clone(), HashMap::new());
+        }
+        let cluster = self.nodes.get_mut(node.0.as_str()).expect("inserted");
+        if !cluster.contains_key(node.1.as_str()) {
+            cluster.insert(node.1.clone(), Node::default());
+        }
+        let n = cluster.get_mut(node.1.as_str()).expect("inserted");
         if window != n.window {
             n.previous = if window == n.window + 1 {
                 std::mem::take(&mut n.current)
             } else {
-                HashSet::new()
+                SeriesSet::default()
             };
             n.current.clear();
             n.window = window;
             n.new_in_window = 0;
         }
-        let mut fresh: Vec<u64> = hashes
-            .iter()
-            .copied()
-            .filter(|h| !n.current.contains(h) && !n.previous.contains(h))
-            .collect();
-        fresh.sort_unstable();
-        fresh.dedup();
-        if n.new_in_window + fresh.len() > self.max_new {
+        self.fresh.clear();
+        self.fresh.extend(
+            self.hashes
+                .iter()
+                .copied()
+                .filter(|h| !n.current.contains(h) && !n.previous.contains(h)),
+        );
+        self.fresh.sort_unstable();
+        self.fresh.dedup();
+        let fresh = self.fresh.len();
+        if n.new_in_window + fresh > self.max_new {
             return Err(invalid(
                 Reason::SeriesBudget,
                 format!(
                     "{}/{} would create {} new series, {} already this window (at most {} per {} s)",
                     node.0,
                     node.1,
-                    fresh.len(),
+                    fresh,
                     n.new_in_window,
                     self.max_new,
                     self.window_ms / 1000
                 ),
             ));
         }
-        n.new_in_window += fresh.len();
+        n.new_in_window += fresh;
         // Known series move to the current window so they are not forgotten while in use.
-        n.current.extend(hashes);
-        Ok(fresh.len())
+        n.current.extend(self.hashes.iter().copied());
+        Ok(fresh)
     }
 }
 
@@ -120,6 +163,17 @@ mod tests {
         );
         assert_eq!(series_key(b"x"), b"x");
         assert_eq!(series_key(b"trailing\\"), b"trailing\\");
+    }
+
+    #[test]
+    fn every_non_empty_line_counts_with_or_without_a_final_newline() {
+        let (c, n) = (name("c"), name("n"));
+        let mut b = SeriesBudget::new(10, 60_000);
+        assert_eq!(b.admit((&c, &n), b"", 0), Ok(0));
+        assert_eq!(b.admit((&c, &n), b"a x=1 1\n\nb x=1 1", 0), Ok(2));
+        assert_eq!(b.admit((&c, &n), b"\nc x=1 1\na y=2 2\n", 0), Ok(1));
+        assert_eq!(b.admit((&c, &n), b"d\\ e x=1 1", 0), Ok(1));
+        assert_eq!(b.admit((&c, &n), b"d\\ e y=2 2\n", 0), Ok(0));
     }
 
     #[test]
