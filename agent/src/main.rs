@@ -20,7 +20,7 @@ use nodewatt_wire::Sample;
 struct Cli {
     /// Log filter for stderr (error, warn, info, debug, trace, or a tracing filter such as
     /// "nodewatt_agent=debug"); RUST_LOG is used when this is not given.
-    #[arg(long, global = true, value_name = "FILTER")]
+    #[arg(long, global = true, value_name = "FILTER", value_parser = nodewatt_common::log_filter)]
     log_level: Option<String>,
 
     #[command(subcommand)]

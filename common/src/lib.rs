@@ -30,19 +30,42 @@ pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// A log filter as `--log-level` and RUST_LOG take it: a level ("info") or per-target
+/// levels ("warn,nodewatt_agent=debug"). For clap's `value_parser`, so a typo is an error
+/// at start, not silence.
+pub fn log_filter(s: &str) -> Result<String, String> {
+    s.parse::<tracing_subscriber::filter::Targets>()
+        .map(|_| s.to_string())
+        .map_err(|e| {
+            format!("{s:?} is not a log filter (a level such as info, or target=level,...): {e}")
+        })
+}
+
 /// Logs to stderr (stdout carries data), without colours unless it is a terminal.
-/// `filter` (a level or tracing filter) wins over RUST_LOG; the default is `info`.
+/// `filter` (checked by [`log_filter`]) wins over RUST_LOG; the default is `info`.
+/// Targets, not EnvFilter: no regex engine in the binaries (about 0.2 MB of the agent's
+/// resident set, docs/benchmarks.md).
 pub fn init_logging(filter: Option<&str>) {
-    let filter = match filter {
-        Some(f) => tracing_subscriber::EnvFilter::new(f),
-        None => tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty());
+    let from_env = env.as_deref().map(str::parse::<Targets>);
+    let filter = match (filter.map(str::parse::<Targets>), &from_env) {
+        (Some(Ok(f)), _) => f,
+        (None, Some(Ok(f))) => f.clone(),
+        _ => Targets::new().with_default(tracing::Level::INFO),
     };
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        .finish()
+        .with(filter)
         .init();
+    if let (Some(Err(e)), Some(s)) = (&from_env, &env) {
+        tracing::warn!("RUST_LOG={s:?} is not a log filter ({e}); logging at info");
+    }
 }
 
 /// Wall-clock time in milliseconds since the Unix epoch (0 if the clock is before it).

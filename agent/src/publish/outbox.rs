@@ -9,8 +9,8 @@
 
 use std::ops::Range;
 
-use heapless::Deque;
 use nodewatt_wire::Sample;
+use std::collections::VecDeque;
 
 /// Storage bound of the outbox; the configured capacity may be lower.
 pub const MAX_CAPACITY: usize = 4096;
@@ -18,7 +18,7 @@ pub const MAX_CAPACITY: usize = 4096;
 #[derive(Debug)]
 struct Entry {
     id: u64,
-    // Boxed: the deque's storage is inline, so entries stay small.
+    // Boxed: entries stay small when the outbox grows during an outage.
     sample: Box<Sample>,
     /// Packet id while published and awaiting its PubAck on the current connection.
     in_flight: Option<InFlight>,
@@ -39,7 +39,8 @@ enum InFlight {
 /// always has an adjacent waiting pair to merge.
 #[derive(Debug)]
 pub struct Outbox {
-    entries: Deque<Entry, MAX_CAPACITY>,
+    /// Grows only as far as samples wait (a few, connected); never beyond `capacity`.
+    entries: VecDeque<Entry>,
     capacity: usize,
     max_in_flight: usize,
     next_id: u64,
@@ -51,7 +52,7 @@ impl Outbox {
     pub fn new(capacity: usize, max_in_flight: usize) -> Outbox {
         let capacity = capacity.clamp(3, MAX_CAPACITY);
         Outbox {
-            entries: Deque::new(),
+            entries: VecDeque::new(),
             capacity,
             max_in_flight: max_in_flight.clamp(1, capacity - 2),
             next_id: 0,
@@ -93,9 +94,11 @@ impl Outbox {
             spooled,
         };
         self.next_id += 1;
-        if self.entries.push_back(entry).is_err() {
+        if self.entries.len() >= MAX_CAPACITY {
             tracing::error!("outbox full with nothing to merge; sample dropped");
+            return;
         }
+        self.entries.push_back(entry);
     }
 
     /// Merges the chosen adjacent pair of waiting samples; false if there is none.
@@ -118,36 +121,15 @@ impl Outbox {
     }
 
     fn entry(&self, i: usize) -> &Entry {
-        let (a, b) = self.entries.as_slices();
-        if i < a.len() {
-            &a[i]
-        } else {
-            &b[i - a.len()]
-        }
+        &self.entries[i]
     }
 
     fn entry_mut(&mut self, i: usize) -> &mut Entry {
-        let (a, b) = self.entries.as_mut_slices();
-        if i < a.len() {
-            &mut a[i]
-        } else {
-            &mut b[i - a.len()]
-        }
+        &mut self.entries[i]
     }
 
     fn remove_at(&mut self, i: usize) -> Entry {
-        // Rotate the entries before `i` to the back, pop `i`, and rotate them home again.
-        let n = self.entries.len();
-        for _ in 0..i {
-            let e = self.entries.pop_front().expect("index in range");
-            let _ = self.entries.push_back(e);
-        }
-        let removed = self.entries.pop_front().expect("index in range");
-        for _ in 0..(n - 1 - i) {
-            let e = self.entries.pop_front().expect("index in range");
-            let _ = self.entries.push_back(e);
-        }
-        removed
+        self.entries.remove(i).expect("index in range")
     }
 
     /// The oldest sample not yet handed to the client, unless `max_in_flight` are already
