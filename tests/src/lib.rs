@@ -226,7 +226,7 @@ impl Mosquitto {
              persistence_location {dir}/\n\
              autosave_interval 1\n\
              max_queued_messages 1000000\n\
-             max_inflight_messages 1000\n\
+             max_inflight_messages 10000\n\
              log_dest file {dir}/mosquitto.log\n\
              {user}{extra}\n",
             port = self.port,
@@ -275,15 +275,25 @@ pub struct Influxd {
     pub port: u16,
     rpc_port: u16,
     proc: Option<Proc>,
+    /// Lines appended to the `[data]` and `[http]` sections of the configuration.
+    extra: (String, String),
 }
 
 impl Influxd {
     pub fn start() -> Influxd {
+        Influxd::start_with("", "")
+    }
+
+    /// Like [`Influxd::start`], with `data` appended to the `[data]` section and `http` to
+    /// `[http]` of the generated configuration (e.g. `index-version = "tsi1"`,
+    /// `max-row-limit = 0`), also when started again.
+    pub fn start_with(data: &str, http: &str) -> Influxd {
         let mut i = Influxd {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
             rpc_port: free_port(),
             proc: None,
+            extra: (data.to_string(), http.to_string()),
         };
         i.launch();
         i
@@ -295,14 +305,16 @@ impl Influxd {
             "reporting-disabled = true\n\
              bind-address = \"127.0.0.1:{rpc}\"\n\
              [meta]\n  dir = \"{d}/meta\"\n\
-             [data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n\
-             [http]\n  enabled = true\n  bind-address = \"127.0.0.1:{port}\"\n  log-enabled = false\n\
+             [data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n{data}\n\
+             [http]\n  enabled = true\n  bind-address = \"127.0.0.1:{port}\"\n  log-enabled = false\n{http}\n\
              [monitor]\n  store-enabled = false\n\
              [subscriber]\n  enabled = false\n\
              [continuous_queries]\n  enabled = false\n",
             rpc = self.rpc_port,
             port = self.port,
-            d = d.display()
+            d = d.display(),
+            data = self.extra.0,
+            http = self.extra.1,
         );
         std::fs::write(d.join("influxdb.conf"), conf).unwrap();
         let proc = Proc::spawn(
@@ -919,5 +931,185 @@ impl Slurm {
             "sbatch gave {id:?}"
         );
         id
+    }
+}
+
+impl Influxd {
+    /// The running influxd process (for its CPU time), if it runs.
+    pub fn process(&self) -> Option<&Proc> {
+        self.proc.as_ref()
+    }
+}
+
+impl Proc {
+    /// The file its stdout and stderr go to.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Mosquitto {
+    /// The running mosquitto process (for its CPU time), if it runs.
+    pub fn process(&self) -> Option<&Proc> {
+        self.proc.as_ref()
+    }
+}
+
+/// POST with a shared client that waits up to 10 minutes (statements that change
+/// InfluxDB, `SELECT ... INTO`, writes of large batches).
+pub fn http_post(
+    url: reqwest::Url,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> reqwest::Result<reqwest::blocking::Response> {
+    static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
+    let mut req = CLIENT
+        .get_or_init(|| {
+            nodewatt_common::install_tls_provider();
+            reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(600))
+                .build()
+                .expect("HTTP client")
+        })
+        .post(url)
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send()
+}
+
+impl Influxd {
+    /// Runs InfluxQL that changes something (CREATE, DROP, ALTER, `SELECT ... INTO`) by
+    /// POST, as InfluxDB requires; the JSON answer, or the error InfluxDB gave.
+    pub fn execute(&self, db: &str, q: &str) -> Result<serde_json::Value, String> {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/query", self.url()),
+            &[("db", db), ("q", q), ("epoch", "ms")],
+        )
+        .unwrap();
+        let text = http_post(url, &[], Vec::new())
+            .and_then(|r| r.text())
+            .map_err(|e| format!("{q}: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{q}: {e}: {text}"))?;
+        let errors: Vec<String> = v["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["error"].as_str().map(str::to_string))
+            .chain(v["error"].as_str().map(str::to_string))
+            .collect();
+        if errors.is_empty() {
+            Ok(v)
+        } else {
+            Err(format!("{q}: {}", errors.join("; ")))
+        }
+    }
+
+    /// Writes a line-protocol body to `db` (and retention policy `rp`) at `precision`
+    /// (`ms`, `ns`, ...); `gzipped` says the body is gzip-compressed.
+    pub fn write_lines(
+        &self,
+        db: &str,
+        rp: Option<&str>,
+        precision: &str,
+        body: Vec<u8>,
+        gzipped: bool,
+    ) -> Result<(), String> {
+        let mut params = vec![("db", db), ("precision", precision)];
+        if let Some(rp) = rp {
+            params.push(("rp", rp));
+        }
+        let url =
+            reqwest::Url::parse_with_params(&format!("{}/write", self.url()), &params).unwrap();
+        let headers: &[(&str, &str)] = if gzipped {
+            &[("Content-Encoding", "gzip")]
+        } else {
+            &[]
+        };
+        let resp = http_post(url, headers, body).map_err(|e| e.to_string())?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {}",
+                resp.status(),
+                resp.text().unwrap_or_default().trim()
+            ))
+        }
+    }
+
+    /// Applies a file in `influx -import` format: statements under `# DDL`, one a line,
+    /// are executed; line protocol under `# DML` is written (nanosecond timestamps) to
+    /// the database and retention policy named by `# CONTEXT-DATABASE:` and
+    /// `# CONTEXT-RETENTION-POLICY:`. Other lines starting with `#` are comments.
+    pub fn import(&self, text: &str) -> Result<(), String> {
+        let (mut dml, mut db, mut rp) = (false, String::new(), None::<String>);
+        let mut lines: Vec<&str> = Vec::new();
+        let flush = |lines: &mut Vec<&str>, db: &str, rp: &Option<String>| {
+            if lines.is_empty() {
+                return Ok(());
+            }
+            let body = lines.join("\n").into_bytes();
+            lines.clear();
+            self.write_lines(db, rp.as_deref(), "ns", body, false)
+        };
+        for line in text.lines().map(str::trim) {
+            if let Some(c) = line.strip_prefix('#') {
+                let c = c.trim();
+                if c == "DDL" || c == "DML" {
+                    flush(&mut lines, &db, &rp)?;
+                    dml = c == "DML";
+                } else if let Some(d) = c.strip_prefix("CONTEXT-DATABASE:") {
+                    flush(&mut lines, &db, &rp)?;
+                    db = d.trim().to_string();
+                } else if let Some(r) = c.strip_prefix("CONTEXT-RETENTION-POLICY:") {
+                    flush(&mut lines, &db, &rp)?;
+                    rp = Some(r.trim().to_string());
+                }
+            } else if line.is_empty() {
+            } else if dml {
+                lines.push(line);
+            } else {
+                self.execute(&db, line)?;
+            }
+        }
+        flush(&mut lines, &db, &rp)
+    }
+
+    /// Bytes under this influxd's directory (data, WAL, meta).
+    pub fn disk_bytes(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(self.dir.path())
+    }
+}
+
+/// The `SELECT ... INTO ...` body of a `CREATE CONTINUOUS QUERY` statement (as `SHOW
+/// CONTINUOUS QUERIES` prints it), restricted to `[from_ms, to_ms)`: what the continuous
+/// query service runs for that window, to run by hand with [`Influxd::execute`].
+pub fn continuous_query_body(create: &str, from_ms: u64, to_ms: u64) -> String {
+    let begin = create.find(" BEGIN ").expect("BEGIN in a continuous query") + 7;
+    let end = create.rfind(" END").expect("END in a continuous query");
+    let body = &create[begin..end];
+    let group = body
+        .find(" GROUP BY ")
+        .expect("GROUP BY in a continuous query");
+    let window = format!("time >= {from_ms}ms AND time < {to_ms}ms");
+    let (head, tail) = body.split_at(group);
+    match head.split_once(" WHERE ") {
+        Some((select, cond)) => format!("{select} WHERE ({cond}) AND {window}{tail}"),
+        None => format!("{head} WHERE {window}{tail}"),
     }
 }
