@@ -226,7 +226,7 @@ impl Mosquitto {
              persistence_location {dir}/\n\
              autosave_interval 1\n\
              max_queued_messages 1000000\n\
-             max_inflight_messages 10000\n\
+             max_inflight_messages 1000\n\
              log_dest file {dir}/mosquitto.log\n\
              {user}{extra}\n",
             port = self.port,
