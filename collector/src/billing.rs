@@ -286,6 +286,16 @@ fn complete(v: &serde_json::Value) -> Result<(), String> {
     Ok(())
 }
 
+/// The column names of one series of an answer.
+fn columns(series: &serde_json::Value) -> Result<Vec<&str>, String> {
+    Ok(series["columns"]
+        .as_array()
+        .ok_or("InfluxDB answer without columns")?
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect())
+}
+
 /// A stored count: a non-negative integer, or null (0).
 fn count(x: &serde_json::Value, col: &str, what: &dyn Fn() -> String) -> Result<u64, String> {
     match x {
@@ -324,12 +334,7 @@ fn add_sums(
 ) -> Result<(), String> {
     complete(v)?;
     for series in v["results"][0]["series"].as_array().into_iter().flatten() {
-        let cols: Vec<&str> = series["columns"]
-            .as_array()
-            .ok_or("InfluxDB answer without columns")?
-            .iter()
-            .filter_map(|c| c.as_str())
-            .collect();
+        let cols = columns(series)?;
         let tag = |t: &str| series["tags"][t].as_str().unwrap_or_default().to_string();
         let name = || {
             group_with_node(tags)
@@ -362,20 +367,17 @@ fn add_sums(
 }
 
 fn add_to(groups: &mut Groups, key: Vec<String>, sums: &Sums) -> Result<(), String> {
-    let total = groups.entry(key).or_default();
-    match total.checked_add(sums) {
-        Some(t) => {
-            *total = t;
-            Ok(())
-        }
-        None => Err(format!(
+    let Some(total) = groups.get_mut(&key) else {
+        groups.insert(key, *sums);
+        return Ok(());
+    };
+    *total = total.checked_add(sums).ok_or_else(|| {
+        format!(
             "the total for {} passes 2^64 µJ; bill a shorter period",
-            groups
-                .iter()
-                .find(|(_, s)| s.checked_add(sums).is_none())
-                .map_or(String::new(), |(k, _)| k.join(" "))
-        )),
-    }
+            key.join(" ")
+        )
+    })?;
+    Ok(())
 }
 
 /// Job totals from the `job_total` points of [`queries`]' `--by job` statement, added up
@@ -384,12 +386,7 @@ pub fn parse_jobs(v: &serde_json::Value) -> Result<Vec<(Vec<String>, Sums)>, Str
     complete(v)?;
     let mut groups = Groups::new();
     for series in v["results"][0]["series"].as_array().into_iter().flatten() {
-        let cols: Vec<&str> = series["columns"]
-            .as_array()
-            .ok_or("InfluxDB answer without columns")?
-            .iter()
-            .filter_map(|c| c.as_str())
-            .collect();
+        let cols = columns(series)?;
         let at = |col: &str| {
             cols.iter()
                 .position(|c| *c == col)
@@ -755,6 +752,19 @@ mod tests {
         .unwrap();
         let e = parse_jobs(&bad).unwrap_err();
         assert!(e.contains("job=7 project=p user=alice node=n1"), "{e}");
+        // One job's points on two nodes whose sum passes 2^64: an error naming the job.
+        let big = i64::MAX;
+        let over: serde_json::Value = serde_json::from_str(&format!(
+            r#"{{"results":[{{"statement_id":0,"series":[
+            {{"name":"job_total",{cols},"values":[
+                [1,"7","p","alice","n1",{big},0,0,0,0,0],
+                [2,"7","p","alice","n2",{big},0,0,0,0,0],
+                [3,"7","p","alice","n3",{big},0,0,0,0,0]
+            ]}}]}}]}}"#
+        ))
+        .unwrap();
+        let e = parse_jobs(&over).unwrap_err();
+        assert!(e.contains("7 p alice") && e.contains("2^64"), "{e}");
     }
 
     #[test]
