@@ -250,6 +250,17 @@ impl Sample {
     }
 }
 
+/// A span no longer than the agent has run.
+fn span_within(what: &str, span_ms: u64, max_span: u64) -> Result<(), Invalid> {
+    if span_ms > max_span {
+        return Err(invalid(
+            Reason::Range,
+            format!("{what} = {span_ms} is longer than the agent has run ({max_span} ms)"),
+        ));
+    }
+    Ok(())
+}
+
 fn count(what: &str, v: u64) -> Result<(), Invalid> {
     sum_fits(what, u128::from(v))
 }
@@ -335,15 +346,7 @@ pub fn check_sample(s: Sample, now_ms: u64, l: &Limits) -> Result<ValidSample, I
     )?;
     // The span lies after the agent started: no process can cover more.
     let max_span = (s.ts_ms - s.agent_start_ms.min(s.ts_ms) + s.interval_ms).min(MAX_SPAN_MS);
-    if s.span_ms > max_span {
-        return Err(invalid(
-            Reason::Range,
-            format!(
-                "span_ms = {} is longer than the agent has run ({max_span} ms)",
-                s.span_ms
-            ),
-        ));
-    }
+    span_within("span_ms", s.span_ms, max_span)?;
     count("seq", s.seq)?;
     let span = s.span_ms;
 
@@ -453,15 +456,7 @@ fn check_usage(s: &Sample, p: &crate::check::MaxPower, max_span: u64) -> Result<
         return Ok(());
     };
     if s.usage_window.is_some() {
-        if w.span_ms > max_span {
-            return Err(invalid(
-                Reason::Range,
-                format!(
-                    "usage_window span_ms = {} is longer than the agent has run ({max_span} ms)",
-                    w.span_ms
-                ),
-            ));
-        }
+        span_within("usage_window span_ms", w.span_ms, max_span)?;
         at_most("usage_window gpus", w.gpus as usize, MAX_GPUS)?;
         at_most(
             "usage_window cpu_packages",
