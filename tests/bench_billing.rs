@@ -181,25 +181,6 @@ fn schedule(
         .collect()
 }
 
-/// One gzip line-protocol body to `/write` (ms precision).
-fn write(url: &str, body: Vec<u8>) -> Result<(), String> {
-    let url = reqwest::Url::parse_with_params(
-        &format!("{url}/write"),
-        &[("db", DB), ("precision", "ms")],
-    )
-    .unwrap();
-    let resp = http_post(url, &[("Content-Encoding", "gzip")], body).map_err(|e| e.to_string())?;
-    if resp.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: {}",
-            resp.status(),
-            resp.text().unwrap_or_default()
-        ))
-    }
-}
-
 /// An InfluxQL query by POST (no 10 s client timeout), its JSON answer.
 fn query(url: &str, q: &str) -> serde_json::Value {
     let url = reqwest::Url::parse_with_params(
@@ -241,7 +222,7 @@ impl Writer {
                         Err(_) => return,
                     };
                     let mut tries = 0;
-                    while let Err(e) = write(&url, body.clone()) {
+                    while let Err(e) = write_lines(&url, DB, None, "ms", body.clone(), true) {
                         tries += 1;
                         assert!(tries < 100, "write failed 100 times: {e}");
                         eprintln!("write: {e}; retrying");

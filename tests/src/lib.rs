@@ -1017,27 +1017,7 @@ impl Influxd {
         body: Vec<u8>,
         gzipped: bool,
     ) -> Result<(), String> {
-        let mut params = vec![("db", db), ("precision", precision)];
-        if let Some(rp) = rp {
-            params.push(("rp", rp));
-        }
-        let url =
-            reqwest::Url::parse_with_params(&format!("{}/write", self.url()), &params).unwrap();
-        let headers: &[(&str, &str)] = if gzipped {
-            &[("Content-Encoding", "gzip")]
-        } else {
-            &[]
-        };
-        let resp = http_post(url, headers, body).map_err(|e| e.to_string())?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{}: {}",
-                resp.status(),
-                resp.text().unwrap_or_default().trim()
-            ))
-        }
+        write_lines(&self.url(), db, rp, precision, body, gzipped)
     }
 
     /// Applies a file in `influx -import` format: statements under `# DDL`, one a line,
@@ -1093,6 +1073,37 @@ impl Influxd {
                 .sum()
         }
         walk(self.dir.path())
+    }
+}
+
+/// [`Influxd::write_lines`] to the InfluxDB at `url` (for threads that hold no `Influxd`).
+pub fn write_lines(
+    url: &str,
+    db: &str,
+    rp: Option<&str>,
+    precision: &str,
+    body: Vec<u8>,
+    gzipped: bool,
+) -> Result<(), String> {
+    let mut params = vec![("db", db), ("precision", precision)];
+    if let Some(rp) = rp {
+        params.push(("rp", rp));
+    }
+    let url = reqwest::Url::parse_with_params(&format!("{url}/write"), &params).unwrap();
+    let headers: &[(&str, &str)] = if gzipped {
+        &[("Content-Encoding", "gzip")]
+    } else {
+        &[]
+    };
+    let resp = http_post(url, headers, body).map_err(|e| e.to_string())?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            resp.status(),
+            resp.text().unwrap_or_default().trim()
+        ))
     }
 }
 
