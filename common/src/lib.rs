@@ -32,13 +32,21 @@ pub fn install_tls_provider() {
 
 /// A log filter as `--log-level` and RUST_LOG take it: a level ("info") or per-target
 /// levels ("warn,nodewatt_agent=debug"). For clap's `value_parser`, so a typo is an error
-/// at start, not silence.
+/// at start, not silence: a bare word that is not a level ("verbose") would otherwise
+/// parse as a target name and turn logging off for everything else.
 pub fn log_filter(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let not_a_filter = |why: String| {
+        format!("{s:?} is not a log filter (a level such as info, or target=level,...): {why}")
+    };
+    for directive in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(not_a_filter(format!("{directive:?} is not a level")));
+        }
+    }
     s.parse::<tracing_subscriber::filter::Targets>()
         .map(|_| s.to_string())
-        .map_err(|e| {
-            format!("{s:?} is not a log filter (a level such as info, or target=level,...): {e}")
-        })
+        .map_err(|e| not_a_filter(e.to_string()))
 }
 
 /// Logs to stderr (stdout carries data), without colours unless it is a terminal.
@@ -51,7 +59,10 @@ pub fn init_logging(filter: Option<&str>) {
     let env = std::env::var("RUST_LOG")
         .ok()
         .filter(|s| !s.trim().is_empty());
-    let from_env = env.as_deref().map(str::parse::<Targets>);
+    // Checked like --log-level, so a RUST_LOG typo is reported, not obeyed.
+    let from_env = env
+        .as_deref()
+        .map(|s| log_filter(s).and_then(|s| s.parse::<Targets>().map_err(|e| e.to_string())));
     let filter = match (filter.map(str::parse::<Targets>), &from_env) {
         (Some(Ok(f)), _) => f,
         (None, Some(Ok(f))) => f.clone(),
@@ -63,8 +74,8 @@ pub fn init_logging(filter: Option<&str>) {
         .finish()
         .with(filter)
         .init();
-    if let (Some(Err(e)), Some(s)) = (&from_env, &env) {
-        tracing::warn!("RUST_LOG={s:?} is not a log filter ({e}); logging at info");
+    if let Some(Err(e)) = &from_env {
+        tracing::warn!("RUST_LOG: {e}; logging at info");
     }
 }
 
@@ -100,4 +111,24 @@ pub async fn shutdown_signal() {
         }
     }
     tracing::info!("stopping");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn log_filters_are_levels_or_targets_and_anything_else_is_an_error() {
+        for ok in [
+            "info",
+            "warn,nodewatt_agent=debug",
+            "nodewatt_collector=trace",
+        ] {
+            assert_eq!(log_filter(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["verbose", "info,x=loud"] {
+            let e = log_filter(bad).unwrap_err();
+            assert!(e.contains(bad) && e.contains("not a log filter"), "{e}");
+        }
+    }
 }
