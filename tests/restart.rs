@@ -213,16 +213,30 @@ fn jobs_through(interruption: Interruption, node: &str, cadence: &str) {
     }
 
     // Every joule the counters rose by, first sample to last, across the interruption,
-    // is in some project's bill (idle included).
+    // is in some project's bill (idle included). The first `gpu` point carries the
+    // counter of its last sample: with telemetry folded over several samples, its own
+    // delta is what the counter rose before it (0 to 4 samples here, by the start's phase).
     let mut rise_uj = 0.0;
     for gpu in 0..4 {
+        let where_gpu = format!("{q_node} AND gpu = '{gpu}'");
         let q = |f: &str| {
             db.scalar(
                 DB,
-                &format!("SELECT {f}(energy_mj) FROM gpu WHERE {q_node} AND gpu = '{gpu}'"),
+                &format!("SELECT {f}(energy_mj) FROM gpu WHERE {where_gpu}"),
             )
         };
-        rise_uj += (q("LAST") - q("FIRST")) * 1000.0;
+        let first = db.rows(
+            DB,
+            // With energy_mj too: InfluxDB skips rows where every selected field is null.
+            &format!(
+                "SELECT energy_mj, energy_delta_mj FROM gpu WHERE {where_gpu} ORDER BY time LIMIT 1"
+            ),
+        );
+        let before_first = first
+            .first()
+            .and_then(|(_, r)| r["energy_delta_mj"].as_f64())
+            .unwrap_or(0.0);
+        rise_uj += (q("LAST") - q("FIRST") + before_first) * 1000.0;
     }
     let billed_gpu_uj: f64 = by_project
         .iter()
