@@ -39,15 +39,18 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn http_get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::blocking::Response> {
     static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
     CLIENT
-        .get_or_init(|| {
-            nodewatt_common::install_tls_provider();
-            reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .expect("HTTP client")
-        })
+        .get_or_init(|| http_client(Duration::from_secs(10)))
         .get(url)
         .send()
+}
+
+/// A blocking client with this timeout, after installing the TLS crypto provider.
+fn http_client(timeout: Duration) -> reqwest::blocking::Client {
+    nodewatt_common::install_tls_provider();
+    reqwest::blocking::Client::builder()
+        .timeout(timeout)
+        .build()
+        .expect("HTTP client")
 }
 
 fn port_open(port: u16) -> bool {
@@ -964,13 +967,7 @@ pub fn http_post(
 ) -> reqwest::Result<reqwest::blocking::Response> {
     static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
     let mut req = CLIENT
-        .get_or_init(|| {
-            nodewatt_common::install_tls_provider();
-            reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(600))
-                .build()
-                .expect("HTTP client")
-        })
+        .get_or_init(|| http_client(Duration::from_secs(600)))
         .post(url)
         .body(body);
     for (k, v) in headers {
