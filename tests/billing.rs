@@ -405,3 +405,58 @@ fn job_bills_read_job_totals_from_max_job_length_before_the_period() {
         [("3".to_string(), e(3_000_000_013) + e(4_000_000_017), 14)]
     );
 }
+
+/// An InfluxDB that cuts answers short (`[http] max-row-limit`) must make a bill fail,
+/// never shrink it: InfluxDB 1.x marks the last series it kept, not the result.
+#[test]
+fn an_answer_cut_short_by_max_row_limit_is_an_error_not_a_smaller_bill() {
+    let db = Influxd::start_with("", "  max-row-limit = 2");
+    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
+        .unwrap();
+    let t = 1_790_812_800_000u64; // 2026-10-01T00:00:00Z
+    let lines: Vec<String> = (0..5)
+        .map(|i| {
+            format!(
+                "job_total,cluster=c1,job={i},node=n{i},project=p{i},user=u energy_gpu_uj=1i,energy_cpu_uj=0i,\
+                 energy_dram_uj=0i,energy_other_uj=0i,energy_uj=1i,gpu_ms=1i,cpu_us=0i,start_ms={}i,until_ms={}i,ended=true,gpus=\"0\" {}\n\
+                 usage,cluster=c1,node=n{i},project=p{i},user=u energy_gpu_uj=1i,energy_cpu_uj=0i,energy_dram_uj=0i,\
+                 energy_other_uj=0i,energy_uj=1i,gpu_ms=1i,cpu_us=0i,span_ms=1i,jobs=1i {}",
+                t + i,
+                t + 1000,
+                t + i,
+                t + 1000 + i
+            )
+        })
+        .collect();
+    db.write_lines(DB, None, "ms", lines.join("\n").into_bytes(), false)
+        .unwrap();
+    let cfg = config_file(
+        "collector.toml",
+        &format!(
+            "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n",
+            db.url()
+        ),
+    );
+    for by in ["job", "project", "node"] {
+        let out = std::process::Command::new(bin("nodewatt-collector"))
+            .args([
+                "usage",
+                "--by",
+                by,
+                "--from",
+                "2026-09-30",
+                "--to",
+                "2026-10-02",
+                "--config",
+            ])
+            .arg(&cfg.path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("max-row-limit"),
+            "--by {by}: {}\n{err}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

@@ -60,7 +60,7 @@ fn default_pue() -> f64 {
     1.0
 }
 fn default_max_job_length() -> Duration {
-    Duration::from_secs(31 * 86_400)
+    Duration::from_millis(crate::billing::Plan::default().max_job_ms)
 }
 fn default_query_timeout() -> Duration {
     Duration::from_secs(600)
