@@ -83,9 +83,10 @@ impl Outbox {
 
     /// Adds a sample held by these spool records.
     pub fn push_spooled(&mut self, sample: Sample, spooled: Range<u64>) {
-        if self.entries.len() >= self.capacity {
-            let merged = self.merge_one();
-            debug_assert!(merged, "a full outbox always has a waiting pair");
+        if self.entries.len() >= self.capacity && !self.merge_one() {
+            debug_assert!(false, "a full outbox always has a waiting pair");
+            tracing::error!("outbox full with nothing to merge; sample dropped");
+            return;
         }
         let entry = Entry {
             id: self.next_id,
@@ -94,10 +95,6 @@ impl Outbox {
             spooled,
         };
         self.next_id += 1;
-        if self.entries.len() >= MAX_CAPACITY {
-            tracing::error!("outbox full with nothing to merge; sample dropped");
-            return;
-        }
         self.entries.push_back(entry);
     }
 
