@@ -122,7 +122,7 @@ impl Ledger {
         let t0 = self.last_ts.replace(t1).filter(|t0| *t0 < t1);
         let horizon = t0.unwrap_or(t1);
         match read {
-            Ok(listing) => self.update(listing, horizon, t1),
+            Ok(listing) => self.update(listing, t0, t1),
             // No directory and nothing known: no scheduler on this node (yet).
             Err(ReadError::Missing(_)) if self.held.is_empty() => self.finished.clear(),
             Err(_) => self.registry_errors += 1,
@@ -183,7 +183,9 @@ impl Ledger {
     }
 
     /// Takes in a registry listing: new jobs, recorded ends, vanished files.
-    fn update(&mut self, listing: Listing, horizon: u64, t1: u64) {
+    /// `t0`: the end of the span billed before this one, if any.
+    fn update(&mut self, listing: Listing, t0: Option<u64>, t1: u64) {
+        let horizon = t0.unwrap_or(t1);
         let listed: BTreeSet<Key> = listing.jobs.iter().map(key).collect();
         for j in listing.jobs {
             let k = key(&j);
@@ -195,6 +197,16 @@ impl Ledger {
                     // An end recorded just before the last sample but seen only now:
                     // the span up to it is billed already.
                     h.job.end_ms = j.end_ms.map(|e| e.max(horizon));
+                    if let Some(late_ms) = j.end_ms.map(|e| horizon.saturating_sub(e)) {
+                        if late_ms > 0 {
+                            tracing::info!(
+                                job = %j.id,
+                                late_ms,
+                                "job's end seen {late_ms} ms after it (its registry file \
+                                 changed late); billed up to the span that saw it"
+                            );
+                        }
+                    }
                 }
                 continue;
             }
@@ -207,6 +219,17 @@ impl Ledger {
             // whole message. The next sample takes it up.
             if j.start_ms >= t1 {
                 continue;
+            }
+            // Spans already billed cannot be taken back: a file that appeared a span or
+            // more after its start_ms (a slow prolog) loses that time to `_idle`.
+            let late_ms = t0.map_or(0, |t0| t0.saturating_sub(j.start_ms.max(self.origin_ms)));
+            if late_ms > 0 {
+                tracing::info!(
+                    job = %j.id,
+                    late_ms,
+                    "job taken up {late_ms} ms after its start (its registry file appeared late); \
+                     that time was billed to _idle"
+                );
             }
             let total = JobTotal {
                 job: j.id.clone(),
