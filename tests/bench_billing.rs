@@ -27,6 +27,8 @@
 //!   project` query straight over HTTP (docs/benchmarks.md, "Billing at scale");
 //! - `NODEWATT_BENCH_COLLECTOR`: the `nodewatt-collector` binary to time (default: the
 //!   workspace's release build, which must be newer than its sources);
+//! - `NODEWATT_BENCH_ROLLUP=0`: no hourly rollups (every bill reads `usage`); by
+//!   default `nodewatt-collector rollup` rolls up the whole period first, timed;
 //! - `NODEWATT_BENCH_HOLD=1`: keep influxd running at the end until stdin closes.
 //!
 //! See docs/benchmarks.md.
@@ -639,6 +641,7 @@ fn main() {
         "| command | nodes | days | points | time per query (runs) | points/s | influxd CPU s per query | load |"
     );
     println!("|---|---|---|---|---|---|---|---|");
+    let rolled = rollup(&cfg, &db, days);
     for (by, expected, points) in [
         ("project", &by_project, truth.usage_points),
         ("user", &by_user, truth.usage_points),
@@ -682,6 +685,28 @@ fn main() {
         }
     }
     println!("every total exact to the microjoule");
+    if rolled {
+        // A period that does not start or end on an hour: its edges are read from usage.
+        let (from, to) = (START_MS + 1_800_000, START_MS + days * DAY - 1_800_000);
+        let cpu0 = influxd_cpu(&db);
+        let t0 = Instant::now();
+        let out = Command::new(collector_binary())
+            .args(["usage", "--format", "csv", "--by", "project"])
+            .args(["--from", &rfc3339(from), "--to", &rfc3339(to), "--config"])
+            .arg(&cfg.path)
+            .output()
+            .expect("nodewatt-collector runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!(
+            "`usage --by project` from 00:30 to 23:30 (edges from usage): {:.2} s, influxd CPU {:.1} s",
+            t0.elapsed().as_secs_f64(),
+            influxd_cpu(&db) - cpu0
+        );
+    }
 
     if env("NODEWATT_BENCH_VARIANTS").is_some() {
         variants(&db, days, truth.usage_points);
@@ -693,6 +718,37 @@ fn main() {
         );
         let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
     }
+}
+
+/// Rolls up every hour of the period with `nodewatt-collector rollup`, as `serve` does
+/// hour by hour (the generated points carry no markers, so every hour is rolled), and
+/// prints what it cost. Skipped with `NODEWATT_BENCH_ROLLUP=0`.
+fn rollup(cfg: &ConfigFile, db: &Influxd, days: u64) -> bool {
+    if std::env::var("NODEWATT_BENCH_ROLLUP").as_deref() == Ok("0") {
+        return false;
+    }
+    let (from, to) = (rfc3339(START_MS), rfc3339(START_MS + days * DAY));
+    let cpu0 = influxd_cpu(db);
+    let t0 = Instant::now();
+    let out = Command::new(collector_binary())
+        .args(["rollup", "--from", &from, "--to", &to, "--config"])
+        .arg(&cfg.path)
+        .output()
+        .expect("nodewatt-collector runs");
+    assert!(
+        out.status.success(),
+        "rollup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "rollup of {} hours: {secs:.1} s, {:.2} s per hour, influxd CPU {:.1} s ({})",
+        days * 24,
+        secs / (days * 24) as f64,
+        influxd_cpu(db) - cpu0,
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    true
 }
 
 /// Alternative InfluxQL forms of the `--by project` query, straight over HTTP.

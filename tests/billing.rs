@@ -82,6 +82,32 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
     let (from, to) = (t_begin - 60_000, t_end + 60_000);
     let rows = usage(&collector_cfg, "project", from, to);
 
+    // Each hour the usage points fall in was marked as written into, before them, at
+    // the time of the write (what keeps rollups honest; docs/billing.md).
+    let points = db.query(DB, "SELECT energy_uj FROM usage WHERE node = 'node-b'");
+    let marks = db.query(DB, "SELECT written_ms FROM usage_hour_state");
+    let mut hour_ends: Vec<u64> = points["results"][0]["series"][0]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[0].as_u64().unwrap().div_ceil(3_600_000) * 3_600_000)
+        .collect();
+    hour_ends.dedup();
+    let marked: Vec<(u64, u64)> = marks["results"][0]["series"][0]["values"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|v| (v[0].as_u64().unwrap(), v[1].as_u64().unwrap()))
+        .collect();
+    assert!(!hour_ends.is_empty());
+    for h in &hour_ends {
+        let at = marked.iter().find(|(t, _)| t == h).map(|(_, w)| *w);
+        assert!(
+            at.is_some_and(|w| w >= t_begin && w <= now_ms()),
+            "hour to {h}: marked {at:?}; marks {marked:?}"
+        );
+    }
+
     // Exact: everything attributed, idle included, equals what the hardware counted.
     let gpu_uj = db.scalar(
         DB,
@@ -459,4 +485,240 @@ fn an_answer_cut_short_by_max_row_limit_is_an_error_not_a_smaller_bill() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+}
+
+/// Hourly rollups change how fast a bill is, never what it says: against a real influxd,
+/// bills read through rollups equal bills read from `usage` alone, for aligned and
+/// unaligned periods, one project, and through the cases that must fall back to `usage`:
+/// a write into an hour after its rollup, and an hour whose rows are not its rollup's.
+#[test]
+fn rollups_bill_exactly_what_usage_says_through_late_writes_and_mixed_rows() {
+    const H: u64 = 3_600_000;
+    let db = Influxd::start();
+    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
+        .unwrap();
+    let from = 1_790_812_800_000u64; // 2026-10-01T00:00:00Z
+    let to = from + 6 * H;
+    // usage points as the collector writes them, every 15 minutes (an hour's end holds
+    // the point stamped on it), three nodes, owners changing over the hours.
+    let owners = [
+        ("proj-a", "alice"),
+        ("proj-a", "bob"),
+        ("proj-b", "carol"),
+        ("_idle", "_none"),
+    ];
+    let mut lines = Vec::new();
+    let mut n = 0u64;
+    let point = |lines: &mut Vec<String>, node: &str, o: usize, t: u64, gpu: u64| {
+        let (p, u) = owners[o];
+        lines.push(format!(
+            "usage,cluster=c1,node={node},project={p},user={u} energy_gpu_uj={gpu}i,energy_cpu_uj={}i,\
+             energy_dram_uj=3i,energy_other_uj=5i,energy_uj={}i,gpu_ms=900000i,cpu_us=7i,span_ms=900000i,jobs=1i {t}",
+            gpu / 7,
+            gpu + gpu / 7 + 8
+        ));
+    };
+    for q in 0..=6 * 4 {
+        let t = from + q * 900_000;
+        for (i, node) in ["n1", "n2", "n3"].iter().enumerate() {
+            n += 1;
+            let o = (q as usize / 3 + i) % owners.len();
+            point(
+                &mut lines,
+                node,
+                o,
+                t,
+                1_000_003_000 * (i as u64 + 1) + n * 7919,
+            );
+            if q % 5 == 0 {
+                point(&mut lines, node, (o + 1) % owners.len(), t, 333_331 * n);
+            }
+        }
+    }
+    db.write_lines(DB, None, "ms", lines.join("\n").into_bytes(), false)
+        .unwrap();
+
+    let cfg = |rollups: bool| {
+        config_file(
+            "collector.toml",
+            &format!(
+                "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n\
+                 [billing]\nrollups = {rollups}\n",
+                db.url()
+            ),
+        )
+    };
+    let (raw, rolled) = (cfg(false), cfg(true));
+    let bill = |c: &ConfigFile, by: &str, a: u64, b: u64, project: Option<&str>| -> String {
+        let (f, t) = (rfc3339(a), rfc3339(b));
+        let mut args = vec![
+            "usage", "--by", by, "--format", "csv", "--from", &f, "--to", &t,
+        ];
+        if let Some(p) = project {
+            args.extend(["--project", p]);
+        }
+        collector_cli(c, &args)
+    };
+    let periods = [
+        (from, to),
+        (from - 17, to + 5),
+        (from + H / 2, to - H / 3),
+        (from + H, from + 2 * H),
+        (from + 10, from + 20),
+    ];
+    let same_as_raw = |why: &str| {
+        for (a, b) in periods {
+            for by in ["project", "user", "node"] {
+                assert_eq!(
+                    bill(&rolled, by, a, b, None),
+                    bill(&raw, by, a, b, None),
+                    "{why}: --by {by} over ({a}, {b}]"
+                );
+            }
+            for by in ["user", "node"] {
+                assert_eq!(
+                    bill(&rolled, by, a, b, Some("proj-a")),
+                    bill(&raw, by, a, b, Some("proj-a")),
+                    "{why}: --project proj-a --by {by} over ({a}, {b}]"
+                );
+            }
+        }
+    };
+    let before = bill(&raw, "project", from, to, None);
+    assert!(
+        before.contains("proj-a") && before.contains("proj-b"),
+        "{before}"
+    );
+
+    // No rollups yet: the same bills.
+    same_as_raw("before any rollup");
+    let out = collector_cli(
+        &rolled,
+        &[
+            "rollup",
+            "--from",
+            &rfc3339(from - H),
+            "--to",
+            &rfc3339(to + H),
+        ],
+    );
+    assert!(
+        out.starts_with("rolled up 8 hours (90 usage points)"),
+        "{out}"
+    );
+    let again = collector_cli(
+        &rolled,
+        &["rollup", "--from", &rfc3339(from), "--to", &rfc3339(to)],
+    );
+    assert!(
+        again.starts_with("rolled up 0 hours") && again.contains("6 already usable"),
+        "{again}"
+    );
+    same_as_raw("rolled up");
+
+    // The rolled-up bill reads the rollups: with one hour's usage deleted it does not
+    // change, while a bill from usage does.
+    db.execute(
+        DB,
+        &format!(
+            "DELETE FROM \"usage\" WHERE time > {}ms AND time <= {}ms",
+            from + 2 * H,
+            from + 3 * H
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        bill(&rolled, "project", from, to, None),
+        before,
+        "read from the rollups"
+    );
+    assert_ne!(bill(&raw, "project", from, to, None), before);
+    db.write_lines(DB, None, "ms", lines.join("\n").into_bytes(), false)
+        .unwrap();
+
+    // A late point into a rolled-up hour, written as the collector writes: its hour
+    // marked first. That hour is read from usage, and the bills stay equal.
+    let marker = |hour: u64, at: u64| format!("usage_hour_state written_ms={at}i {hour}");
+    let late = "usage,cluster=c1,node=n9,project=proj-b,user=carol energy_gpu_uj=123456789i,energy_cpu_uj=0i,\
+                energy_dram_uj=0i,energy_other_uj=0i,energy_uj=123456789i,gpu_ms=1i,cpu_us=0i,span_ms=1i,jobs=1i";
+    db.write_lines(
+        DB,
+        None,
+        "ms",
+        marker(from + 4 * H, now_ms()).into_bytes(),
+        false,
+    )
+    .unwrap();
+    db.write_lines(
+        DB,
+        None,
+        "ms",
+        format!("{late} {}", from + 4 * H - 1).into_bytes(),
+        false,
+    )
+    .unwrap();
+    assert_ne!(
+        bill(&raw, "project", from, to, None),
+        before,
+        "the late point counts"
+    );
+    same_as_raw("a late write into a rolled-up hour");
+    // `rollup` leaves an hour alone while its writes settle.
+    let out = collector_cli(
+        &rolled,
+        &["rollup", "--from", &rfc3339(from), "--to", &rfc3339(to)],
+    );
+    assert!(
+        out.starts_with("rolled up 0 hours") && out.contains("1 written into in the last"),
+        "{out}"
+    );
+    // Once quiet, rolled up again, and still equal. Quiet is shown with the marker of a
+    // write exactly `settle` (10 min) before the first rollup read: that rollup is still
+    // not usable, and one made now is.
+    let v = db.query(
+        DB,
+        &format!(
+            "SELECT rolled_ms FROM usage_hour_state WHERE time = {}ms",
+            from + 4 * H
+        ),
+    );
+    let first_rollup = v["results"][0]["series"][0]["values"][0][1]
+        .as_u64()
+        .unwrap();
+    db.write_lines(
+        DB,
+        None,
+        "ms",
+        marker(from + 4 * H, first_rollup - 600_000).into_bytes(),
+        false,
+    )
+    .unwrap();
+    same_as_raw("a write settle before the rollup");
+    let out = collector_cli(
+        &rolled,
+        &["rollup", "--from", &rfc3339(from), "--to", &rfc3339(to)],
+    );
+    assert!(out.starts_with("rolled up 1 hours"), "{out}");
+    same_as_raw("rolled up again after the late write");
+
+    // A row of another rollup in an hour (two rollups at once): that hour from usage.
+    db.write_lines(
+        DB,
+        None,
+        "ms",
+        format!("usage_hourly,cluster=c1,project=proj-a,user=alice energy_gpu_uj=1i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=1i,gpu_ms=0i,cpu_us=0i,rolled_ms=1i {}", from + 5 * H)
+            .into_bytes(),
+        false,
+    )
+    .unwrap();
+    db.write_lines(
+        DB,
+        None,
+        "ms",
+        format!("usage_hourly_node,cluster=c1,node=n7 energy_gpu_uj=1i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=1i,gpu_ms=0i,cpu_us=0i,rolled_ms=1i {}", from + H)
+            .into_bytes(),
+        false,
+    )
+    .unwrap();
+    same_as_raw("rows that are not their hour's rollup");
 }

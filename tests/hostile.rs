@@ -284,7 +284,13 @@ fn hostile_nodes_cannot_stop_corrupt_or_redirect_billing() {
         .collect();
     assert_eq!(
         measurements,
-        ["agent", "gpu", "nodewatt_collector", "usage"]
+        [
+            "agent",
+            "gpu",
+            "nodewatt_collector",
+            "usage",
+            "usage_hour_state"
+        ]
     );
 
     // Billing afterwards: exactly the good node's two samples, user with its `@`.

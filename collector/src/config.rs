@@ -51,6 +51,16 @@ pub struct BillingConfig {
     /// Requests a bill's six sums are split into, sent at once (1 to 6).
     #[serde(default = "default_query_parallelism")]
     pub query_parallelism: usize,
+    /// `serve` keeps hourly rollups of `usage` and bills read whole hours from them
+    /// (docs/billing.md); off: neither.
+    #[serde(default = "yes")]
+    pub rollups: bool,
+    /// How long writes into an hour must have been quiet before its rollup counts: at
+    /// least three times `influxdb.timeout` plus a minute, on every collector of the
+    /// database.
+    /// Default: 10 minutes, or that minimum if larger.
+    #[serde(with = "humantime_serde", default)]
+    pub rollup_settle: Option<Duration>,
 }
 
 fn default_currency() -> String {
@@ -79,17 +89,32 @@ impl Default for BillingConfig {
             max_job_length: default_max_job_length(),
             query_timeout: default_query_timeout(),
             query_parallelism: default_query_parallelism(),
+            rollups: true,
+            rollup_settle: None,
         }
     }
 }
 
-impl BillingConfig {
-    /// How `usage` and `report` query InfluxDB.
+impl Config {
+    /// How `usage`, `report` and `serve`'s rollups query InfluxDB.
     pub fn plan(&self) -> crate::billing::Plan {
+        let b = &self.billing;
         crate::billing::Plan {
-            max_job_ms: self.max_job_length.as_millis() as u64,
-            parallel: self.query_parallelism,
+            max_job_ms: b.max_job_length.as_millis() as u64,
+            parallel: b.query_parallelism,
+            rollups: b.rollups,
+            settle_ms: self.rollup_settle().as_millis() as u64,
         }
+    }
+
+    /// `billing.rollup_settle`, or its default for this `influxdb.timeout`.
+    pub fn rollup_settle(&self) -> Duration {
+        let least = self.influxdb.timeout * 3 + Duration::from_secs(60);
+        self.billing
+            .rollup_settle
+            .unwrap_or(least.max(Duration::from_millis(
+                crate::billing::Plan::default().settle_ms,
+            )))
     }
 }
 
@@ -385,6 +410,15 @@ impl Config {
                 s(1),
                 s(86_400),
             ),
+            // A marker and its batch each end within the timeout, and a marker can be
+            // overwritten by another collector's older one by one request more; a
+            // minute for clocks and InfluxDB's own write timeout (docs/billing.md).
+            (
+                "billing.rollup_settle",
+                self.rollup_settle(),
+                i.timeout * 3 + s(60),
+                s(7 * 86_400),
+            ),
         ] {
             duration_in(name, d, lo, hi)?;
         }
@@ -535,6 +569,10 @@ mod tests {
                 format!("{MIN}[billing]\nquery_timeout = \"0s\"\n"),
                 "billing.query_timeout",
             ),
+            (
+                format!("{MIN}[billing]\nrollup_settle = \"60s\"\n"),
+                "billing.rollup_settle",
+            ),
         ] {
             let err = load(&text).unwrap_err().to_string();
             assert!(err.contains(option), "{text}: {err}");
@@ -542,11 +580,11 @@ mod tests {
         let b = load(&format!("{MIN}[billing]\nmax_job_length = \"7days\"\n"))
             .unwrap()
             .billing;
-        assert_eq!(b.plan().max_job_ms, 7 * 86_400_000);
-        assert_eq!(
-            load(MIN).unwrap().billing.plan(),
-            crate::billing::Plan::default()
-        );
+        assert_eq!(b.max_job_length.as_secs(), 7 * 86_400);
+        assert_eq!(load(MIN).unwrap().plan(), crate::billing::Plan::default());
+        // A long write timeout lengthens the default settle instead of failing.
+        let slow = load(&format!("{MIN}timeout = \"600s\"\n")).unwrap();
+        assert_eq!(slow.rollup_settle(), Duration::from_secs(1860));
         let c = load(&format!("{MIN}[validation.max_power]\ngpu_w = 1500\n")).unwrap();
         assert_eq!(c.validation.limits().wire.max_power.gpu_w, 1500);
         assert_eq!(

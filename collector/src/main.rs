@@ -99,6 +99,23 @@ enum Command {
         #[command(flatten)]
         prices: PriceArgs,
     },
+    /// Roll up the `usage` of every whole hour in (FROM, TO] that has no usable rollup:
+    /// for data written before rollups existed or while `[billing] rollups` was off
+    /// (`serve` keeps the hours it writes rolled up). Bills read whole hours from
+    /// rollups, the rest from `usage`; see docs/billing.md.
+    Rollup {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Start of the period: a date (2026-11-01, UTC midnight) or RFC 3339.
+        #[arg(long, value_name = "TIME")]
+        from: String,
+        /// End of the period, same forms.
+        #[arg(long, value_name = "TIME")]
+        to: String,
+        /// Roll up hours that already have a usable rollup too.
+        #[arg(long)]
+        all: bool,
+    },
     /// Read samples as JSON lines on stdin (e.g. `nodewatt-agent run --stdout`), run the
     /// checks `serve` runs on each, report each invalid line with its reason, and print
     /// counts per node and per reason at the end (also on Ctrl-C). Exits 1 if any line
@@ -145,7 +162,7 @@ fn main() -> ExitCode {
                 (None, Some(p)) => report::Subject::Project(p),
                 (None, None) => anyhow::bail!("give --job or --project"),
             };
-            let plan = cfg.billing.plan();
+            let plan = cfg.plan();
             let data = block_on(&cfg, |influx| async move {
                 report::gather(&influx, &subject, period, &plan).await
             })?
@@ -162,6 +179,35 @@ fn main() -> ExitCode {
             println!("wrote {} and {}", output.display(), chart.display());
             Ok(ExitCode::SUCCESS)
         })(),
+        Command::Rollup {
+            config,
+            from,
+            to,
+            all,
+        } => (|| {
+            let cfg = Config::load(&config)?;
+            let from = billing::parse_time(&from).map_err(anyhow::Error::msg)?;
+            let to = billing::parse_time(&to).map_err(anyhow::Error::msg)?;
+            if from >= to {
+                anyhow::bail!("--from must be before --to");
+            }
+            let settle = cfg.rollup_settle().as_millis() as u64;
+            let started = std::time::Instant::now();
+            let r = block_on(&cfg, |influx| async move {
+                billing::rollup::roll_range(&influx, from, to, settle, all).await
+            })?
+            .map_err(anyhow::Error::msg)?;
+            println!(
+                "rolled up {} hours ({} usage points) in {:.1} s; {} already usable; {} written into in the last {} (rolled up by serve once quiet)",
+                r.rolled,
+                r.points,
+                started.elapsed().as_secs_f64(),
+                r.usable,
+                r.settling,
+                humantime::format_duration(cfg.rollup_settle())
+            );
+            Ok(ExitCode::SUCCESS)
+        })(),
         Command::Usage {
             config,
             from,
@@ -175,7 +221,7 @@ fn main() -> ExitCode {
             let prices = resolve_prices(&cfg, &prices)?;
             let from = billing::parse_time(&from).map_err(anyhow::Error::msg)?;
             let to = billing::parse_time(&to).map_err(anyhow::Error::msg)?;
-            let plan = cfg.billing.plan();
+            let plan = cfg.plan();
             let groups = block_on(&cfg, |influx| async move {
                 billing::usage(&influx, by, from, to, project.as_ref(), &plan).await
             })?

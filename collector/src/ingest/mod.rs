@@ -22,6 +22,7 @@ use nodewatt_wire::TOPIC_ROOT;
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS, SubscribeFilter};
 use tokio::time::Instant;
 
+use crate::billing::rollup;
 use crate::config::Config;
 use crate::influx::{Influx, WriteError};
 use crate::lineproto::encode_status;
@@ -84,10 +85,25 @@ fn subscriptions(share_group: Option<&str>) -> Vec<String> {
 /// large), halves it until the refused lines are alone, counts and drops only those, and
 /// writes the rest. Rewriting lines InfluxDB already took (a 1.x partial write) is
 /// harmless: same series and time overwrite. A failure worth retrying is returned.
-async fn write_splitting(influx: Arc<Influx>, body: Bytes) -> Outcome {
+///
+/// Before each request, `hours` (those its `usage` points end in) are marked as written
+/// into, in a request of its own that must succeed first: a rollup read before this
+/// write can then never pass for complete (`billing::rollup`).
+async fn write_splitting(influx: Arc<Influx>, body: Bytes, hours: Vec<u64>) -> Outcome {
     let mut refused = 0;
     let mut todo: Vec<&[u8]> = vec![&body];
+    let mut marks = Vec::new();
     while let Some(part) = todo.pop() {
+        if !hours.is_empty() {
+            marks.clear();
+            let now = now_ms();
+            for h in &hours {
+                rollup::written_line(&mut marks, *h, now);
+            }
+            if let Err(e) = influx.write(&marks).await {
+                return Outcome::Failed(format!("marking hours written into: {e}"));
+            }
+        }
         match influx.write(part).await {
             Ok(()) => {}
             Err(WriteError::Refused { message, .. }) => {
@@ -126,6 +142,49 @@ fn split_lines(body: &[u8]) -> (&[u8], &[u8]) {
 
 type Write = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
+/// How often `serve` looks for hours to roll up, how far back, and how many at most per
+/// look (a backlog is caught up over the next looks, never in one long burst).
+const ROLLUP_EVERY: Duration = Duration::from_secs(60);
+const ROLLUP_LOOKBACK_MS: u64 = 400 * 86_400_000;
+const ROLLUP_MAX_HOURS: usize = 60;
+
+/// Keeps the hourly rollups of `usage` current: the hours written into and quiet for
+/// `billing.rollup_settle` are rolled up, oldest first. Bills never depend on it: an hour
+/// without a usable rollup is read from `usage` itself.
+async fn keep_rollups(cfg: Config) {
+    let mut icfg = cfg.influxdb.clone();
+    icfg.timeout = cfg.billing.query_timeout;
+    let influx = match Influx::new(&icfg) {
+        Ok(i) => i,
+        Err(e) => return tracing::warn!("rollups off: {e}"),
+    };
+    let settle = cfg.rollup_settle().as_millis() as u64;
+    let mut every = tokio::time::interval(ROLLUP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        every.tick().await;
+        let round = async {
+            let due = rollup::due_hours(&influx, now_ms(), ROLLUP_LOOKBACK_MS, settle).await?;
+            let now = &due[..due.len().min(ROLLUP_MAX_HOURS)];
+            let s = rollup::roll_hours(&influx, now).await?;
+            Ok::<_, String>((s.hours, s.points, due.len() - now.len()))
+        };
+        let result = round.await;
+        match &result {
+            Ok((0, ..)) => {}
+            Ok((hours, points, left)) => {
+                tracing::info!(hours, points, left, "rolled up usage")
+            }
+            Err(e) if !failing => {
+                tracing::warn!("usage rollup failed: {e}; trying again each minute")
+            }
+            Err(_) => {}
+        }
+        failing = result.is_err();
+    }
+}
+
 /// Runs until `shutdown` resolves; then writes what it holds and acknowledges it, within
 /// [`STOP_TIMEOUT`].
 pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -161,6 +220,10 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
     let mut rejects = RejectLog::new();
     let mut mqtt_retry = Retry::new(Backoff::new(mqtt.reconnect_initial, mqtt.reconnect_max));
     let mut stop_by: Option<Instant> = None;
+    let rollups = cfg
+        .billing
+        .rollups
+        .then(|| tokio::spawn(keep_rollups(cfg.clone())));
     let mut health = tokio::time::interval(cfg.collector.health_interval);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -168,8 +231,8 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
     loop {
         for action in actions.drain(..) {
             match action {
-                Action::Write(body) => {
-                    write = Some(Box::pin(write_splitting(influx.clone(), body)))
+                Action::Write(body, hours) => {
+                    write = Some(Box::pin(write_splitting(influx.clone(), body, hours)))
                 }
                 Action::Ack(pkid) => {
                     let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
@@ -247,8 +310,11 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => tracing::info!(?topics, "subscribed"),
                 Ok(Event::Incoming(Packet::Publish(p))) if stop_by.is_none() => {
-                    receive(&mut gate, &mut stats, &mut rejects, &p, &mut |lines, points| {
+                    receive(&mut gate, &mut stats, &mut rejects, &p, &mut |lines, points, hour| {
                         let pkid = (p.qos != QoS::AtMostOnce).then_some(p.pkid);
+                        if let Some(h) = hour {
+                            pipeline.usage_hour(h);
+                        }
                         pipeline.add(lines, points, pkid, std::time::Instant::now(), &mut actions);
                     });
                 }
@@ -270,6 +336,9 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
         }
     }
 
+    if let Some(r) = rollups {
+        r.abort();
+    }
     // Carry the last acks out before the disconnect, which follows them in the queue.
     if client.try_disconnect().is_ok() {
         let flush = async {
@@ -290,20 +359,26 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
     Ok(())
 }
 
-/// Validates one message and hands its lines (none if rejected) to `add`: rejected
-/// messages are acknowledged in order too, so a bad message is not redelivered forever.
+/// Where [`receive`] hands a message's lines: the lines, their point count, and the hour
+/// its `usage` points fall in.
+type AddLines<'a> = dyn FnMut(&[u8], usize, Option<u64>) + 'a;
+
+/// Validates one message and hands its lines (none if rejected) to `add`, with the hour
+/// its `usage` points end in: rejected messages are acknowledged in order too, so a bad
+/// message is not redelivered forever.
 fn receive(
     gate: &mut Gate,
     stats: &mut Stats,
     rejects: &mut RejectLog,
     p: &Publish,
-    add: &mut dyn FnMut(&[u8], usize),
+    add: &mut AddLines,
 ) {
     let now = now_ms();
     match gate.admit(&p.topic, &p.payload, now) {
-        Ok(Admitted::Sample { points, .. }) => {
+        Ok(Admitted::Sample { points, sample }) => {
             stats.messages_in += 1;
-            add(gate.lines(), points);
+            let hour = (!sample.usage.is_empty()).then(|| rollup::hour_of(sample.ts_ms));
+            add(gate.lines(), points, hour);
         }
         Ok(Admitted::Status {
             cluster,
@@ -313,13 +388,13 @@ fn receive(
             stats.status_in += 1;
             let mut lines = Vec::new();
             let points = encode_status(&cluster, &node, &status, now, &mut lines);
-            add(&lines, points);
+            add(&lines, points, None);
         }
         Err(r) => {
             stats.messages_in += 1;
             stats.reject(r.reason);
             rejects.log(r.reason, &p.topic, &r.detail);
-            add(&[], 0);
+            add(&[], 0, None);
         }
     }
 }

@@ -25,8 +25,9 @@ use crate::config::BatchConfig;
 /// What the caller must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Write this line protocol, then report with [`Pipeline::written`].
-    Write(Bytes),
+    /// Write this line protocol, then report with [`Pipeline::written`]. Before each
+    /// try, mark these hours as written into (`usage` points end in them; `rollup`).
+    Write(Bytes, Vec<u64>),
     /// Send a PubAck for this packet id on the current connection.
     Ack(u16),
 }
@@ -72,6 +73,8 @@ struct Open {
     points: usize,
     /// (connection generation, packet id) of each message, in arrival order.
     acks: Vec<(u64, u16)>,
+    /// Ends of the hours its `usage` points fall in, sorted.
+    hours: Vec<u64>,
     started: Option<Instant>,
 }
 
@@ -80,6 +83,7 @@ struct Sealed {
     body: Bytes,
     points: usize,
     acks: Vec<(u64, u16)>,
+    hours: Vec<u64>,
 }
 
 /// Sealed batches held, the one being written included. Beyond it the open batch keeps
@@ -161,6 +165,13 @@ impl Pipeline {
         self.tick(now, out);
     }
 
+    /// The next [`add`](Self::add) carries `usage` points in the hour ending at `hour`.
+    pub fn usage_hour(&mut self, hour: u64) {
+        if let Err(i) = self.open.hours.binary_search(&hour) {
+            self.open.hours.insert(i, hour);
+        }
+    }
+
     /// When [`tick`](Self::tick) has something to do next, if nothing else happens.
     pub fn deadline(&self) -> Option<Instant> {
         let flush = self
@@ -197,7 +208,7 @@ impl Pipeline {
         while let Some(front) = self.sealed.front() {
             if !front.body.is_empty() {
                 self.writing = Some(now);
-                out.push(Action::Write(front.body.clone()));
+                out.push(Action::Write(front.body.clone(), front.hours.clone()));
                 return;
             }
             let empty = self.sealed.pop_front().expect("front exists");
@@ -215,6 +226,7 @@ impl Pipeline {
             body: Bytes::from(open.body),
             points: open.points,
             acks: open.acks,
+            hours: open.hours,
         });
     }
 
@@ -352,7 +364,7 @@ mod tests {
     }
 
     fn write(body: &str) -> Action {
-        Action::Write(Bytes::copy_from_slice(body.as_bytes()))
+        Action::Write(Bytes::copy_from_slice(body.as_bytes()), Vec::new())
     }
     const OK: Outcome = Outcome::Written { refused: 0 };
     fn down() -> Outcome {
@@ -437,6 +449,26 @@ mod tests {
         assert_eq!(report, Report::Recovered { failures: 1 });
         assert_eq!(t.out, [Action::Ack(1)]);
         assert_eq!(t.p.stats.write_errors, 1);
+    }
+
+    #[test]
+    fn each_batch_names_the_hours_its_usage_falls_in_on_every_try() {
+        let mut t = T::new();
+        t.p.usage_hour(7_200_000);
+        t.msg(0, "u1\n", 1);
+        t.p.usage_hour(3_600_000);
+        t.p.usage_hour(7_200_000);
+        t.msg(10, "u2\n", 2);
+        let hours = vec![3_600_000, 7_200_000];
+        let first = Action::Write(Bytes::from_static(b"u1\nu2\n"), hours.clone());
+        assert_eq!(t.tick(500), std::slice::from_ref(&first));
+        // The next batch starts without them.
+        t.msg(600, "x\n", 3);
+        t.written(700, down());
+        let retry = t.p.deadline().unwrap().duration_since(t.t0).as_millis() as u64 + 1;
+        assert_eq!(t.tick(retry), [first], "a retry marks the same hours again");
+        assert_eq!(t.written(retry + 1, OK), [Action::Ack(1), Action::Ack(2)]);
+        assert_eq!(t.tick(retry + 600), [write("x\n")]);
     }
 
     #[test]
@@ -532,7 +564,7 @@ mod tests {
             let writes = t
                 .out
                 .iter()
-                .filter(|a| matches!(a, Action::Write(_)))
+                .filter(|a| matches!(a, Action::Write(..)))
                 .count();
             t.out.clear();
             if writes == 1 {

@@ -6,6 +6,8 @@
 //! every joule exactly once. `--by job` reads `job_total`: whole-job totals of jobs that
 //! ran during the period.
 
+pub mod rollup;
+
 use std::fmt::Write as _;
 
 use nodewatt_wire::Project;
@@ -178,6 +180,10 @@ pub struct Plan {
     /// once (1 to 6): InfluxDB 1.x answers one request on one core, so a bill in six
     /// requests can use six.
     pub parallel: usize,
+    /// Whole hours are read from hourly rollups where one is usable ([`rollup`]).
+    pub rollups: bool,
+    /// How long after the last write into an hour its rollup must have been read.
+    pub settle_ms: u64,
 }
 
 impl Default for Plan {
@@ -185,6 +191,8 @@ impl Default for Plan {
         Plan {
             max_job_ms: 31 * 86_400_000,
             parallel: 6,
+            rollups: true,
+            settle_ms: 600_000,
         }
     }
 }
@@ -554,17 +562,87 @@ pub async fn usage(
     if from_ms >= to_ms {
         return Err("--from must be before --to".into());
     }
-    let statements = queries(by, from_ms, to_ms, project, plan);
-    let answers = join_all(statements.iter().map(|q| influx.query(q))).await;
     if by == By::Job {
+        let statements = queries(by, from_ms, to_ms, project, plan);
+        let answers = join_all(statements.iter().map(|q| influx.query(q))).await;
         let [answer] = <[_; 1]>::try_from(answers).map_err(|_| "one statement per job bill")?;
         return parse_jobs(&answer?);
     }
+    let tags = group_tags(by);
     let mut groups = Groups::new();
-    for answer in answers {
-        add_sums(&mut groups, &answer?, group_tags(by), false)?;
+    // Rollups hold no node per project, so a project's bill by node reads `usage`.
+    let table = rollup::table_for(tags)
+        .filter(|t| plan.rollups && (project.is_none() || *t == rollup::BY_OWNER));
+    let raw = match table {
+        Some(table) => {
+            let project = project.map(|p| p.as_str());
+            from_rollups(
+                influx,
+                &mut groups,
+                table,
+                tags,
+                from_ms,
+                to_ms,
+                project,
+                plan,
+            )
+            .await?
+        }
+        None => vec![(from_ms, to_ms)],
+    };
+    let filter = project.map_or(String::new(), |p| {
+        format!(" AND {}", influxql::eq("project", p))
+    });
+    let statements: Vec<String> = raw
+        .iter()
+        .flat_map(|(a, b)| usage_queries(tags, *a, *b, &filter, plan.parallel))
+        .collect();
+    // At most `parallel` requests at once, however many ranges are read.
+    for wave in statements.chunks(plan.parallel.max(1)) {
+        for answer in join_all(wave.iter().map(|q| influx.query(q))).await {
+            add_sums(&mut groups, &answer?, tags, false)?;
+        }
     }
     Ok(groups.into_iter().collect())
+}
+
+/// Adds the usable rollups of (from, to] to `groups`; returns the ranges left to read
+/// from `usage`.
+#[allow(clippy::too_many_arguments)]
+async fn from_rollups(
+    influx: &Influx,
+    groups: &mut Groups,
+    table: &str,
+    tags: &[&'static str],
+    from_ms: u64,
+    to_ms: u64,
+    project: Option<&str>,
+    plan: &Plan,
+) -> Result<Vec<(u64, u64)>, String> {
+    let states = rollup::parse_states(&influx.query(&rollup::states_query(from_ms, to_ms)).await?)?;
+    let split = rollup::split(from_ms, to_ms, &states, plan.settle_ms);
+    let (Some(first), Some(last)) = (split.hours.keys().next(), split.hours.keys().last()) else {
+        return Ok(split.raw);
+    };
+    let v = influx
+        .query(&rollup::rows_query(table, first - rollup::HOUR_MS, *last))
+        .await?;
+    let bad = rollup::add_rows(groups, &v, table, tags, project, &split.hours)?;
+    if bad.is_empty() {
+        return Ok(split.raw);
+    }
+    tracing::warn!(
+        hours = bad.len(),
+        "rollups whose rows do not match their state (two rollups at once?); those hours are read from usage"
+    );
+    let mut all: Vec<(u64, u64)> = split.raw;
+    all.extend(bad.iter().map(|h| (h - rollup::HOUR_MS, *h)));
+    all.sort_unstable();
+    let mut raw = Vec::with_capacity(all.len());
+    for (a, b) in all {
+        rollup::push_range(&mut raw, a, b);
+    }
+    Ok(raw)
 }
 
 /// Sums of `usage` per (user, node) of one project over (from, to]: a project report's
@@ -706,6 +784,7 @@ mod tests {
             &Plan {
                 max_job_ms: 31 * day,
                 parallel: 2,
+                ..Plan::default()
             },
         );
         assert_eq!(
