@@ -403,3 +403,45 @@ fn a_line_influxdb_refuses_costs_only_that_line() {
     assert!(collector.running());
     collector.stop_cleanly();
 }
+
+/// Usage older than the database's retention policy: InfluxDB refuses the hour's
+/// write-ahead mark as well as its points ("points beyond retention policy"); the
+/// collector drops and counts those and goes on writing every other node's.
+#[test]
+fn usage_past_the_retention_policy_is_dropped_and_the_rest_written() {
+    const DB3: &str = "nodewatt_retain";
+    let Stack {
+        mq,
+        db,
+        collector_cfg: _cfg,
+        mut collector,
+    } = Stack::start("retain", DB3);
+    db.execute(
+        "",
+        &format!(
+            "ALTER RETENTION POLICY \"autogen\" ON \"{DB3}\" DURATION 1h SHARD DURATION 1h DEFAULT"
+        ),
+    )
+    .unwrap();
+    let mut old = sample("old", 1);
+    old.ts_ms -= 3 * 3_600_000;
+    old.agent_start_ms -= 3 * 3_600_000;
+    publish_raw(
+        mq.port,
+        &[
+            (topic("old"), old.to_json().into_bytes()),
+            (topic("new"), sample("new", 1).to_json().into_bytes()),
+        ],
+    );
+    let written = wait_until(Duration::from_secs(20), || {
+        db.scalar(DB3, "SELECT COUNT(energy_uj) FROM usage") == 2.0
+            && db.scalar(DB3, "SELECT LAST(points_refused) FROM nodewatt_collector") >= 1.0
+    });
+    assert!(written, "{}", collector.log());
+    assert_eq!(
+        db.scalar(DB3, "SELECT COUNT(energy_uj) FROM usage WHERE node = 'old'"),
+        0.0
+    );
+    assert!(collector.running());
+    collector.stop_cleanly();
+}

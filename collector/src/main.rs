@@ -198,14 +198,22 @@ fn main() -> ExitCode {
             })?
             .map_err(anyhow::Error::msg)?;
             println!(
-                "rolled up {} hours ({} usage points) in {:.1} s; {} already usable; {} written into in the last {} (rolled up by serve once quiet)",
+                "rolled up {} hours ({} usage points) in {:.1} s; {} already usable; {} written into in the last {} (rolled up by serve once quiet); {} not ended yet",
                 r.rolled,
                 r.points,
                 started.elapsed().as_secs_f64(),
                 r.usable,
                 r.settling,
-                humantime::format_duration(cfg.rollup_settle())
+                humantime::format_duration(cfg.rollup_settle()),
+                r.future
             );
+            if !r.failed.is_empty() {
+                anyhow::bail!(
+                    "{} runs of hours failed (read from usage until rolled up):\n{}",
+                    r.failed.len(),
+                    r.failed.join("\n")
+                );
+            }
             Ok(ExitCode::SUCCESS)
         })(),
         Command::Usage {

@@ -444,11 +444,20 @@ fn sums_fields(s: &Sums, rolled_ms: u64) -> Option<Vec<(&'static str, Value<'sta
     ])
 }
 
+/// What [`roll_hours`] did: the hours rolled up, and an error for each run of hours that
+/// failed (left without a usable rollup, so read from `usage`).
+#[derive(Debug, Default)]
+pub struct Rolls {
+    pub done: Summary,
+    pub failed: Vec<String>,
+}
+
 /// Rolls up the given hour ends (sorted): each run of consecutive hours, at most
 /// [`MAX_HOURS_PER_QUERY`] at a time, is read with one query and written with one
-/// request.
-pub async fn roll_hours(influx: &Influx, hours: &[u64]) -> Result<Summary, String> {
-    let mut total = Summary::default();
+/// request. A run that fails does not stop the later ones: one bad hour must not hold
+/// every newer hour on raw reads.
+pub async fn roll_hours(influx: &Influx, hours: &[u64]) -> Rolls {
+    let mut r = Rolls::default();
     let mut i = 0;
     while i < hours.len() {
         let first = hours[i];
@@ -461,19 +470,30 @@ pub async fn roll_hours(influx: &Influx, hours: &[u64]) -> Result<Summary, Strin
             last = hours[i];
         }
         i += 1;
-        let rolled_ms = nodewatt_common::now_ms();
-        let v = influx.query(&hours_query(first, last)).await?;
-        let mut out = Vec::new();
-        let s = roll(first, last, rolled_ms, &v, &mut out)
-            .map_err(|e| format!("the hours to {first}..={last} ms: {e}"))?;
-        influx.write(&out).await.map_err(|e| e.to_string())?;
-        total.hours += s.hours;
-        total.rows += s.rows;
-        total.node_rows += s.node_rows;
-        total.points += s.points;
-        total.energy_uj = total.energy_uj.saturating_add(s.energy_uj);
+        match roll_run(influx, first, last).await {
+            Ok(s) => {
+                let t = &mut r.done;
+                t.hours += s.hours;
+                t.rows += s.rows;
+                t.node_rows += s.node_rows;
+                t.points += s.points;
+                t.energy_uj = t.energy_uj.saturating_add(s.energy_uj);
+            }
+            Err(e) => r
+                .failed
+                .push(format!("the hours ending {first}..={last} ms: {e}")),
+        }
     }
-    Ok(total)
+    r
+}
+
+async fn roll_run(influx: &Influx, first: u64, last: u64) -> Result<Summary, String> {
+    let rolled_ms = nodewatt_common::now_ms();
+    let v = influx.query(&hours_query(first, last)).await?;
+    let mut out = Vec::new();
+    let s = roll(first, last, rolled_ms, &v, &mut out)?;
+    influx.write(&out).await.map_err(|e| e.to_string())?;
+    Ok(s)
 }
 
 /// The hours written into since their last rollup and quiet for `settle`, oldest first,
@@ -495,7 +515,7 @@ pub async fn due_hours(
 }
 
 /// What [`roll_range`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RangeReport {
     pub rolled: u64,
     pub points: u64,
@@ -503,6 +523,10 @@ pub struct RangeReport {
     pub usable: u64,
     /// Written into less than `settle` ago: a rollup now would not be usable yet.
     pub settling: u64,
+    /// Not ended yet: left for later.
+    pub future: u64,
+    /// One error per run of hours that failed.
+    pub failed: Vec<String>,
 }
 
 /// Rolls up every whole hour of (from, to] that has no usable rollup (every one with
@@ -521,7 +545,9 @@ pub async fn roll_range(
     let mut hour = hour_of(from_ms.saturating_add(HOUR_MS));
     while hour <= to_ms {
         let st = states.get(&hour).copied().unwrap_or_default();
-        if st
+        if hour > now {
+            r.future += 1;
+        } else if st
             .written_ms
             .is_some_and(|w| w.saturating_add(settle_ms) >= now)
         {
@@ -533,9 +559,10 @@ pub async fn roll_range(
         }
         hour += HOUR_MS;
     }
-    let s = roll_hours(influx, &todo).await?;
-    r.rolled = s.hours;
-    r.points = s.points;
+    let rolls = roll_hours(influx, &todo).await;
+    r.rolled = rolls.done.hours;
+    r.points = rolls.done.points;
+    r.failed = rolls.failed;
     Ok(r)
 }
 

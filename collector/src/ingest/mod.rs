@@ -100,8 +100,12 @@ async fn write_splitting(influx: Arc<Influx>, body: Bytes, hours: Vec<u64>) -> O
             for h in &hours {
                 rollup::written_line(&mut marks, *h, now);
             }
-            if let Err(e) = influx.write(&marks).await {
-                return Outcome::Failed(format!("marking hours written into: {e}"));
+            match influx.write(&marks).await {
+                Ok(()) => {}
+                // Marks are at their hour's end, after every point of it: usage in an
+                // hour past the retention policy is dropped too.
+                Err(WriteError::Refused { message }) if beyond_retention(&message) => {}
+                Err(e) => return Outcome::Failed(format!("marking hours written into: {e}")),
             }
         }
         match influx.write(part).await {
@@ -125,6 +129,12 @@ async fn write_splitting(influx: Arc<Influx>, body: Bytes, hours: Vec<u64>) -> O
         }
     }
     Outcome::Written { refused }
+}
+
+/// InfluxDB 1.x's answer to points older than the retention policy keeps (the others
+/// of the request are written).
+fn beyond_retention(message: &str) -> bool {
+    message.contains("points beyond retention policy")
 }
 
 /// Splits line protocol near its middle, at a line end.
@@ -164,24 +174,30 @@ async fn keep_rollups(cfg: Config) {
     let mut failing = false;
     loop {
         every.tick().await;
-        let round = async {
-            let due = rollup::due_hours(&influx, now_ms(), ROLLUP_LOOKBACK_MS, settle).await?;
-            let now = &due[..due.len().min(ROLLUP_MAX_HOURS)];
-            let s = rollup::roll_hours(&influx, now).await?;
-            Ok::<_, String>((s.hours, s.points, due.len() - now.len()))
+        let due = match rollup::due_hours(&influx, now_ms(), ROLLUP_LOOKBACK_MS, settle).await {
+            Ok(due) => due,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!("usage rollup failed: {e}; trying again each minute");
+                }
+                failing = true;
+                continue;
+            }
         };
-        let result = round.await;
-        match &result {
-            Ok((0, ..)) => {}
-            Ok((hours, points, left)) => {
-                tracing::info!(hours, points, left, "rolled up usage")
-            }
-            Err(e) if !failing => {
-                tracing::warn!("usage rollup failed: {e}; trying again each minute")
-            }
-            Err(_) => {}
+        let now = &due[..due.len().min(ROLLUP_MAX_HOURS)];
+        let r = rollup::roll_hours(&influx, now).await;
+        let (hours, points, left) = (r.done.hours, r.done.points, due.len() - now.len());
+        if hours > 0 {
+            tracing::info!(hours, points, left, "rolled up usage");
         }
-        failing = result.is_err();
+        if let Some(e) = r.failed.first().filter(|_| !failing) {
+            // Those hours stay due and are read from `usage` until a rollup succeeds.
+            tracing::warn!(
+                runs = r.failed.len(),
+                "usage rollup failed: {e}; trying again each minute"
+            );
+        }
+        failing = !r.failed.is_empty();
     }
 }
 
