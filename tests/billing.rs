@@ -432,10 +432,10 @@ fn job_bills_read_job_totals_from_max_job_length_before_the_period() {
     );
 }
 
-/// An InfluxDB that cuts answers short (`[http] max-row-limit`) must make a bill fail,
-/// never shrink it: InfluxDB 1.x marks the last series it kept, not the result.
+/// `[http] max-row-limit` cuts InfluxDB 1.x's whole answers (marking only the last
+/// series it kept); chunked answers are not cut, so a bill is whole on such a server.
 #[test]
-fn an_answer_cut_short_by_max_row_limit_is_an_error_not_a_smaller_bill() {
+fn a_server_with_max_row_limit_still_bills_every_row() {
     let db = Influxd::start_with("", "  max-row-limit = 2");
     db.execute("", &format!("CREATE DATABASE \"{DB}\""))
         .unwrap();
@@ -473,17 +473,30 @@ fn an_answer_cut_short_by_max_row_limit_is_an_error_not_a_smaller_bill() {
                 "2026-09-30",
                 "--to",
                 "2026-10-02",
+                "--format",
+                "csv",
                 "--config",
             ])
             .arg(&cfg.path)
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains("max-row-limit"),
-            "--by {by}: {}\n{err}",
-            String::from_utf8_lossy(&out.stdout)
+        let (stdout, err) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
         );
+        assert!(out.status.success(), "--by {by}: {stdout}\n{err}");
+        let key = match by {
+            "job" => "",
+            "project" => "p",
+            _ => "n",
+        };
+        let keys: Vec<&str> = stdout
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split(',').next())
+            .collect();
+        let want: Vec<String> = (0..5).map(|i| format!("{key}{i}")).collect();
+        assert_eq!(keys, want, "--by {by}:\n{stdout}");
     }
 }
 
@@ -721,4 +734,132 @@ fn rollups_bill_exactly_what_usage_says_through_late_writes_and_mixed_rows() {
     )
     .unwrap();
     same_as_raw("rows that are not their hour's rollup");
+}
+
+/// A run of hours whose rollup fails (here a negative `usage` value written by hand) is
+/// named and left to raw reads; the other runs are rolled up all the same.
+#[test]
+fn a_rollup_failing_for_some_hours_rolls_up_the_others_and_names_them() {
+    const H: u64 = 3_600_000;
+    let db = Influxd::start();
+    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
+        .unwrap();
+    let from = 1_790_812_800_000u64; // 2026-10-01T00:00:00Z
+    let usage = |t: u64, gpu: i64| {
+        format!(
+            "usage,cluster=c1,node=n1,project=p,user=u energy_gpu_uj={gpu}i,energy_cpu_uj=0i,\
+             energy_dram_uj=0i,energy_other_uj=0i,energy_uj={gpu}i,gpu_ms=1i,cpu_us=0i,span_ms=1i,jobs=1i {t}"
+        )
+    };
+    let lines = [usage(from + 900_000, -5), usage(from + 5 * H + 900_000, 7)].join("\n");
+    db.write_lines(DB, None, "ms", lines.into_bytes(), false)
+        .unwrap();
+    let cfg = config_file(
+        "collector.toml",
+        &format!(
+            "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n",
+            db.url()
+        ),
+    );
+    let rollup = |a: u64, b: u64| {
+        std::process::Command::new(bin("nodewatt-collector"))
+            .args([
+                "rollup",
+                "--from",
+                &rfc3339(a),
+                "--to",
+                &rfc3339(b),
+                "--config",
+            ])
+            .arg(&cfg.path)
+            .output()
+            .unwrap()
+    };
+    // The middle hour first, so the period's other hours are two runs.
+    assert!(rollup(from + 2 * H, from + 3 * H).status.success());
+    let out = rollup(from, from + 6 * H);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("rolled up 3 hours") && stdout.contains("1 already usable"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("hours not rolled up")
+            && stderr.contains(&format!(
+                "the hours ending {}..={} ms",
+                from + H,
+                from + 2 * H
+            )),
+        "{stderr}"
+    );
+    let rolled = |h: u64| {
+        db.rows(
+            DB,
+            &format!("SELECT rolled_ms FROM usage_hour_state WHERE time = {h}ms"),
+        )
+        .first()
+        .is_some_and(|(_, r)| r["rolled_ms"].is_number())
+    };
+    assert!(!rolled(from + H) && !rolled(from + 2 * H));
+    assert!((4..=6).all(|k| rolled(from + k * H)));
+    assert_eq!(
+        db.scalar(DB, "SELECT SUM(energy_gpu_uj) FROM usage_hourly"),
+        7.0
+    );
+}
+
+/// InfluxDB before 1.7.8 marks a series of more than 10,000 values `partial` in a whole
+/// (non-chunked) answer: a month's `--by job` over 1,000 nodes was refused for it.
+#[test]
+fn a_bill_of_more_than_10000_jobs_is_whole() {
+    const JOBS: u64 = 10_050;
+    let db = Influxd::start();
+    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
+        .unwrap();
+    let t = 1_790_812_800_000u64; // 2026-10-01T00:00:00Z
+    let lines: Vec<String> = (0..JOBS)
+        .map(|i| {
+            format!(
+                "job_total,cluster=c1,job={i},node=n1,project=p,user=u energy_gpu_uj={}i,energy_cpu_uj=0i,\
+                 energy_dram_uj=0i,energy_other_uj=0i,energy_uj={}i,gpu_ms=1i,cpu_us=0i,start_ms={}i,\
+                 until_ms={}i,ended=true,gpus=\"0\" {}",
+                i + 1,
+                i + 1,
+                t + i,
+                t + i + 1,
+                t + i + 1
+            )
+        })
+        .collect();
+    db.write_lines(DB, None, "ms", lines.join("\n").into_bytes(), false)
+        .unwrap();
+    let cfg = config_file(
+        "collector.toml",
+        &format!(
+            "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n",
+            db.url()
+        ),
+    );
+    let out = collector_cli(
+        &cfg,
+        &[
+            "usage",
+            "--by",
+            "job",
+            "--format",
+            "json",
+            "--from",
+            "2026-09-30",
+            "--to",
+            "2026-10-02",
+        ],
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.len() as u64, JOBS);
+    let total: u64 = rows.iter().map(|r| r["energy_uj"].as_u64().unwrap()).sum();
+    assert_eq!(total, JOBS * (JOBS + 1) / 2);
 }

@@ -140,9 +140,13 @@ impl Influx {
     /// with the bucket as database); timestamps in ms.
     pub async fn query(&self, q: &str) -> Result<serde_json::Value, String> {
         let mut url = self.query_url.clone();
+        // Chunked: InfluxDB 1.x enforces `max-row-limit` only on whole answers, and before
+        // 1.7.8 it marks a complete series of more than 10,000 values `partial` in them.
         url.query_pairs_mut()
             .append_pair("db", &self.database)
             .append_pair("epoch", "ms")
+            .append_pair("chunked", "true")
+            .append_pair("chunk_size", "10000")
             .append_pair("q", q);
         let resp = self
             .auth(self.client.get(url))
@@ -154,12 +158,7 @@ impl Influx {
         if !status.is_success() {
             return Err(format!("InfluxDB answered {status}: {}", text.trim()));
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| format!("InfluxDB answer is not JSON: {e}"))?;
-        if let Some(err) = v["results"][0]["error"].as_str().or(v["error"].as_str()) {
-            return Err(format!("InfluxDB: {err}"));
-        }
-        Ok(v)
+        merge_chunks(&text)
     }
 
     pub async fn write(&self, body: &[u8]) -> Result<(), WriteError> {
@@ -200,5 +199,101 @@ impl Influx {
             }
             _ => WriteError::Retry(msg),
         })
+    }
+}
+
+/// One answer from the documents of a chunked one: a series the server split over chunks
+/// (`partial` in all but its last) is joined again. What stays `partial` (the series or
+/// the result) was not finished when the answer ended, which billing refuses.
+pub fn merge_chunks(text: &str) -> Result<serde_json::Value, String> {
+    use serde_json::{json, Value};
+    let mut results: Vec<Value> = Vec::new();
+    for doc in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
+        let doc = doc.map_err(|e| format!("InfluxDB answer is not JSON: {e}"))?;
+        if let Some(err) = doc["error"].as_str() {
+            return Err(format!("InfluxDB: {err}"));
+        }
+        for r in doc["results"].as_array().into_iter().flatten() {
+            if let Some(err) = r["error"].as_str() {
+                return Err(format!("InfluxDB: {err}"));
+            }
+            let id = r["statement_id"].clone();
+            let same_statement = results.last().is_some_and(|l| l["statement_id"] == id);
+            if !same_statement {
+                results.push(json!({"statement_id": id, "series": []}));
+            }
+            let acc = results.last_mut().expect("pushed above");
+            acc["partial"] = r["partial"].clone();
+            let series = acc["series"].as_array_mut().expect("an array");
+            for s in r["series"].as_array().into_iter().flatten() {
+                match series.last_mut() {
+                    Some(last)
+                        if last["partial"] == true
+                            && last["name"] == s["name"]
+                            && last["tags"] == s["tags"]
+                            && last["columns"] == s["columns"] =>
+                    {
+                        let more = s["values"].as_array().cloned().unwrap_or_default();
+                        if let Some(v) = last["values"].as_array_mut() {
+                            v.extend(more);
+                        }
+                        last["partial"] = s["partial"].clone();
+                    }
+                    _ => series.push(s.clone()),
+                }
+            }
+        }
+    }
+    // Flags that ended false say nothing: leave only the ones that are set.
+    for r in &mut results {
+        if let Some(o) = r.as_object_mut() {
+            o.retain(|k, v| k != "partial" || *v == true);
+        }
+        for s in r["series"].as_array_mut().into_iter().flatten() {
+            if let Some(o) = s.as_object_mut() {
+                o.retain(|k, v| k != "partial" || *v == true);
+            }
+        }
+    }
+    Ok(json!({ "results": results }))
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::merge_chunks;
+
+    #[test]
+    fn chunks_join_into_one_answer_and_an_unfinished_one_stays_partial() {
+        // As influxd 1.6.7 answers `SELECT v FROM m GROUP BY h` with chunk_size=2.
+        let text = r#"{"results":[{"statement_id":0,"series":[{"name":"m","tags":{"h":"a"},"columns":["time","v"],"values":[[1000,0],[1001,1]],"partial":true}],"partial":true}]}
+{"results":[{"statement_id":0,"series":[{"name":"m","tags":{"h":"a"},"columns":["time","v"],"values":[[1002,2]]}],"partial":true}]}
+{"results":[{"statement_id":0,"series":[{"name":"m","tags":{"h":"b"},"columns":["time","v"],"values":[[2000,0],[2001,1]],"partial":true}],"partial":true}]}
+{"results":[{"statement_id":0,"series":[{"name":"m","tags":{"h":"b"},"columns":["time","v"],"values":[[2002,2]]}]}]}
+"#;
+        let v = merge_chunks(text).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"results":[{"statement_id":0,"series":[
+                {"name":"m","tags":{"h":"a"},"columns":["time","v"],"values":[[1000,0],[1001,1],[1002,2]]},
+                {"name":"m","tags":{"h":"b"},"columns":["time","v"],"values":[[2000,0],[2001,1],[2002,2]]}
+            ]}]})
+        );
+        // The same answer cut after its third document: what is unfinished says so.
+        let cut: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+        let v = merge_chunks(&cut).unwrap();
+        assert_eq!(v["results"][0]["partial"], true);
+        assert_eq!(v["results"][0]["series"][1]["partial"], true);
+        // An empty answer, and errors in either place.
+        let v = merge_chunks(r#"{"results":[{"statement_id":0}]}"#).unwrap();
+        assert_eq!(v["results"][0]["series"], serde_json::json!([]));
+        assert!(merge_chunks(r#"{"error":"error parsing query"}"#)
+            .unwrap_err()
+            .contains("error parsing query"));
+        assert!(
+            merge_chunks(r#"{"results":[{"statement_id":0,"error":"timeout"}]}"#)
+                .unwrap_err()
+                .contains("timeout")
+        );
+        assert!(merge_chunks("{\"results\":[").is_err());
     }
 }

@@ -209,8 +209,7 @@ fn main() -> ExitCode {
             );
             if !r.failed.is_empty() {
                 anyhow::bail!(
-                    "{} runs of hours failed (read from usage until rolled up):\n{}",
-                    r.failed.len(),
+                    "hours not rolled up (bills read them from usage until they are):\n{}",
                     r.failed.join("\n")
                 );
             }

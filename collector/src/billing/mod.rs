@@ -283,9 +283,9 @@ fn usage_queries(
         .collect()
 }
 
-/// An answer InfluxDB cut short (`max-row-limit`) would be a wrong bill.
-/// InfluxDB 1.x marks a non-chunked answer it cut short on the last series it kept
-/// (and drops the series after it); other servers mark the result.
+/// An answer that ended unfinished would be a wrong bill. Queries are chunked, so
+/// `max-row-limit` does not cut them (`Influx::query`); what is still `partial` after the
+/// chunks are joined (a series or the result) never got its last part.
 fn complete(v: &serde_json::Value) -> Result<(), String> {
     let result = &v["results"][0];
     let cut = result["partial"].as_bool() == Some(true)
@@ -296,8 +296,8 @@ fn complete(v: &serde_json::Value) -> Result<(), String> {
             .any(|s| s["partial"].as_bool() == Some(true));
     if cut {
         return Err(
-            "InfluxDB returned part of the answer (its [http] max-row-limit): set \
-             max-row-limit = 0 as in config/influxdb.conf, or bill a shorter period"
+            "InfluxDB's answer ended unfinished (partial): a bill from it would be short; \
+             try again, or bill a shorter period"
                 .into(),
         );
     }
@@ -827,17 +827,17 @@ mod tests {
                 .unwrap();
         assert!(parse_answer(&cut, By::Project)
             .unwrap_err()
-            .contains("max-row-limit"));
-        assert!(parse_jobs(&cut).unwrap_err().contains("max-row-limit"));
-        // InfluxDB 1.x marks the last series it kept, not the result.
+            .contains("unfinished"));
+        assert!(parse_jobs(&cut).unwrap_err().contains("unfinished"));
+        // A series left unfinished, the result not marked.
         let cut: serde_json::Value = serde_json::from_str(
             r#"{"results":[{"statement_id":0,"series":[{"name":"job_total","columns":["time"],"values":[[1]],"partial":true}]}]}"#,
         )
         .unwrap();
-        assert!(parse_jobs(&cut).unwrap_err().contains("max-row-limit"));
+        assert!(parse_jobs(&cut).unwrap_err().contains("unfinished"));
         assert!(parse_answer(&cut, By::Project)
             .unwrap_err()
-            .contains("max-row-limit"));
+            .contains("unfinished"));
 
         // A first row whose classes together pass 2^64 µJ is refused like any sum.
         let mut g = Groups::new();
