@@ -283,9 +283,9 @@ fn usage_queries(
         .collect()
 }
 
-/// An answer that ended unfinished would be a wrong bill. Queries are chunked, so
-/// `max-row-limit` does not cut them (`Influx::query`); what is still `partial` after the
-/// chunks are joined (a series or the result) never got its last part.
+/// An answer that ended unfinished would be a wrong bill. A whole answer that says
+/// `partial` is asked for again in chunks, which `max-row-limit` does not cut
+/// (`Influx::query`); what is still `partial` after that never got its last part.
 fn complete(v: &serde_json::Value) -> Result<(), String> {
     let result = &v["results"][0];
     let cut = result["partial"].as_bool() == Some(true)
@@ -564,7 +564,7 @@ pub async fn usage(
     }
     if by == By::Job {
         let statements = queries(by, from_ms, to_ms, project, plan);
-        let answers = join_all(statements.iter().map(|q| influx.query(q))).await;
+        let answers = join_all(statements.iter().map(|q| influx.query_chunked(q))).await;
         let [answer] = <[_; 1]>::try_from(answers).map_err(|_| "one statement per job bill")?;
         return parse_jobs(&answer?);
     }
