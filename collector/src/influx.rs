@@ -138,6 +138,7 @@ impl Influx {
 
     /// Runs an InfluxQL query through `/query` (on 2.x/3.x, the v1-compatible endpoint
     /// with the bucket as database); timestamps in ms.
+    ///
     /// Answers `q` whole; where that answer says `partial` somewhere, asks again in chunks.
     /// InfluxDB 1.x applies `max-row-limit` only to whole answers, and before 1.7.8 marks
     /// a complete series of more than 10,000 values `partial` in them. Chunked answers
@@ -233,9 +234,10 @@ fn has_partial(v: &serde_json::Value) -> bool {
     })
 }
 
-/// One answer from the documents of a chunked one (or the one document of a whole one): a series the server split over chunks
-/// (`partial` in all but its last) is joined again. What stays `partial` (the series or
-/// the result) was not finished when the answer ended, which billing refuses.
+/// One answer from the documents of a chunked one (or the one of a whole one): a series
+/// the server split over chunks (`partial` in all but its last) is joined again. What
+/// stays `partial` (the series or the result) was not finished when the answer ended,
+/// which billing refuses.
 pub fn merge_chunks(text: &str) -> Result<serde_json::Value, String> {
     use serde_json::{json, Value};
     let mut results: Vec<Value> = Vec::new();

@@ -100,8 +100,8 @@ enum Command {
         prices: PriceArgs,
     },
     /// Roll up the `usage` of every whole hour in (FROM, TO] that has no usable rollup:
-    /// for data written before rollups existed or while `[billing] rollups` was off
-    /// (`serve` keeps the hours it writes rolled up). Bills read whole hours from
+    /// for data written before rollups existed, or more than 400 days ago (`serve` keeps
+    /// rolled up the hours collectors marked as written into, whenever rollups are on). Bills read whole hours from
     /// rollups, the rest from `usage`; see docs/billing.md.
     Rollup {
         #[arg(long, short, value_name = "FILE")]
