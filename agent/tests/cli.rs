@@ -99,7 +99,7 @@ fn once_matches_golden_file() {
     assert!(sample.sources.iter().all(|s| s.ok));
     assert_eq!(sample.gpus.len(), 2);
     assert_eq!(sample.rapl.len(), 5);
-    assert_eq!(sample.hwmon.len(), 9);
+    assert_eq!(sample.hwmon.len(), 10);
     assert_eq!(sample.thermal.len(), 2);
     assert_eq!(sample.cpu.as_ref().unwrap().jobs.len(), 2);
     // GPU 0 belongs to job 1001 of proj-a; GPU 1 to nobody.
@@ -139,7 +139,7 @@ fn check_lists_sources_devices_and_reasons() {
         "cpu        ok           4 CPUs; cgroup v2",
         "2 job cgroups",
         "rapl       ok           5 domains: intel-rapl:0 package-0, intel-rapl:0:0 core, intel-rapl:0:1 dram, intel-rapl:1 package-1, intel-rapl:2 psys",
-        "hwmon      ok           6 chips: 4 temperature, 2 fan, 1 power, 2 energy sensors",
+        "hwmon      ok           7 chips: 5 temperature, 2 fan, 1 power, 2 energy sensors",
         "thermal    ok           2 zones: acpitz, x86_pkg_temp",
         "jobs       ok           2 jobs in ",
     ] {

@@ -388,7 +388,8 @@ pub struct HwmonSensor {
     /// Driver name from the chip's `name` file, e.g. `coretemp`, `power_meter`.
     #[serde(deserialize_with = "label")]
     pub chip: String,
-    /// hwmon device directory, e.g. `hwmon3`.
+    /// The chip's parent device, stable across reboots, e.g. `platform/coretemp.0`;
+    /// `hwmonN` for a chip with no device.
     #[serde(deserialize_with = "label")]
     pub device: String,
     /// Channel, e.g. `temp1`, `fan2`, `power1`, `energy1`.

@@ -60,34 +60,62 @@ pub fn to_value(kind: SensorKind, raw: i64) -> (Option<f64>, Option<u64>) {
     }
 }
 
-fn chip_channels(device: &str, dir: &Path) -> Vec<Channel> {
-    // Older drivers keep the attributes in the parent device directory.
-    let attrs = if dir.join("name").exists() {
-        dir.to_path_buf()
-    } else {
-        dir.join("device")
+/// A chip's name for people: `hwmonN/name`, else `hwmonN/device/name` (older drivers keep
+/// their attributes in the parent device), else `hwmonN` itself.
+fn chip_name(hwmon: &str, dir: &Path) -> String {
+    [dir.join("name"), dir.join("device/name")]
+        .iter()
+        .find_map(|f| sysfs::read_string(f).ok().filter(|n| !n.trim().is_empty()))
+        .map_or_else(|| hwmon.to_string(), |n| sysfs::clean_name(&n, hwmon))
+}
+
+/// A chip's identity across reboots, where `hwmonN` numbers follow the order drivers
+/// loaded in (a two-socket node's chips can swap): its parent device, as the `device`
+/// link resolves, `<parent>/<device>` (`platform/coretemp.0`, `pci0000:00/0000:00:18.3`),
+/// as node_exporter names chips; `hwmonN` for a chip with no device.
+fn chip_identity(hwmon: &str, dir: &Path) -> String {
+    let Ok(dev) = std::fs::canonicalize(dir.join("device")) else {
+        return hwmon.to_string();
     };
-    let chip = sysfs::clean_name(
-        &sysfs::read_string(&attrs.join("name")).unwrap_or_default(),
-        device,
-    );
-    let Ok(entries) = sysfs::sorted_entries(&attrs) else {
-        return Vec::new();
+    let name = |p: Option<&Path>| {
+        p.and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned())
     };
-    let mut chosen: Vec<(String, SensorKind, u8, String)> = Vec::new();
-    for (file, _) in entries {
-        let Some((chan, kind, rank)) = classify(&file) else {
+    match (name(dev.parent()), name(Some(&dev))) {
+        (Some(parent), Some(device)) => sysfs::clean_name(&format!("{parent}/{device}"), hwmon),
+        _ => hwmon.to_string(),
+    }
+}
+
+/// The channels of one chip, read (as node_exporter does) from `hwmonN/` and from
+/// `hwmonN/device/`; a channel in both is read from `hwmonN/`.
+fn chip_channels(hwmon: &str, dir: &Path) -> Vec<Channel> {
+    let chip = chip_name(hwmon, dir);
+    let device = chip_identity(hwmon, dir);
+    // (channel, kind, rank, directory, file)
+    let mut chosen: Vec<(String, SensorKind, u8, std::path::PathBuf, String)> = Vec::new();
+    for attrs in [dir.to_path_buf(), dir.join("device")] {
+        let Ok(entries) = sysfs::sorted_entries(&attrs) else {
             continue;
         };
-        match chosen.iter_mut().find(|c| c.0 == chan) {
-            Some(c) if rank < c.2 => *c = (chan, kind, rank, file),
-            Some(_) => {}
-            None => chosen.push((chan, kind, rank, file)),
+        let from_hwmon: Vec<String> = chosen.iter().map(|c| c.0.clone()).collect();
+        for (file, _) in entries {
+            let Some((chan, kind, rank)) = classify(&file) else {
+                continue;
+            };
+            if attrs != dir && from_hwmon.contains(&chan) {
+                continue;
+            }
+            match chosen.iter_mut().find(|c| c.0 == chan) {
+                Some(c) if rank < c.2 => *c = (chan, kind, rank, attrs.clone(), file),
+                Some(_) => {}
+                None => chosen.push((chan, kind, rank, attrs.clone(), file)),
+            }
         }
     }
     chosen
         .into_iter()
-        .map(|(chan, kind, _, file)| {
+        .map(|(chan, kind, _, attrs, file)| {
             let path = attrs.join(&file);
             let label = sysfs::read_string(&attrs.join(format!("{chan}_label")))
                 .ok()
@@ -95,9 +123,9 @@ fn chip_channels(device: &str, dir: &Path) -> Vec<Channel> {
                 .filter(|l| !l.is_empty());
             Channel {
                 chip: chip.clone(),
-                device: device.to_string(),
+                device: device.clone(),
                 file: AttrFile::open(path.clone())
-                    .map_err(|e| format!("{device} ({chip}) {}", sysfs::describe(&path, &e))),
+                    .map_err(|e| format!("{hwmon} ({chip}) {}", sysfs::describe(&path, &e))),
                 sensor: chan,
                 label,
                 kind,
@@ -222,6 +250,37 @@ mod tests {
         assert_eq!(to_value(SensorKind::Energy, -1), (None, None));
     }
 
+    /// (chip, device, sensor, label, value, energy_uj, has error) of every sensor read.
+    type Row = (
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<f64>,
+        Option<u64>,
+        bool,
+    );
+
+    fn rows(h: &mut Hwmon) -> Vec<Row> {
+        let mut s = empty_sample();
+        h.read(0, &mut s).unwrap();
+        s.hwmon
+            .into_iter()
+            .map(|x| {
+                let err = x.error.is_some();
+                (
+                    x.chip,
+                    x.device,
+                    x.sensor,
+                    x.label,
+                    x.value,
+                    x.energy_uj,
+                    err,
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn reads_every_chip_of_the_fixture() {
         let fx = fixture_copy();
@@ -229,68 +288,129 @@ mod tests {
         let inv = h.inventory();
         assert_eq!(
             inv.summary,
-            "6 chips: 4 temperature, 2 fan, 1 power, 2 energy sensors"
+            "7 chips: 5 temperature, 2 fan, 1 power, 2 energy sensors"
         );
-        let mut s = empty_sample();
         // fan2 of nct6775 reads as no number, like a switched-off sensor: an error, not 0.
-        assert_eq!(h.read(0, &mut s).unwrap(), 8);
-        // chip, sensor, label, value, energy_uj, has error
-        type Row<'a> = (
-            &'a str,
-            &'a str,
-            Option<&'a str>,
-            Option<f64>,
-            Option<u64>,
-            bool,
-        );
-        let rows: Vec<Row> = s
-            .hwmon
-            .iter()
-            .map(|x| {
-                (
-                    x.chip.as_str(),
-                    x.sensor.as_str(),
-                    x.label.as_deref(),
-                    x.value,
-                    x.energy_uj,
-                    x.error.is_some(),
-                )
-            })
-            .collect();
+        assert_eq!(h.read(0, &mut empty_sample()).unwrap(), 9);
+        let row = |chip: &str, dev: &str, sensor: &str, label: Option<&str>, v, e, err| -> Row {
+            (
+                chip.into(),
+                dev.into(),
+                sensor.into(),
+                label.map(Into::into),
+                v,
+                e,
+                err,
+            )
+        };
         assert_eq!(
-            rows,
+            rows(&mut h),
             [
-                ("acpitz", "temp1", None, Some(27.8), None, false),
-                (
+                // No `device` link (a virtual chip): named and identified by hwmonN.
+                row("acpitz", "hwmon0", "temp1", None, Some(27.8), None, false),
+                row(
                     "coretemp",
+                    "platform/coretemp.0",
                     "temp1",
                     Some("Package id 0"),
                     Some(52.0),
                     None,
                     false
                 ),
-                ("coretemp", "temp2", Some("Core 0"), Some(49.0), None, false),
-                ("nct6775", "fan1", None, Some(1830.0), None, false),
-                ("nct6775", "fan2", None, None, None, true),
-                ("power_meter", "power1", None, Some(412.5), None, false),
-                (
+                row(
+                    "coretemp",
+                    "platform/coretemp.0",
+                    "temp2",
+                    Some("Core 0"),
+                    Some(49.0),
+                    None,
+                    false
+                ),
+                row(
+                    "nct6775",
+                    "platform/nct6775.656",
+                    "fan1",
+                    None,
+                    Some(1830.0),
+                    None,
+                    false
+                ),
+                row(
+                    "nct6775",
+                    "platform/nct6775.656",
+                    "fan2",
+                    None,
+                    None,
+                    None,
+                    true
+                ),
+                row(
+                    "power_meter",
+                    "device:00/ACPI0000:00",
+                    "power1",
+                    None,
+                    Some(412.5),
+                    None,
+                    false
+                ),
+                row(
                     "amd_energy",
+                    "platform/amd_energy.0",
                     "energy1",
                     Some("Esocket0"),
                     None,
                     Some(123_456_789),
                     false
                 ),
-                (
+                row(
                     "amd_energy",
+                    "platform/amd_energy.0",
                     "energy2",
                     Some("Ecore000"),
                     None,
                     Some(98_765),
                     false
                 ),
-                ("w83627ehf", "temp1", None, Some(38.0), None, false),
+                // An older driver: name and sensors in the parent device (`device/`).
+                row(
+                    "w83627ehf",
+                    "platform/w83627ehf.2576",
+                    "temp1",
+                    None,
+                    Some(38.0),
+                    None,
+                    false
+                ),
+                // Sensors in hwmonN/ and no `name` anywhere: named hwmonN, still read.
+                row(
+                    "hwmon6",
+                    "platform/i5k_amb.0",
+                    "temp1",
+                    None,
+                    Some(61.0),
+                    None,
+                    false
+                ),
             ]
         );
+    }
+
+    /// hwmonN numbers follow driver load order: renumbered chips keep their identity.
+    #[test]
+    fn chips_keep_their_identity_when_hwmon_numbers_change() {
+        let fx = fixture_copy();
+        let before = rows(&mut Hwmon::discover(&fx.sys()));
+        let class = fx.sys().join("class/hwmon");
+        let link = |n: &str| std::fs::read_link(class.join(n)).unwrap();
+        let (one, two) = (link("hwmon1"), link("hwmon2"));
+        for (n, target) in [("hwmon1", two), ("hwmon2", one)] {
+            std::fs::remove_file(class.join(n)).unwrap();
+            std::os::unix::fs::symlink(target, class.join(n)).unwrap();
+        }
+        let mut after = rows(&mut Hwmon::discover(&fx.sys()));
+        let mut before = before;
+        before.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
+        after.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
+        assert_eq!(before, after);
     }
 }
