@@ -60,6 +60,19 @@ impl Sums {
             .saturating_add(self.other_uj)
     }
 
+    /// The six sums in [`FIELDS`] order, `get(k)` reading the k-th (the first error is
+    /// returned): one place that knows which column is which sum.
+    fn from_columns(mut get: impl FnMut(usize) -> Result<u64, String>) -> Result<Sums, String> {
+        Ok(Sums {
+            gpu_uj: get(0)?,
+            cpu_uj: get(1)?,
+            dram_uj: get(2)?,
+            other_uj: get(3)?,
+            gpu_ms: get(4)?,
+            cpu_us: get(5)?,
+        })
+    }
+
     /// `None` if any sum, or the energy total, would pass u64.
     pub fn checked_add(&self, o: &Sums) -> Option<Sums> {
         let s = Sums {
@@ -369,14 +382,7 @@ fn add_sums(
                     None => Ok(0),
                 }
             };
-            let sums = Sums {
-                gpu_uj: get("gpu_uj")?,
-                cpu_uj: get("cpu_uj")?,
-                dram_uj: get("dram_uj")?,
-                other_uj: get("other_uj")?,
-                gpu_ms: get("gpu_ms")?,
-                cpu_us: get("cpu_us")?,
-            };
+            let sums = Sums::from_columns(|k| get(FIELDS[k].1))?;
             let key: Vec<String> = tags.iter().map(|t| tag(t)).collect();
             add_to(groups, key, &sums)?;
         }
@@ -426,18 +432,10 @@ pub fn parse_jobs(v: &serde_json::Value) -> Result<Vec<(Vec<String>, Sums)>, Str
                     text(tag_cols[3])
                 )
             };
-            let mut v = [0u64; 6];
-            for (slot, (i, f)) in v.iter_mut().zip(&field_cols) {
-                *slot = count(&row[*i], f, &name)?;
-            }
-            let sums = Sums {
-                gpu_uj: v[0],
-                cpu_uj: v[1],
-                dram_uj: v[2],
-                other_uj: v[3],
-                gpu_ms: v[4],
-                cpu_us: v[5],
-            };
+            let sums = Sums::from_columns(|k| {
+                let (i, f) = field_cols[k];
+                count(&row[i], f, &name)
+            })?;
             let key = vec![text(tag_cols[0]), text(tag_cols[1]), text(tag_cols[2])];
             add_to(&mut groups, key, &sums)?;
         }

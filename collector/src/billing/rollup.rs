@@ -235,22 +235,12 @@ pub fn add_rows(
                 continue;
             };
             let name = || format!("{table} {key:?} at {hour} ms");
-            let mut v = [0u64; 6];
-            for (slot, (i, (f, _))) in v.iter_mut().zip(field_cols.iter().zip(&FIELDS)) {
-                *slot = count(&row[*i], f, &name)?;
-            }
+            let sums = Sums::from_columns(|k| count(&row[field_cols[k]], FIELDS[k].0, &name))?;
             rows.push(Row {
                 hour,
                 key: key.clone(),
                 rolled_ms: row[rolled].as_u64(),
-                sums: Sums {
-                    gpu_uj: v[0],
-                    cpu_uj: v[1],
-                    dram_uj: v[2],
-                    other_uj: v[3],
-                    gpu_ms: v[4],
-                    cpu_us: v[5],
-                },
+                sums,
                 project: tag("project"),
             });
         }
@@ -366,14 +356,7 @@ pub fn roll(
                     .ok_or(format!("usage answer without column {c}"))?;
                 count(&row[i], c, &name)
             };
-            let sums = Sums {
-                gpu_uj: get("gpu_uj")?,
-                cpu_uj: get("cpu_uj")?,
-                dram_uj: get("dram_uj")?,
-                other_uj: get("other_uj")?,
-                gpu_ms: get("gpu_ms")?,
-                cpu_us: get("cpu_us")?,
-            };
+            let sums = Sums::from_columns(|k| get(FIELDS[k].1))?;
             let h = hours.entry(hour).or_default();
             h.points += get("points")?;
             add_to(
