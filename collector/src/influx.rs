@@ -223,7 +223,9 @@ impl Influx {
     }
 }
 
-fn has_partial(v: &serde_json::Value) -> bool {
+/// Whether an answer (whole, or joined from chunks) says a result or series is
+/// `partial`: cut short, or not finished.
+pub fn has_partial(v: &serde_json::Value) -> bool {
     v["results"].as_array().into_iter().flatten().any(|r| {
         r["partial"] == true
             || r["series"]
@@ -237,28 +239,39 @@ fn has_partial(v: &serde_json::Value) -> bool {
 /// One answer from the documents of a chunked one (or the one of a whole one): a series
 /// the server split over chunks (`partial` in all but its last) is joined again. What
 /// stays `partial` (the series or the result) was not finished when the answer ended,
-/// which billing refuses.
+/// which billing refuses. Series and values are moved, not copied: answers can hold
+/// 100,000 series.
 pub fn merge_chunks(text: &str) -> Result<serde_json::Value, String> {
     use serde_json::{json, Value};
     let mut results: Vec<Value> = Vec::new();
     for doc in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
-        let doc = doc.map_err(|e| format!("InfluxDB answer is not JSON: {e}"))?;
+        let mut doc = doc.map_err(|e| format!("InfluxDB answer is not JSON: {e}"))?;
         if let Some(err) = doc["error"].as_str() {
             return Err(format!("InfluxDB: {err}"));
         }
-        for r in doc["results"].as_array().into_iter().flatten() {
+        let Value::Array(rs) = doc["results"].take() else {
+            continue;
+        };
+        for mut r in rs {
             if let Some(err) = r["error"].as_str() {
                 return Err(format!("InfluxDB: {err}"));
             }
-            let id = r["statement_id"].clone();
-            let same_statement = results.last().is_some_and(|l| l["statement_id"] == id);
-            if !same_statement {
-                results.push(json!({"statement_id": id, "series": []}));
-            }
-            let acc = results.last_mut().expect("pushed above");
-            acc["partial"] = r["partial"].clone();
-            let series = acc["series"].as_array_mut().expect("an array");
-            for s in r["series"].as_array().into_iter().flatten() {
+            let id = r["statement_id"].take();
+            let acc = match results.last_mut() {
+                Some(last) if last["statement_id"] == id => last,
+                _ => {
+                    results.push(json!({"statement_id": id, "series": []}));
+                    results.last_mut().expect("pushed above")
+                }
+            };
+            acc["partial"] = r["partial"].take();
+            let Some(series) = acc["series"].as_array_mut() else {
+                continue;
+            };
+            let Value::Array(incoming) = r["series"].take() else {
+                continue;
+            };
+            for mut s in incoming {
                 match series.last_mut() {
                     Some(last)
                         if last["partial"] == true
@@ -266,13 +279,14 @@ pub fn merge_chunks(text: &str) -> Result<serde_json::Value, String> {
                             && last["tags"] == s["tags"]
                             && last["columns"] == s["columns"] =>
                     {
-                        let more = s["values"].as_array().cloned().unwrap_or_default();
-                        if let Some(v) = last["values"].as_array_mut() {
+                        if let (Value::Array(v), Value::Array(more)) =
+                            (&mut last["values"], s["values"].take())
+                        {
                             v.extend(more);
                         }
-                        last["partial"] = s["partial"].clone();
+                        last["partial"] = s["partial"].take();
                     }
-                    _ => series.push(s.clone()),
+                    _ => series.push(s),
                 }
             }
         }

@@ -300,13 +300,7 @@ fn usage_queries(
 /// `partial` is asked for again in chunks, which `max-row-limit` does not cut
 /// (`Influx::query`); what is still `partial` after that never got its last part.
 fn complete(v: &serde_json::Value) -> Result<(), String> {
-    let result = &v["results"][0];
-    let cut = result["partial"].as_bool() == Some(true)
-        || result["series"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|s| s["partial"].as_bool() == Some(true));
+    let cut = crate::influx::has_partial(v);
     if cut {
         return Err(
             "InfluxDB's answer ended unfinished (partial): a bill from it would be short; \
