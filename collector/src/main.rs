@@ -40,6 +40,29 @@ struct PriceArgs {
     co2_g_per_kwh: Option<f64>,
 }
 
+/// A billing period (FROM, TO].
+#[derive(clap::Args)]
+struct PeriodArgs {
+    /// Start of the period: a date (2026-11-01, UTC midnight) or RFC 3339.
+    #[arg(long, value_name = "TIME")]
+    from: String,
+    /// End of the period, same forms.
+    #[arg(long, value_name = "TIME")]
+    to: String,
+}
+
+impl PeriodArgs {
+    /// (from, to) in ms; `from` before `to`.
+    fn ms(&self) -> anyhow::Result<(u64, u64)> {
+        let from = billing::parse_time(&self.from).map_err(anyhow::Error::msg)?;
+        let to = billing::parse_time(&self.to).map_err(anyhow::Error::msg)?;
+        if from >= to {
+            anyhow::bail!("--from must be before --to");
+        }
+        Ok((from, to))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the MQTT → InfluxDB pipeline until SIGTERM or SIGINT.
@@ -56,12 +79,8 @@ enum Command {
         /// Collector configuration file: the InfluxDB to read, and [billing] defaults.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
-        /// Start of the period: a date (2026-11-01, UTC midnight) or RFC 3339.
-        #[arg(long, value_name = "TIME")]
-        from: String,
-        /// End of the period, same forms.
-        #[arg(long, value_name = "TIME")]
-        to: String,
+        #[command(flatten)]
+        period: PeriodArgs,
         /// Group by project, user, node, or job (whole-job totals of jobs that ran in the period).
         #[arg(long, value_enum, default_value = "project")]
         by: By,
@@ -101,17 +120,13 @@ enum Command {
     },
     /// Roll up the `usage` of every whole hour in (FROM, TO] that has no usable rollup:
     /// for data written before rollups existed, or more than 400 days ago (`serve` keeps
-    /// rolled up the hours collectors marked as written into, whenever rollups are on). Bills read whole hours from
-    /// rollups, the rest from `usage`; see docs/billing.md.
+    /// rolled up the hours collectors marked as written into, whenever rollups are on).
+    /// Bills read whole hours from rollups, the rest from `usage`; see docs/billing.md.
     Rollup {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
-        /// Start of the period: a date (2026-11-01, UTC midnight) or RFC 3339.
-        #[arg(long, value_name = "TIME")]
-        from: String,
-        /// End of the period, same forms.
-        #[arg(long, value_name = "TIME")]
-        to: String,
+        #[command(flatten)]
+        period: PeriodArgs,
         /// Roll up hours that already have a usable rollup too.
         #[arg(long)]
         all: bool,
@@ -181,16 +196,11 @@ fn main() -> ExitCode {
         })(),
         Command::Rollup {
             config,
-            from,
-            to,
+            period,
             all,
         } => (|| {
             let cfg = Config::load(&config)?;
-            let from = billing::parse_time(&from).map_err(anyhow::Error::msg)?;
-            let to = billing::parse_time(&to).map_err(anyhow::Error::msg)?;
-            if from >= to {
-                anyhow::bail!("--from must be before --to");
-            }
+            let (from, to) = period.ms()?;
             let settle = cfg.rollup_settle().as_millis() as u64;
             let started = std::time::Instant::now();
             let r = block_on(&cfg, |influx| async move {
@@ -217,8 +227,7 @@ fn main() -> ExitCode {
         })(),
         Command::Usage {
             config,
-            from,
-            to,
+            period,
             by,
             project,
             format,
@@ -226,8 +235,7 @@ fn main() -> ExitCode {
         } => (|| {
             let cfg = Config::load(&config)?;
             let prices = resolve_prices(&cfg, &prices)?;
-            let from = billing::parse_time(&from).map_err(anyhow::Error::msg)?;
-            let to = billing::parse_time(&to).map_err(anyhow::Error::msg)?;
+            let (from, to) = period.ms()?;
             let plan = cfg.plan();
             let groups = block_on(&cfg, |influx| async move {
                 billing::usage(&influx, by, from, to, project.as_ref(), &plan).await
