@@ -26,6 +26,14 @@ use super::registry::{Listing, ReadError};
 use crate::attribution::{split, Job};
 use crate::counter::step;
 
+/// How much of a job first seen now was billed before it was seen: spans already billed
+/// cannot be taken back, so a file that appeared after its `start_ms` (a slow prolog)
+/// loses the time from its start (or this ledger's origin) to `t0`, the end of the span
+/// billed before, to `_idle`. Nothing is lost at the first sample (no `t0`).
+fn late_start_ms(t0: Option<u64>, start_ms: u64, origin_ms: u64) -> u64 {
+    t0.map_or(0, |t0| t0.saturating_sub(start_ms.max(origin_ms)))
+}
+
 /// A job run: a requeued job keeps its id and gets a new start.
 type Key = (JobId, u64);
 
@@ -220,9 +228,7 @@ impl Ledger {
             if j.start_ms >= t1 {
                 continue;
             }
-            // Spans already billed cannot be taken back: a file that appeared a span or
-            // more after its start_ms (a slow prolog) loses that time to `_idle`.
-            let late_ms = t0.map_or(0, |t0| t0.saturating_sub(j.start_ms.max(self.origin_ms)));
+            let late_ms = late_start_ms(t0, j.start_ms, self.origin_ms);
             if late_ms > 0 {
                 tracing::info!(
                     job = %j.id,
@@ -556,6 +562,23 @@ mod tests {
                 prop_assert_eq!((got[0].since_ms, got[0].until_ms), (T0 + sp.start, T0 + sp.end));
             }
         }
+    }
+
+    #[test]
+    fn time_billed_before_a_job_was_seen_is_counted_from_its_start_or_the_origin() {
+        assert_eq!(
+            late_start_ms(None, 100, 0),
+            0,
+            "first sample: nothing billed yet"
+        );
+        assert_eq!(late_start_ms(Some(1_000), 1_000, 0), 0);
+        assert_eq!(late_start_ms(Some(1_000), 1_030, 0), 0, "started after t0");
+        assert_eq!(late_start_ms(Some(1_000), 913, 0), 87);
+        assert_eq!(
+            late_start_ms(Some(1_000), 100, 900),
+            100,
+            "before the origin nothing was billed"
+        );
     }
 
     #[test]
