@@ -41,6 +41,26 @@ fn field(rows: &serde_json::Value, key: &str, f: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A private influxd (`http`: lines for its `[http]` section) with the database `DB`.
+fn influxd_with_db(http: &str) -> Influxd {
+    let db = Influxd::start_with("", http);
+    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
+        .unwrap();
+    db
+}
+
+/// A collector config billing from `db`; `billing`: lines for its `[billing]` section.
+fn billing_config(db: &Influxd, billing: &str) -> ConfigFile {
+    config_file(
+        "collector.toml",
+        &format!(
+            "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n\
+             [billing]\n{billing}",
+            db.url()
+        ),
+    )
+}
+
 #[test]
 fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
     let Stack {
@@ -285,9 +305,7 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
 /// billed exactly, on several nodes and across agent restarts; a longer limit finds it.
 #[test]
 fn job_bills_read_job_totals_from_max_job_length_before_the_period() {
-    let db = Influxd::start();
-    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
-        .unwrap();
+    let db = influxd_with_db("");
     let day = 86_400_000u64;
     let from = 1_790_812_800_000u64; // 2026-10-01T00:00:00Z
     let to = from + 31 * day;
@@ -380,14 +398,7 @@ fn job_bills_read_job_totals_from_max_job_length_before_the_period() {
         .unwrap();
 
     let bill = |max_job: &str, project: Option<&str>| -> Vec<(String, u64, u64)> {
-        let cfg = config_file(
-            "collector.toml",
-            &format!(
-                "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n\
-                 [billing]\nmax_job_length = \"{max_job}\"\n",
-                db.url()
-            ),
-        );
+        let cfg = billing_config(&db, &format!("max_job_length = \"{max_job}\"\n"));
         let (f, t) = (rfc3339(from), rfc3339(to));
         let mut args = vec![
             "usage", "--by", "job", "--format", "json", "--from", &f, "--to", &t,
@@ -436,9 +447,7 @@ fn job_bills_read_job_totals_from_max_job_length_before_the_period() {
 /// series it kept); chunked answers are not cut, so a bill is whole on such a server.
 #[test]
 fn a_server_with_max_row_limit_still_bills_every_row() {
-    let db = Influxd::start_with("", "  max-row-limit = 2");
-    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
-        .unwrap();
+    let db = influxd_with_db("  max-row-limit = 2");
     let t = 1_790_812_800_000u64; // 2026-10-01T00:00:00Z
     let lines: Vec<String> = (0..5)
         .map(|i| {
@@ -456,16 +465,11 @@ fn a_server_with_max_row_limit_still_bills_every_row() {
         .collect();
     db.write_lines(DB, None, "ms", lines.join("\n").into_bytes(), false)
         .unwrap();
-    let cfg = config_file(
-        "collector.toml",
-        &format!(
-            "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n",
-            db.url()
-        ),
-    );
+    let cfg = billing_config(&db, "");
     for by in ["job", "project", "node"] {
-        let out = std::process::Command::new(bin("nodewatt-collector"))
-            .args([
+        let stdout = collector_cli(
+            &cfg,
+            &[
                 "usage",
                 "--by",
                 by,
@@ -475,16 +479,8 @@ fn a_server_with_max_row_limit_still_bills_every_row() {
                 "2026-10-02",
                 "--format",
                 "csv",
-                "--config",
-            ])
-            .arg(&cfg.path)
-            .output()
-            .unwrap();
-        let (stdout, err) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
+            ],
         );
-        assert!(out.status.success(), "--by {by}: {stdout}\n{err}");
         let key = match by {
             "job" => "",
             "project" => "p",
@@ -507,9 +503,7 @@ fn a_server_with_max_row_limit_still_bills_every_row() {
 #[test]
 fn rollups_bill_exactly_what_usage_says_through_late_writes_and_mixed_rows() {
     const H: u64 = 3_600_000;
-    let db = Influxd::start();
-    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
-        .unwrap();
+    let db = influxd_with_db("");
     let from = 1_790_812_800_000u64; // 2026-10-01T00:00:00Z
     let to = from + 6 * H;
     // usage points as the collector writes them, every 15 minutes (an hour's end holds
@@ -551,16 +545,7 @@ fn rollups_bill_exactly_what_usage_says_through_late_writes_and_mixed_rows() {
     db.write_lines(DB, None, "ms", lines.join("\n").into_bytes(), false)
         .unwrap();
 
-    let cfg = |rollups: bool| {
-        config_file(
-            "collector.toml",
-            &format!(
-                "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n\
-                 [billing]\nrollups = {rollups}\n",
-                db.url()
-            ),
-        )
-    };
+    let cfg = |rollups: bool| billing_config(&db, &format!("rollups = {rollups}\n"));
     let (raw, rolled) = (cfg(false), cfg(true));
     let bill = |c: &ConfigFile, by: &str, a: u64, b: u64, project: Option<&str>| -> String {
         let (f, t) = (rfc3339(a), rfc3339(b));
@@ -741,9 +726,7 @@ fn rollups_bill_exactly_what_usage_says_through_late_writes_and_mixed_rows() {
 #[test]
 fn a_rollup_failing_for_some_hours_rolls_up_the_others_and_names_them() {
     const H: u64 = 3_600_000;
-    let db = Influxd::start();
-    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
-        .unwrap();
+    let db = influxd_with_db("");
     let from = 1_790_812_800_000u64; // 2026-10-01T00:00:00Z
     let usage = |t: u64, gpu: i64| {
         format!(
@@ -754,26 +737,12 @@ fn a_rollup_failing_for_some_hours_rolls_up_the_others_and_names_them() {
     let lines = [usage(from + 900_000, -5), usage(from + 5 * H + 900_000, 7)].join("\n");
     db.write_lines(DB, None, "ms", lines.into_bytes(), false)
         .unwrap();
-    let cfg = config_file(
-        "collector.toml",
-        &format!(
-            "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n",
-            db.url()
-        ),
-    );
+    let cfg = billing_config(&db, "");
     let rollup = |a: u64, b: u64| {
-        std::process::Command::new(bin("nodewatt-collector"))
-            .args([
-                "rollup",
-                "--from",
-                &rfc3339(a),
-                "--to",
-                &rfc3339(b),
-                "--config",
-            ])
-            .arg(&cfg.path)
-            .output()
-            .unwrap()
+        collector_run(
+            &cfg,
+            &["rollup", "--from", &rfc3339(a), "--to", &rfc3339(b)],
+        )
     };
     // The middle hour first, so the period's other hours are two runs.
     assert!(rollup(from + 2 * H, from + 3 * H).status.success());
@@ -817,9 +786,7 @@ fn a_rollup_failing_for_some_hours_rolls_up_the_others_and_names_them() {
 #[test]
 fn a_bill_of_more_than_10000_jobs_is_whole() {
     const JOBS: u64 = 10_050;
-    let db = Influxd::start();
-    db.execute("", &format!("CREATE DATABASE \"{DB}\""))
-        .unwrap();
+    let db = influxd_with_db("");
     let t = 1_790_812_800_000u64; // 2026-10-01T00:00:00Z
     let lines: Vec<String> = (0..JOBS)
         .map(|i| {
@@ -837,13 +804,7 @@ fn a_bill_of_more_than_10000_jobs_is_whole() {
         .collect();
     db.write_lines(DB, None, "ms", lines.join("\n").into_bytes(), false)
         .unwrap();
-    let cfg = config_file(
-        "collector.toml",
-        &format!(
-            "[collector]\nid = \"bill\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"{DB}\"\n",
-            db.url()
-        ),
-    );
+    let cfg = billing_config(&db, "");
     let out = collector_cli(
         &cfg,
         &[

@@ -610,15 +610,20 @@ impl Stack {
     }
 }
 
-/// Runs `nodewatt-collector <args> --config <cfg>` to completion, asserts success, and
-/// returns its stdout.
-pub fn collector_cli(cfg: &ConfigFile, args: &[&str]) -> String {
-    let out = Command::new(bin("nodewatt-collector"))
+/// Runs `nodewatt-collector <args> --config <cfg>` to completion, whatever its exit.
+pub fn collector_run(cfg: &ConfigFile, args: &[&str]) -> std::process::Output {
+    Command::new(bin("nodewatt-collector"))
         .args(args)
         .arg("--config")
         .arg(&cfg.path)
         .output()
-        .expect("nodewatt-collector runs");
+        .expect("nodewatt-collector runs")
+}
+
+/// Runs `nodewatt-collector <args> --config <cfg>` to completion, asserts success, and
+/// returns its stdout.
+pub fn collector_cli(cfg: &ConfigFile, args: &[&str]) -> String {
+    let out = collector_run(cfg, args);
     assert!(
         out.status.success(),
         "nodewatt-collector {args:?}: {}",
