@@ -455,7 +455,37 @@ fn collector_binary() -> std::path::PathBuf {
         .unwrap_or_else(|| bin("nodewatt-collector"))
 }
 
-/// Runs the collector's `usage`, timed; (seconds, influxd CPU seconds, CSV).
+/// Runs `binary <args> --config cfg`, asserting success; (seconds, influxd CPU
+/// seconds, stdout).
+fn timed(
+    binary: &std::path::Path,
+    cfg: &ConfigFile,
+    db: &Influxd,
+    args: &[&str],
+) -> (f64, f64, String) {
+    let cpu0 = influxd_cpu(db);
+    let t0 = Instant::now();
+    let out = Command::new(binary)
+        .args(args)
+        .arg("--config")
+        .arg(&cfg.path)
+        .output()
+        .expect("nodewatt-collector runs");
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        secs,
+        influxd_cpu(db) - cpu0,
+        String::from_utf8(out.stdout).unwrap(),
+    )
+}
+
+/// Runs the collector's `usage` over the whole period, timed; (seconds, influxd CPU
+/// seconds, CSV).
 fn usage(
     binary: &std::path::Path,
     cfg: &ConfigFile,
@@ -464,27 +494,10 @@ fn usage(
     days: u64,
 ) -> (f64, f64, String) {
     let (from, to) = (rfc3339(START_MS), rfc3339(START_MS + days * DAY));
-    let cpu0 = influxd_cpu(db);
-    let t0 = Instant::now();
-    let out = Command::new(binary)
-        .args([
-            "usage", "--format", "csv", "--by", by, "--from", &from, "--to", &to,
-        ])
-        .arg("--config")
-        .arg(&cfg.path)
-        .output()
-        .expect("nodewatt-collector runs");
-    let secs = t0.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "usage --by {by}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        secs,
-        influxd_cpu(db) - cpu0,
-        String::from_utf8(out.stdout).unwrap(),
-    )
+    let args = [
+        "usage", "--format", "csv", "--by", by, "--from", &from, "--to", &to,
+    ];
+    timed(binary, cfg, db, &args)
 }
 
 /// key → energy_uj from the collector's CSV.
@@ -688,23 +701,24 @@ fn main() {
     if rolled {
         // A period that does not start or end on an hour: its edges are read from usage.
         let (from, to) = (START_MS + 1_800_000, START_MS + days * DAY - 1_800_000);
-        let cpu0 = influxd_cpu(&db);
-        let t0 = Instant::now();
-        let out = Command::new(collector_binary())
-            .args(["usage", "--format", "csv", "--by", "project"])
-            .args(["--from", &rfc3339(from), "--to", &rfc3339(to), "--config"])
-            .arg(&cfg.path)
-            .output()
-            .expect("nodewatt-collector runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let (secs, cpu, _) = timed(
+            &collector_binary(),
+            &cfg,
+            &db,
+            &[
+                "usage",
+                "--format",
+                "csv",
+                "--by",
+                "project",
+                "--from",
+                &rfc3339(from),
+                "--to",
+                &rfc3339(to),
+            ],
         );
         println!(
-            "`usage --by project` from 00:30 to 23:30 (edges from usage): {:.2} s, influxd CPU {:.1} s",
-            t0.elapsed().as_secs_f64(),
-            influxd_cpu(&db) - cpu0
+            "`usage --by project` from 00:30 to 23:30 (edges from usage): {secs:.2} s, influxd CPU {cpu:.1} s"
         );
     }
 
@@ -728,25 +742,17 @@ fn rollup(cfg: &ConfigFile, db: &Influxd, days: u64) -> bool {
         return false;
     }
     let (from, to) = (rfc3339(START_MS), rfc3339(START_MS + days * DAY));
-    let cpu0 = influxd_cpu(db);
-    let t0 = Instant::now();
-    let out = Command::new(collector_binary())
-        .args(["rollup", "--from", &from, "--to", &to, "--config"])
-        .arg(&cfg.path)
-        .output()
-        .expect("nodewatt-collector runs");
-    assert!(
-        out.status.success(),
-        "rollup: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (secs, cpu, out) = timed(
+        &collector_binary(),
+        cfg,
+        db,
+        &["rollup", "--from", &from, "--to", &to],
     );
-    let secs = t0.elapsed().as_secs_f64();
     println!(
-        "rollup of {} hours: {secs:.1} s, {:.2} s per hour, influxd CPU {:.1} s ({})",
+        "rollup of {} hours: {secs:.1} s, {:.2} s per hour, influxd CPU {cpu:.1} s ({})",
         days * 24,
         secs / (days * 24) as f64,
-        influxd_cpu(db) - cpu0,
-        String::from_utf8_lossy(&out.stdout).trim()
+        out.trim()
     );
     true
 }
