@@ -779,6 +779,22 @@ fn a_rollup_failing_for_some_hours_rolls_up_the_others_and_names_them() {
         db.scalar(DB, "SELECT SUM(energy_gpu_uj) FROM usage_hourly"),
         7.0
     );
+    // Hours that have not ended are left for later, not rolled up empty.
+    let hour = now_ms() / H * H;
+    let out = collector_cli(
+        &cfg,
+        &[
+            "rollup",
+            "--from",
+            &rfc3339(hour - H),
+            "--to",
+            &rfc3339(hour + 2 * H),
+        ],
+    );
+    assert!(
+        out.contains("rolled up 1 hours") && out.contains("2 not ended yet"),
+        "{out}"
+    );
 }
 
 /// InfluxDB before 1.7.8 marks a series of more than 10,000 values `partial` in a whole
