@@ -232,6 +232,10 @@ pub struct NvmlConfig {
     /// Collect running compute process PIDs per GPU (used for job cross-checks).
     #[serde(default = "yes")]
     pub processes: bool,
+    /// The NVML library to load; the dynamic loader's search for `libnvidia-ml.so.1`
+    /// when unset.
+    #[serde(default)]
+    pub library: Option<std::path::PathBuf>,
 }
 
 impl Default for NvmlConfig {
@@ -240,6 +244,7 @@ impl Default for NvmlConfig {
             enabled: true,
             timeout: None,
             processes: true,
+            library: None,
         }
     }
 }

@@ -9,8 +9,13 @@ use crate::cadence::{Aggregate, Cadence};
 use crate::config::Config;
 use crate::deltas::Deltas;
 use crate::sources::{
-    cpu::CpuSource, hwmon::Hwmon, nvml::NvmlSource, rapl::Rapl, simulated::Simulated,
-    thermal::Thermal, Inventory, Source, TickMs,
+    cpu::CpuSource,
+    hwmon::Hwmon,
+    nvml::{NvmlOptions, NvmlSource},
+    rapl::Rapl,
+    simulated::Simulated,
+    thermal::Thermal,
+    Inventory, Source, TickMs,
 };
 
 pub const AGENT: &str = concat!("nodewatt-agent/", env!("CARGO_PKG_VERSION"));
@@ -37,10 +42,11 @@ pub fn build_sources(cfg: &Config, node: &str) -> Result<Vec<Box<dyn Source>>, B
     }
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
     if cfg.nvml.enabled {
-        sources.push(Box::new(NvmlSource::start(
-            cfg.nvml_timeout(),
-            cfg.nvml.processes,
-        )));
+        sources.push(Box::new(NvmlSource::start(NvmlOptions {
+            library: cfg.nvml.library.clone(),
+            timeout: cfg.nvml_timeout(),
+            processes: cfg.nvml.processes,
+        })));
     }
     if cfg.simulated.enabled {
         tracing::warn!("simulated source enabled: its GPUs and RAPL domains are not real hardware");

@@ -219,7 +219,16 @@ pub fn encode_sample(s: &ValidSample, out: &mut Vec<u8>) -> usize {
             .i("ecc_corrected", g.ecc_corrected)
             .i("ecc_uncorrected", g.ecc_uncorrected)
             .i("processes", Some(g.pids.len() as u64))
+            .f("power_limit_w", g.power_limit_w)
+            .i("power_capped_ms", g.power_capped_ms)
+            .i("thermal_capped_ms", g.thermal_capped_ms)
+            .i("answering", Some(u64::from(!(g.lost || g.stalled))))
+            .i("lost", g.lost.then_some(1))
+            .i("stalled", g.stalled.then_some(1))
             .b("simulated", g.simulated);
+        for (name, v) in g.gpm.fields() {
+            f.f(name, v);
+        }
         let tags = [
             ("cluster", c),
             ("gpu", index.as_str()),
@@ -228,6 +237,43 @@ pub fn encode_sample(s: &ValidSample, out: &mut Vec<u8>) -> usize {
             ("uuid", &g.uuid),
         ];
         put(out, "gpu", &tags, &f);
+        for m in &g.mig {
+            let gi = m.gpu_instance_id.to_string();
+            let ci = m.compute_instance_id.to_string();
+            let mut f = Fields::default();
+            f.i("slices", m.slices.map(u64::from))
+                .i("mem_used_bytes", m.mem_used_bytes)
+                .i("mem_total_bytes", m.mem_total_bytes)
+                .i("span_ms", span);
+            for (name, v) in m.gpm.fields() {
+                f.f(name, v);
+            }
+            let tags = [
+                ("ci", ci.as_str()),
+                ("cluster", c),
+                ("gi", gi.as_str()),
+                ("gpu", index.as_str()),
+                ("mig_uuid", &m.uuid),
+                ("node", n),
+                ("uuid", &g.uuid),
+            ];
+            put(out, "gpu_mig", &tags, &f);
+        }
+        // One point per kind and code, counts over the span: SUM() gives events per period.
+        for e in &g.events {
+            let code = e.code.to_string();
+            let mut f = Fields::default();
+            f.i("count", Some(e.count)).i("span_ms", span);
+            let tags = [
+                ("cluster", c),
+                ("code", code.as_str()),
+                ("gpu", index.as_str()),
+                ("kind", e.kind.as_str()),
+                ("node", n),
+                ("uuid", &g.uuid),
+            ];
+            put(out, "gpu_event", &tags, &f);
+        }
     }
 
     if let Some(cpu) = &s.cpu {
@@ -593,6 +639,17 @@ mod tests {
             energy_delta_mj: Some(312_500),
             temp_c: Some(45.0),
             pids: vec![10, 11],
+            power_limit_w: Some(700.0),
+            power_capped_ms: Some(250),
+            gpm: nodewatt_wire::Gpm {
+                sm_active_pct: Some(61.5),
+                ..Default::default()
+            },
+            events: vec![nodewatt_wire::GpuEvents {
+                kind: nodewatt_wire::GpuEventKind::Xid,
+                code: 79,
+                count: 2,
+            }],
             ..Gpu::default()
         });
         s.cpu = Some(Cpu {
@@ -647,7 +704,8 @@ mod tests {
         let expected = [
             "agent,cluster=c1,node=n1 seq=1i,agent_start_ms=1763699999000i,interval_ms=1000i,span_ms=1000i,merged=0i,version=\"nodewatt-agent/0.1.0\" 1763700000000",
             "agent_source,cluster=c1,node=n1,source=nvml ok=true,read_us=250i,devices=1i 1763700000000",
-            "gpu,cluster=c1,gpu=0,model=NVIDIA\\ H100\\ 80GB\\ HBM3,node=n1,uuid=GPU-1 power_w=312.5,energy_mj=1000000i,energy_delta_mj=312500i,span_ms=1000i,temp_c=45,processes=2i,simulated=false 1763700000000",
+            "gpu,cluster=c1,gpu=0,model=NVIDIA\\ H100\\ 80GB\\ HBM3,node=n1,uuid=GPU-1 power_w=312.5,energy_mj=1000000i,energy_delta_mj=312500i,span_ms=1000i,temp_c=45,processes=2i,power_limit_w=700,power_capped_ms=250i,answering=1i,simulated=false,sm_active_pct=61.5 1763700000000",
+            "gpu_event,cluster=c1,code=79,gpu=0,kind=xid,node=n1,uuid=GPU-1 count=2i,span_ms=1000i 1763700000000",
             "cpu,cluster=c1,node=n1 util_pct=12.5,load1=0,load5=0,load15=0,cores=2i,mem_total_bytes=8i,ticks_user=0i,ticks_nice=0i,ticks_system=0i,ticks_idle=0i,ticks_iowait=0i,ticks_irq=0i,ticks_softirq=0i,ticks_steal=0i,jobs=0i 1763700000000",
             "rapl,cluster=c1,domain=package-0,node=n1,zone=intel-rapl:0 energy_uj=5i,energy_delta_uj=3i,span_ms=1000i,power_w=0.000003 1763700000000",
             "hwmon,chip=power_meter,cluster=c1,device=hwmon3,kind=power,node=n1,sensor=power1 value=412.5 1763700000000",

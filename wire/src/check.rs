@@ -162,6 +162,10 @@ pub const MAX_RAPL: usize = 64;
 pub const MAX_SENSORS: usize = 1_024;
 pub const MAX_SOURCES: usize = 32;
 pub const MAX_PIDS: usize = 4_096;
+/// Kinds and codes of events one GPU reports per message (XIDs are below 256).
+pub const MAX_GPU_EVENTS: usize = 256;
+/// MIG devices of one GPU: 7 GPU instances today, each with its compute instances.
+pub const MAX_MIG: usize = 64;
 pub const MAX_CORES: u64 = 16_384;
 
 /// A sample that passed every check; only [`check_sample`] makes one.
@@ -287,6 +291,17 @@ fn range(what: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<(), Invalid> {
     }
 }
 
+fn gpm(g: &crate::Gpm) -> Result<(), Invalid> {
+    for (what, v) in g.fields() {
+        match what.ends_with("_pct") {
+            true => range(what, v, 0.0, 100.0)?,
+            // 1 TiB/s, above any link of today.
+            false => range(what, v, 0.0, 1_048_576.0)?,
+        }
+    }
+    Ok(())
+}
+
 fn at_most(what: &str, n: usize, max: usize) -> Result<(), Invalid> {
     if n > max {
         return Err(invalid(
@@ -371,6 +386,29 @@ pub fn check_sample(s: Sample, now_ms: u64, l: &Limits) -> Result<ValidSample, I
         range("gpu mem_temp_c", g.mem_temp_c, -100.0, 250.0)?;
         range("gpu util_pct", g.util_pct, 0.0, 100.0)?;
         range("gpu mem_util_pct", g.mem_util_pct, 0.0, 100.0)?;
+        range("gpu power_limit_w", g.power_limit_w, 0.0, 10_000.0)?;
+        gpm(&g.gpm)?;
+        at_most("MIG devices of one GPU", g.mig.len(), MAX_MIG)?;
+        for m in &g.mig {
+            gpm(&m.gpm)?;
+            count("mig mem_used_bytes", m.mem_used_bytes.unwrap_or(0))?;
+            count("mig mem_total_bytes", m.mem_total_bytes.unwrap_or(0))?;
+        }
+        for (what, ms) in [
+            ("gpu power_capped_ms", g.power_capped_ms),
+            ("gpu thermal_capped_ms", g.thermal_capped_ms),
+        ] {
+            if let Some(ms) = ms.filter(|ms| *ms > span) {
+                return Err(invalid(
+                    Reason::Physics,
+                    format!("{what} = {ms} is longer than the span ({span} ms)"),
+                ));
+            }
+        }
+        at_most("event kinds of one GPU", g.events.len(), MAX_GPU_EVENTS)?;
+        for e in &g.events {
+            count("gpu event count", e.count)?;
+        }
         for (what, v) in [
             ("gpu energy_mj", g.energy_mj),
             ("gpu energy_delta_mj", g.energy_delta_mj),
@@ -722,10 +760,25 @@ mod tests {
 
     #[test]
     fn numbers_out_of_range() {
-        let cases: [Case; 6] = [
+        let cases: [Case; 10] = [
             ("power", |s| s.gpus[0].power_w = Some(1e12)),
             ("nan", |s| s.gpus[0].temp_c = Some(f64::NAN)),
             ("util", |s| s.gpus[0].util_pct = Some(101.0)),
+            ("limit", |s| s.gpus[0].power_limit_w = Some(-1.0)),
+            ("gpm pct", |s| s.gpus[0].gpm.tensor_active_pct = Some(100.5)),
+            ("gpm rate", |s| {
+                s.gpus[0].gpm.nvlink_rx_mibps = Some(f64::INFINITY)
+            }),
+            ("events", |s| {
+                s.gpus[0].events = vec![
+                    crate::GpuEvents {
+                        kind: crate::GpuEventKind::Xid,
+                        code: 79,
+                        count: u64::MAX,
+                    };
+                    1
+                ]
+            }),
             ("counter", |s| s.gpus[0].energy_mj = Some(u64::MAX)),
             ("interval", |s| s.interval_ms = 0),
             ("span", |s| s.span_ms = i64::MAX as u64),
@@ -735,6 +788,28 @@ mod tests {
             f(&mut s);
             assert_eq!(reason(s), Reason::Range, "{what}");
         }
+    }
+
+    #[test]
+    fn capped_time_longer_than_the_span_is_physics() {
+        let mut s = sample();
+        s.gpus[0].power_capped_ms = Some(s.span_ms);
+        check_sample(s.clone(), NOW, &Limits::default()).unwrap();
+        s.gpus[0].thermal_capped_ms = Some(s.span_ms + 1);
+        assert_eq!(reason(s), Reason::Physics);
+    }
+
+    #[test]
+    fn too_many_event_kinds() {
+        let mut s = sample();
+        s.gpus[0].events = (0..=MAX_GPU_EVENTS as u64)
+            .map(|code| crate::GpuEvents {
+                kind: crate::GpuEventKind::Xid,
+                code,
+                count: 1,
+            })
+            .collect();
+        assert_eq!(reason(s), Reason::TooMany);
     }
 
     #[test]

@@ -288,9 +288,156 @@ pub struct Gpu {
     /// PIDs of running compute processes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pids: Vec<u32>,
+    /// The power limit the board is held to now, watts (NVML's enforced limit: the
+    /// lowest of the operator's, the driver's and the board's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_limit_w: Option<f64>,
+    /// Time the clocks were held down by the power cap over `span_ms`, milliseconds
+    /// (NVML's violation counter); absent on the first reading and after a gap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_capped_ms: Option<u64>,
+    /// Same for the thermal limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thermal_capped_ms: Option<u64>,
+    /// Hardware efficiency metrics (NVML GPM, Hopper and later): means over the span
+    /// since the previous reading, absent where the GPU does not measure them.
+    #[serde(default, skip_serializing_if = "Gpm::is_empty")]
+    pub gpm: Gpm,
+    /// Critical events over `span_ms`, counted by kind and code (XID 79 twice: one entry,
+    /// count 2). Never a last value: every event counts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<GpuEvents>,
+    /// MIG instances of this GPU (MIG mode on), as found at the agent's start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mig: Vec<MigDevice>,
+    /// NVML says the GPU has fallen off the bus: its readings are absent.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub lost: bool,
+    /// NVML did not answer within `nvml.timeout`: this sample has no readings of it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stalled: bool,
     /// Fields that failed for a reason other than "not supported", as `field: reason`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+}
+
+/// One MIG device: a compute instance inside a GPU instance of a GPU. NVML gives no
+/// power or energy per instance; those are the parent GPU's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigDevice {
+    #[serde(deserialize_with = "label")]
+    pub uuid: String,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+    /// GPU slices of its GPU instance (of 7 on an H100 or A100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slices: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_used_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_total_bytes: Option<u64>,
+    /// GPM of its GPU instance over the span.
+    #[serde(default, skip_serializing_if = "Gpm::is_empty")]
+    pub gpm: Gpm,
+}
+
+/// GPM metrics of one GPU over one span: percentages of time or capacity, and link
+/// throughput in MiB/s (NVML's units).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Gpm {
+    /// Share of time SMs had at least one warp resident (NVML_GPM_METRIC_SM_UTIL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sm_active_pct: Option<f64>,
+    /// Resident warps as a share of the SMs' maximum (NVML_GPM_METRIC_SM_OCCUPANCY).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sm_occupancy_pct: Option<f64>,
+    /// Share of time any tensor core was busy (NVML_GPM_METRIC_ANY_TENSOR_UTIL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor_active_pct: Option<f64>,
+    /// DRAM bandwidth used as a share of the peak (NVML_GPM_METRIC_DRAM_BW_UTIL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dram_bw_pct: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcie_tx_mibps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcie_rx_mibps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvlink_tx_mibps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvlink_rx_mibps: Option<f64>,
+}
+
+impl Gpm {
+    pub fn is_empty(&self) -> bool {
+        *self == Gpm::default()
+    }
+
+    /// Each metric with its name, in a fixed order (for writers and checks).
+    pub fn fields(&self) -> [(&'static str, Option<f64>); 8] {
+        [
+            ("sm_active_pct", self.sm_active_pct),
+            ("sm_occupancy_pct", self.sm_occupancy_pct),
+            ("tensor_active_pct", self.tensor_active_pct),
+            ("dram_bw_pct", self.dram_bw_pct),
+            ("pcie_tx_mibps", self.pcie_tx_mibps),
+            ("pcie_rx_mibps", self.pcie_rx_mibps),
+            ("nvlink_tx_mibps", self.nvlink_tx_mibps),
+            ("nvlink_rx_mibps", self.nvlink_rx_mibps),
+        ]
+    }
+
+    /// Mutable access in the same order as [`Gpm::fields`].
+    pub fn fields_mut(&mut self) -> [&mut Option<f64>; 8] {
+        [
+            &mut self.sm_active_pct,
+            &mut self.sm_occupancy_pct,
+            &mut self.tensor_active_pct,
+            &mut self.dram_bw_pct,
+            &mut self.pcie_tx_mibps,
+            &mut self.pcie_rx_mibps,
+            &mut self.nvlink_tx_mibps,
+            &mut self.nvlink_rx_mibps,
+        ]
+    }
+}
+
+/// Kinds of GPU events the agent counts (NVML event types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuEventKind {
+    /// An XID error; `code` is the XID.
+    Xid,
+    /// A double-bit (uncorrectable) ECC error.
+    DoubleBitEcc,
+    /// A single-bit (corrected) ECC error.
+    SingleBitEcc,
+}
+
+impl GpuEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuEventKind::Xid => "xid",
+            GpuEventKind::DoubleBitEcc => "double_bit_ecc",
+            GpuEventKind::SingleBitEcc => "single_bit_ecc",
+        }
+    }
+}
+
+/// How many events of one kind and code a GPU raised over a span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuEvents {
+    pub kind: GpuEventKind,
+    /// The XID for `xid`; 0 for the others.
+    pub code: u64,
+    pub count: u64,
+}
+
+/// Adds `count` events of `kind` and `code` to `list`, one entry per kind and code.
+pub fn count_event(list: &mut Vec<GpuEvents>, kind: GpuEventKind, code: u64, count: u64) {
+    match list.iter_mut().find(|e| e.kind == kind && e.code == code) {
+        Some(e) => e.count = e.count.saturating_add(count),
+        None => list.push(GpuEvents { kind, code, count }),
+    }
 }
 
 /// Node CPU and memory.

@@ -255,6 +255,26 @@ pub fn merge_into(older: &Sample, newer: &mut Sample) {
                     _ => mean(og.power_w, old_ms, g.power_w, new_ms),
                 };
                 g.energy_delta_mj = add(og.energy_delta_mj, g.energy_delta_mj);
+                g.power_limit_w = g.power_limit_w.or(og.power_limit_w);
+                g.power_capped_ms = add(og.power_capped_ms, g.power_capped_ms);
+                g.thermal_capped_ms = add(og.thermal_capped_ms, g.thermal_capped_ms);
+                for (slot, (_, old)) in g.gpm.fields_mut().into_iter().zip(og.gpm.fields()) {
+                    *slot = mean(old, old_ms, *slot, new_ms);
+                }
+                for m in &mut g.mig {
+                    if let Some(om) = og.mig.iter().find(|om| om.uuid == m.uuid) {
+                        for (slot, (_, old)) in m.gpm.fields_mut().into_iter().zip(om.gpm.fields())
+                        {
+                            *slot = mean(old, old_ms, *slot, new_ms);
+                        }
+                    }
+                }
+                for e in &og.events {
+                    nodewatt_wire::count_event(&mut g.events, e.kind, e.code, e.count);
+                }
+                // Said for the span: it happened at some sample of it.
+                g.lost |= og.lost;
+                g.stalled |= og.stalled;
             }
             None => newer.gpus.push(og.clone()),
         }
@@ -495,6 +515,43 @@ mod tests {
             [("1", 101, false), ("2", 200, true)],
             "newer total wins; the final one is kept"
         );
+    }
+
+    #[test]
+    fn merge_sums_capped_time_and_events_and_weighs_gpm_by_time() {
+        use nodewatt_wire::{Gpm, GpuEventKind::Xid, GpuEvents};
+        let ev = |code, count| GpuEvents {
+            kind: Xid,
+            code,
+            count,
+        };
+        let mut old = sample(0);
+        old.span_ms = 3_000;
+        let g = &mut old.gpus[0];
+        (g.power_capped_ms, g.power_limit_w, g.stalled) = (Some(1_000), Some(700.0), true);
+        g.gpm = Gpm {
+            sm_active_pct: Some(20.0),
+            pcie_tx_mibps: Some(10.0),
+            ..Gpm::default()
+        };
+        g.events = vec![ev(79, 2), ev(48, 1)];
+        let mut new = sample(1);
+        let g = &mut new.gpus[0];
+        (g.power_capped_ms, g.thermal_capped_ms) = (Some(500), Some(100));
+        g.gpm.sm_active_pct = Some(60.0);
+        g.events = vec![ev(79, 1)];
+        merge_into(&old, &mut new);
+        let g = &new.gpus[0];
+        assert_eq!(
+            (g.power_capped_ms, g.thermal_capped_ms),
+            (Some(1_500), Some(100))
+        );
+        assert_eq!(g.power_limit_w, Some(700.0), "last known");
+        // 3 s at 20 % and 1 s at 60 %.
+        assert_eq!(g.gpm.sm_active_pct, Some(30.0));
+        assert_eq!(g.gpm.pcie_tx_mibps, Some(10.0));
+        assert_eq!(g.events, vec![ev(79, 3), ev(48, 1)]);
+        assert!(g.stalled && !g.lost, "said for the span");
     }
 
     #[test]

@@ -170,8 +170,8 @@ impl SimGpu {
             }),
             ecc_corrected: Some(0),
             ecc_uncorrected: Some(0),
-            pids: Vec::new(),
-            errors: Vec::new(),
+            power_limit_w: Some(self.tdp_mw as f64 / 1000.0),
+            ..Gpu::default()
         }
     }
 }

@@ -5,26 +5,48 @@
 //! and waits at most `timeout`; a stuck call costs that sample its GPU readings, never the
 //! other sources or the sampling rhythm.
 
+use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::Duration;
 
 use nodewatt_wire::{Gpu, Sample};
-use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor};
-use nvml_wrapper::enums::device::SampleValue;
 use nvml_wrapper::error::NvmlError;
-use nvml_wrapper::struct_wrappers::device::FieldValueSample;
-use nvml_wrapper::structs::device::FieldId;
-use nvml_wrapper::{Device, Nvml};
+use nvml_wrapper::Nvml;
 
 use super::{Inventory, Source, SourceError, TickMs};
 
-/// NVML_FI_DEV_MEMORY_TEMP: HBM temperature, only available through field values.
-const FI_DEV_MEMORY_TEMP: u32 = 82;
+mod events;
+mod gpu;
+mod span;
+
+use events::Events;
+use gpu::GpuReader;
+pub use gpu::GPM_MIN_SPAN_MS;
+
 /// Initialising NVML on a node with many GPUs and persistence mode off takes seconds.
 const INIT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What the source is told at start-up.
+#[derive(Debug, Clone)]
+pub struct NvmlOptions {
+    /// The library to load; the loader's search for `libnvidia-ml.so.1` when `None`.
+    pub library: Option<PathBuf>,
+    /// How long one sample waits for the NVML thread.
+    pub timeout: Duration,
+    /// Read the PIDs of compute processes.
+    pub processes: bool,
+}
+
+/// One sample's request to the NVML thread: its tick, and the tick before it (for values
+/// over the span between them).
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    at: TickMs,
+    prev_tick: Option<TickMs>,
+}
+
 struct Worker {
-    requests: SyncSender<TickMs>,
+    requests: SyncSender<Request>,
     responses: Receiver<(TickMs, Vec<Gpu>)>,
     /// A request is outstanding from an earlier sample that timed out.
     busy: bool,
@@ -33,19 +55,29 @@ struct Worker {
 pub struct NvmlSource {
     worker: Option<Worker>,
     unavailable: Option<String>,
-    /// "index model uuid" per GPU, found at start-up.
-    devices: Vec<String>,
+    /// Identity of each GPU found at start-up, reported as `stalled` when NVML hangs.
+    gpus: Vec<Gpu>,
+    /// What was found beyond the GPUs (GPM, events), and what is missing, for `check`.
+    notes: Vec<String>,
+    problems: Vec<String>,
     timeout: Duration,
+    prev_tick: Option<TickMs>,
 }
 
 /// What the NVML thread reports once it has started.
-type InitReply = Result<Vec<String>, String>;
+struct Found {
+    gpus: Vec<Gpu>,
+    notes: Vec<String>,
+    problems: Vec<String>,
+}
+
+type InitReply = Result<Found, String>;
 
 /// Operator-facing reason for an NVML failure at start-up.
-pub fn explain_init_error(e: &NvmlError) -> String {
+pub fn explain_init_error(e: &NvmlError, library: &str) -> String {
     match e {
         NvmlError::LibloadingError(inner) => format!(
-            "NVML unavailable: cannot load libnvidia-ml.so.1 (no NVIDIA driver on this node?): {inner}"
+            "NVML unavailable: cannot load {library} (no NVIDIA driver on this node?): {inner}"
         ),
         NvmlError::DriverNotLoaded => {
             "NVML unavailable: the NVIDIA kernel driver is not loaded".to_string()
@@ -53,31 +85,40 @@ pub fn explain_init_error(e: &NvmlError) -> String {
         NvmlError::NoPermission => {
             "NVML unavailable: permission denied (check access to /dev/nvidia*)".to_string()
         }
+        NvmlError::FailedToLoadSymbol(inner) => {
+            format!("NVML unavailable: {library} is not an NVML library: {inner}")
+        }
         other => format!("NVML unavailable: {other}"),
     }
 }
 
 impl NvmlSource {
-    pub fn start(timeout: Duration, processes: bool) -> NvmlSource {
+    pub fn start(opts: NvmlOptions) -> NvmlSource {
         let (init_tx, init_rx) = mpsc::sync_channel::<InitReply>(1);
-        let (req_tx, req_rx) = mpsc::sync_channel::<TickMs>(1);
+        let (req_tx, req_rx) = mpsc::sync_channel::<Request>(1);
         let (resp_tx, resp_rx) = mpsc::sync_channel(1);
+        let timeout = opts.timeout;
         let spawned = std::thread::Builder::new()
             .name("nvml".into())
-            .spawn(move || worker_main(init_tx, req_rx, resp_tx, processes));
+            .spawn(move || worker_main(opts, init_tx, req_rx, resp_tx));
         let mut src = NvmlSource {
             worker: None,
             unavailable: None,
-            devices: Vec::new(),
+            gpus: Vec::new(),
+            notes: Vec::new(),
+            problems: Vec::new(),
             timeout,
+            prev_tick: None,
         };
         if let Err(e) = spawned {
             src.unavailable = Some(format!("NVML unavailable: cannot start its thread: {e}"));
             return src;
         }
         match init_rx.recv_timeout(INIT_TIMEOUT) {
-            Ok(Ok(devices)) => {
-                src.devices = devices;
+            Ok(Ok(found)) => {
+                src.gpus = found.gpus;
+                src.notes = found.notes;
+                src.problems = found.problems;
                 src.worker = Some(Worker {
                     requests: req_tx,
                     responses: resp_rx,
@@ -94,18 +135,34 @@ impl NvmlSource {
         }
         src
     }
+
+    /// The GPUs found at start-up, marked as not answering, for a sample NVML missed.
+    fn stalled(&self, out: &mut Sample) {
+        out.gpus.extend(self.gpus.iter().map(|g| Gpu {
+            stalled: true,
+            ..g.clone()
+        }));
+    }
 }
 
 fn worker_main(
+    opts: NvmlOptions,
     init: SyncSender<InitReply>,
-    requests: Receiver<TickMs>,
+    requests: Receiver<Request>,
     responses: SyncSender<(TickMs, Vec<Gpu>)>,
-    processes: bool,
 ) {
-    let nvml = match Nvml::init() {
+    let mut builder = Nvml::builder();
+    let library = match &opts.library {
+        Some(p) => {
+            builder.lib_path(p.as_os_str());
+            p.display().to_string()
+        }
+        None => "libnvidia-ml.so.1".to_string(),
+    };
+    let nvml = match builder.init() {
         Ok(n) => n,
         Err(e) => {
-            let _ = init.send(Err(explain_init_error(&e)));
+            let _ = init.send(Err(explain_init_error(&e, &library)));
             return;
         }
     };
@@ -116,108 +173,53 @@ fn worker_main(
             return;
         }
     };
-    let mut devices: Vec<(Device<'_>, Gpu)> = Vec::new();
-    let mut names = Vec::new();
+    let mut readers = Vec::new();
+    let mut problems = Vec::new();
     for index in 0..count {
         match nvml.device_by_index(index) {
-            Ok(d) => {
-                let ident = identity(&d, index);
-                names.push(format!("{} {} {}", index, ident.model, ident.uuid));
-                devices.push((d, ident));
-            }
-            Err(e) => names.push(format!("{index} unusable: {e}")),
+            Ok(d) => readers.push(GpuReader::new(&nvml, d, index, &mut problems)),
+            Err(e) => problems.push(format!("GPU {index} unusable: {e}")),
         }
     }
-    if init.send(Ok(names)).is_err() {
+    let events = Events::register(&nvml, &readers);
+    let gpm = readers.iter().filter(|r| r.has_gpm()).count();
+    let mut notes = vec![format!("GPM on {gpm} of {} GPUs", readers.len())];
+    let mig: usize = readers.iter().map(GpuReader::mig_devices).sum();
+    if mig > 0 {
+        notes.push(format!("{mig} MIG devices"));
+    }
+    match &events.unavailable {
+        Some(why) => problems.push(why.clone()),
+        None => notes.push("XID and ECC events counted".into()),
+    }
+    let found = Found {
+        gpus: readers.iter().map(|r| r.ident.clone()).collect(),
+        notes,
+        problems,
+    };
+    if init.send(Ok(found)).is_err() {
         return;
     }
+    let mut counts = vec![Vec::new(); readers.len()];
     // Ends when the source is dropped (its sender closes).
-    while let Ok(at) = requests.recv() {
-        let gpus = devices
-            .iter()
-            .map(|(d, ident)| read_gpu(d, ident.clone(), processes))
+    while let Ok(req) = requests.recv() {
+        let drained = events.drain(&mut counts);
+        let mut gpus: Vec<Gpu> = readers
+            .iter_mut()
+            .zip(counts.iter_mut())
+            .map(|(r, c)| {
+                let mut g = r.read(&nvml, req.at, req.prev_tick, opts.processes);
+                g.events = std::mem::take(c);
+                g
+            })
             .collect();
-        if responses.send((at, gpus)).is_err() {
+        if let (Err(e), Some(g)) = (drained, gpus.first_mut()) {
+            g.errors.push(format!("events: {e}"));
+        }
+        if responses.send((req.at, gpus)).is_err() {
             return;
         }
     }
-}
-
-/// Static identity, read once: UUID, PCI bus id and model never change while loaded.
-fn identity(d: &Device<'_>, index: u32) -> Gpu {
-    let clean = |r: Result<String, NvmlError>, fallback: &str| {
-        crate::sysfs::clean_name(&r.unwrap_or_default(), fallback)
-    };
-    Gpu {
-        index,
-        uuid: clean(d.uuid(), &format!("GPU-unknown-{index}")),
-        pci_bus_id: clean(d.pci_info().map(|p| p.bus_id), "unknown"),
-        model: clean(d.name(), "unknown"),
-        ..Gpu::default()
-    }
-}
-
-/// Keeps a value; "not supported" is silently absent, any other failure is named in `errors`.
-pub fn field<T>(errors: &mut Vec<String>, name: &str, r: Result<T, NvmlError>) -> Option<T> {
-    match r {
-        Ok(v) => Some(v),
-        Err(NvmlError::NotSupported) => None,
-        Err(e) => {
-            errors.push(format!("{name}: {e}"));
-            None
-        }
-    }
-}
-
-pub fn sample_value_f64(v: &SampleValue) -> f64 {
-    match *v {
-        SampleValue::F64(x) => x,
-        SampleValue::U32(x) => f64::from(x),
-        SampleValue::U64(x) => x as f64,
-        SampleValue::I64(x) => x as f64,
-    }
-}
-
-fn memory_temp(d: &Device<'_>) -> Result<f64, NvmlError> {
-    let mut values = d.field_values_for(&[FieldId(FI_DEV_MEMORY_TEMP)])?;
-    let sample: FieldValueSample = values.pop().ok_or(NvmlError::NotSupported)??;
-    Ok(sample_value_f64(&sample.value?))
-}
-
-fn read_gpu(d: &Device<'_>, mut g: Gpu, processes: bool) -> Gpu {
-    let e = &mut g.errors;
-    g.power_w = field(e, "power", d.power_usage()).map(|mw| f64::from(mw) / 1000.0);
-    g.energy_mj = field(e, "energy", d.total_energy_consumption());
-    g.temp_c = field(e, "temperature", d.temperature(TemperatureSensor::Gpu)).map(f64::from);
-    g.mem_temp_c = field(e, "memory_temperature", memory_temp(d));
-    if let Some(u) = field(e, "utilization", d.utilization_rates()) {
-        g.util_pct = Some(f64::from(u.gpu));
-        g.mem_util_pct = Some(f64::from(u.memory));
-    }
-    if let Some(m) = field(e, "memory_info", d.memory_info()) {
-        g.mem_used_bytes = Some(m.used);
-        g.mem_total_bytes = Some(m.total);
-    }
-    g.sm_clock_mhz = field(e, "sm_clock", d.clock_info(Clock::SM));
-    g.mem_clock_mhz = field(e, "memory_clock", d.clock_info(Clock::Memory));
-    g.clock_event_reasons =
-        field(e, "clock_event_reasons", d.current_throttle_reasons()).map(|r| r.bits());
-    g.ecc_corrected = field(
-        e,
-        "ecc_corrected",
-        d.total_ecc_errors(MemoryError::Corrected, EccCounter::Aggregate),
-    );
-    g.ecc_uncorrected = field(
-        e,
-        "ecc_uncorrected",
-        d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Aggregate),
-    );
-    if processes {
-        if let Some(ps) = field(e, "processes", d.running_compute_processes()) {
-            g.pids = ps.iter().map(|p| p.pid).collect();
-        }
-    }
-    g
 }
 
 impl Source for NvmlSource {
@@ -226,62 +228,93 @@ impl Source for NvmlSource {
     }
 
     fn inventory(&self) -> Inventory {
+        let names: Vec<String> = self
+            .gpus
+            .iter()
+            .map(|g| format!("{} {} {}", g.index, g.model, g.uuid))
+            .collect();
         Inventory {
-            devices: self.devices.len() as u32,
-            summary: match self.devices.len() {
+            devices: self.gpus.len() as u32,
+            summary: match names.len() {
                 0 => "no GPUs".to_string(),
-                n => format!("{n} GPUs: {}", self.devices.join("; ")),
+                n => format!("{n} GPUs: {}; {}", names.join("; "), self.notes.join("; ")),
             },
-            problems: Vec::new(),
+            problems: self.problems.clone(),
             unavailable: self.unavailable.clone(),
         }
     }
 
     fn read(&mut self, at: TickMs, out: &mut Sample) -> Result<u32, SourceError> {
+        let prev_tick = self.prev_tick.replace(at);
         let Some(w) = self.worker.as_mut() else {
             return Err(SourceError(self.unavailable.clone().unwrap_or_default()));
         };
+        let mut late = None;
         if w.busy {
-            // Collect the late answer to the earlier request, if it has come by now.
+            // Collect the late answer to the earlier request, if it has come by now. Its
+            // readings are stale; its events are not, and are counted in this sample.
             match w.responses.try_recv() {
-                Ok(_) => w.busy = false,
+                Ok((_, gpus)) => {
+                    w.busy = false;
+                    late = Some(gpus);
+                }
                 Err(_) => {
+                    self.stalled(out);
                     return Err(SourceError(
                         "NVML is still stuck in an earlier call; GPU readings skipped".into(),
-                    ))
+                    ));
                 }
             }
         }
-        match w.requests.try_send(at) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(SourceError("NVML thread is busy".into()));
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.worker = None;
-                self.unavailable = Some("NVML thread has stopped".into());
-                return Err(SourceError("NVML thread has stopped".into()));
-            }
-        }
-        match w.responses.recv_timeout(self.timeout) {
-            Ok((_, gpus)) => {
+        let result = match w.requests.try_send(Request { at, prev_tick }) {
+            Ok(()) => match w.responses.recv_timeout(self.timeout) {
+                Ok((_, gpus)) => Ok(gpus),
+                Err(RecvTimeoutError::Timeout) => {
+                    w.busy = true;
+                    Err(SourceError(format!(
+                        "NVML did not answer within {} ms; GPU readings skipped",
+                        self.timeout.as_millis()
+                    )))
+                }
+                Err(RecvTimeoutError::Disconnected) => Err(self.stopped()),
+            },
+            Err(TrySendError::Full(_)) => Err(SourceError("NVML thread is busy".into())),
+            Err(TrySendError::Disconnected(_)) => Err(self.stopped()),
+        };
+        let first = out.gpus.len();
+        let result = match result {
+            Ok(gpus) => {
                 let n = gpus.len() as u32;
                 out.gpus.extend(gpus);
                 Ok(n)
             }
-            Err(RecvTimeoutError::Timeout) => {
-                w.busy = true;
-                Err(SourceError(format!(
-                    "NVML did not answer within {} ms; GPU readings skipped",
-                    self.timeout.as_millis()
-                )))
+            Err(e) => {
+                if self.worker.is_some() {
+                    self.stalled(out);
+                }
+                Err(e)
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                self.worker = None;
-                self.unavailable = Some("NVML thread has stopped".into());
-                Err(SourceError("NVML thread has stopped".into()))
+        };
+        for old in late.into_iter().flatten() {
+            if let Some(g) = out.gpus[first..]
+                .iter_mut()
+                .find(|g| g.index == old.index && g.uuid == old.uuid)
+            {
+                for e in old.events {
+                    nodewatt_wire::count_event(&mut g.events, e.kind, e.code, e.count);
+                }
             }
         }
+        result
+    }
+}
+
+impl NvmlSource {
+    /// The NVML thread is gone (it panicked): said once, for good.
+    fn stopped(&mut self) -> SourceError {
+        self.worker = None;
+        self.unavailable = Some("NVML thread has stopped".into());
+        SourceError("NVML thread has stopped".into())
     }
 }
 
@@ -290,44 +323,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unsupported_fields_are_absent_other_failures_named() {
-        let mut errors = Vec::new();
-        assert_eq!(field(&mut errors, "power", Ok(5u32)), Some(5));
-        assert_eq!(
-            field::<u32>(&mut errors, "ecc", Err(NvmlError::NotSupported)),
-            None
-        );
-        assert!(errors.is_empty());
-        assert_eq!(
-            field::<u32>(&mut errors, "power", Err(NvmlError::GpuLost)),
-            None
-        );
-        assert_eq!(errors.len(), 1);
-        assert!(errors[0].starts_with("power: "), "{errors:?}");
-    }
-
-    #[test]
-    fn field_values_convert_to_f64() {
-        assert_eq!(sample_value_f64(&SampleValue::U32(71)), 71.0);
-        assert_eq!(sample_value_f64(&SampleValue::I64(-3)), -3.0);
-        assert_eq!(sample_value_f64(&SampleValue::F64(1.5)), 1.5);
-        assert_eq!(sample_value_f64(&SampleValue::U64(9)), 9.0);
-    }
-
-    #[test]
     fn init_errors_are_explained() {
-        assert!(explain_init_error(&NvmlError::DriverNotLoaded).contains("kernel driver"));
-        assert!(explain_init_error(&NvmlError::NoPermission).contains("/dev/nvidia"));
+        let lib = "libnvidia-ml.so.1";
+        assert!(explain_init_error(&NvmlError::DriverNotLoaded, lib).contains("kernel driver"));
+        assert!(explain_init_error(&NvmlError::NoPermission, lib).contains("/dev/nvidia"));
+        let e = NvmlError::FailedToLoadSymbol("nvmlInit_v2: undefined symbol".into());
+        let why = explain_init_error(&e, "/opt/x.so");
+        assert!(why.contains("/opt/x.so is not an NVML library"), "{why}");
     }
 
     /// A worker that answers each request only when the test lets it, standing in for
     /// the NVML thread (whose calls can hang when a GPU falls off the bus).
     fn gated_source(timeout_ms: u64) -> (NvmlSource, SyncSender<()>) {
-        let (req_tx, req_rx) = mpsc::sync_channel::<TickMs>(1);
+        let (req_tx, req_rx) = mpsc::sync_channel::<Request>(1);
         let (resp_tx, resp_rx) = mpsc::sync_channel(1);
         let (gate_tx, gate_rx) = mpsc::sync_channel::<()>(8);
         std::thread::spawn(move || {
-            while let Ok(at) = req_rx.recv() {
+            while let Ok(Request { at, .. }) = req_rx.recv() {
                 if gate_rx.recv().is_err() {
                     return;
                 }
@@ -348,8 +360,15 @@ mod tests {
                 busy: false,
             }),
             unavailable: None,
-            devices: vec!["0 test GPU-x".into()],
+            gpus: vec![Gpu {
+                index: 0,
+                uuid: "GPU-x".into(),
+                ..Gpu::default()
+            }],
+            notes: Vec::new(),
+            problems: Vec::new(),
             timeout: Duration::from_millis(timeout_ms),
+            prev_tick: None,
         };
         (src, gate_tx)
     }
@@ -362,11 +381,17 @@ mod tests {
         assert_eq!(src.read(1, &mut s).unwrap(), 1);
 
         // NVML hangs: this sample times out, the next one does not queue another call.
+        // Each says which GPUs went unanswered.
+        let mut s = crate::testutil::empty_sample();
         let err = src.read(2, &mut s).unwrap_err().to_string();
         assert!(err.contains("did not answer within 50 ms"), "{err}");
+        assert_eq!(s.gpus.len(), 1);
+        assert!(s.gpus[0].stalled && s.gpus[0].power_w.is_none());
         // (This answer comes from the path that neither sends nor waits.)
+        let mut s = crate::testutil::empty_sample();
         let err = src.read(3, &mut s).unwrap_err().to_string();
         assert!(err.contains("still stuck"), "{err}");
+        assert!(s.gpus.len() == 1 && s.gpus[0].stalled);
 
         // It recovers once the hung call returns: the late answer is discarded and fresh
         // readings are taken.
@@ -385,6 +410,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(fresh, Some((1, 1)), "one GPU, only the fresh readings");
+        let mut s = crate::testutil::empty_sample();
 
         // The thread is gone: said once, for good.
         drop(gate);
@@ -397,7 +423,11 @@ mod tests {
     /// sample carries the reason; on a GPU machine it finds at least one GPU.
     #[test]
     fn starts_on_any_machine() {
-        let mut src = NvmlSource::start(Duration::from_secs(5), true);
+        let mut src = NvmlSource::start(NvmlOptions {
+            library: None,
+            timeout: Duration::from_secs(5),
+            processes: true,
+        });
         let inv = src.inventory();
         let mut s = crate::testutil::empty_sample();
         match &inv.unavailable {
