@@ -162,8 +162,7 @@ pub const MAX_RAPL: usize = 64;
 pub const MAX_SENSORS: usize = 1_024;
 pub const MAX_SOURCES: usize = 32;
 pub const MAX_PIDS: usize = 4_096;
-/// Kinds and codes of events one GPU reports per message (XIDs are below 256).
-pub const MAX_GPU_EVENTS: usize = 256;
+pub use crate::sample::{MAX_GPU_ERRORS, MAX_GPU_EVENTS};
 /// MIG devices of one GPU: 7 GPU instances today, each with its compute instances.
 pub const MAX_MIG: usize = 64;
 pub const MAX_CORES: u64 = 16_384;
@@ -378,7 +377,7 @@ pub fn check_sample(s: Sample, now_ms: u64, l: &Limits) -> Result<ValidSample, I
     }
     for g in &s.gpus {
         at_most("pids of one GPU", g.pids.len(), MAX_PIDS)?;
-        at_most("errors of one GPU", g.errors.len(), MAX_SOURCES)?;
+        at_most("errors of one GPU", g.errors.len(), MAX_GPU_ERRORS)?;
         range("gpu power_w", g.power_w, 0.0, 10_000.0)?;
         range("gpu power_max_w", g.power_max_w, 0.0, 10_000.0)?;
         range("gpu temp_c", g.temp_c, -100.0, 250.0)?;

@@ -299,8 +299,9 @@ pub struct Gpu {
     /// Same for the thermal limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thermal_capped_ms: Option<u64>,
-    /// Hardware efficiency metrics (NVML GPM, Hopper and later): means over the span
-    /// since the previous reading, absent where the GPU does not measure them.
+    /// Hardware efficiency metrics (NVML GPM, Hopper and later): means over the GPM span
+    /// that ended at this sample (at least 100 ms, so at short intervals some samples
+    /// have none), absent where the GPU does not measure them.
     #[serde(default, skip_serializing_if = "Gpm::is_empty")]
     pub gpm: Gpm,
     /// Critical events over `span_ms`, counted by kind and code (XID 79 twice: one entry,
@@ -411,6 +412,10 @@ pub enum GpuEventKind {
     DoubleBitEcc,
     /// A single-bit (corrected) ECC error.
     SingleBitEcc,
+    /// A kind this version does not know (from a newer agent), or the events beyond
+    /// [`MAX_GPU_EVENTS`] kinds and codes.
+    #[serde(other)]
+    Other,
 }
 
 impl GpuEventKind {
@@ -419,6 +424,7 @@ impl GpuEventKind {
             GpuEventKind::Xid => "xid",
             GpuEventKind::DoubleBitEcc => "double_bit_ecc",
             GpuEventKind::SingleBitEcc => "single_bit_ecc",
+            GpuEventKind::Other => "other",
         }
     }
 }
@@ -432,11 +438,31 @@ pub struct GpuEvents {
     pub count: u64,
 }
 
-/// Adds `count` events of `kind` and `code` to `list`, one entry per kind and code.
+/// Kinds and codes of events one GPU reports per message (XIDs are below 256).
+pub const MAX_GPU_EVENTS: usize = 256;
+/// Failed fields named per GPU and message.
+pub const MAX_GPU_ERRORS: usize = 32;
+
+/// Adds `count` events of `kind` and `code` to `list`, one entry per kind and code. A
+/// list that is full counts a new kind and code as `other` (code 0), so it stays within
+/// [`MAX_GPU_EVENTS`] and no event goes uncounted.
 pub fn count_event(list: &mut Vec<GpuEvents>, kind: GpuEventKind, code: u64, count: u64) {
+    let (kind, code) = match list.iter().any(|e| e.kind == kind && e.code == code) {
+        false if list.len() >= MAX_GPU_EVENTS - 1 => (GpuEventKind::Other, 0),
+        _ => (kind, code),
+    };
     match list.iter_mut().find(|e| e.kind == kind && e.code == code) {
         Some(e) => e.count = e.count.saturating_add(count),
         None => list.push(GpuEvents { kind, code, count }),
+    }
+}
+
+/// Keeps at most [`MAX_GPU_ERRORS`] errors, the last one saying how many were left out.
+pub fn cap_errors(errors: &mut Vec<String>) {
+    if errors.len() > MAX_GPU_ERRORS {
+        let more = errors.len() - (MAX_GPU_ERRORS - 1);
+        errors.truncate(MAX_GPU_ERRORS - 1);
+        errors.push(format!("and {more} more"));
     }
 }
 
@@ -745,6 +771,32 @@ mod tests {
             Err(WireError::Json(_))
         ));
         assert!(Sample::from_json(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn event_and_error_lists_stay_within_their_limits() {
+        let mut list = Vec::new();
+        for code in 0..1_000 {
+            count_event(&mut list, GpuEventKind::Xid, code, 2);
+        }
+        assert_eq!(list.len(), MAX_GPU_EVENTS);
+        assert_eq!(
+            list.iter().map(|e| e.count).sum::<u64>(),
+            2_000,
+            "none uncounted"
+        );
+        assert_eq!(list.last().unwrap().kind, GpuEventKind::Other);
+        // Known entries still count as themselves.
+        count_event(&mut list, GpuEventKind::Xid, 7, 1);
+        assert_eq!(list[7].count, 3);
+        let mut errors: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+        cap_errors(&mut errors);
+        assert_eq!(errors.len(), MAX_GPU_ERRORS);
+        assert_eq!(errors.last().unwrap(), "and 9 more");
+        // A newer agent's event kind is read as `other`, not a rejected message.
+        let e: GpuEvents =
+            serde_json::from_str(r#"{"kind":"nvlink_down","code":3,"count":1}"#).unwrap();
+        assert_eq!(e.kind, GpuEventKind::Other);
     }
 
     #[test]

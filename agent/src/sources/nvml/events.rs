@@ -51,8 +51,9 @@ pub fn classify(types: EventTypes, xid: Option<XidError>) -> Option<(GpuEventKin
 }
 
 impl<'n> Events<'n> {
-    /// Registers every GPU for the event types it supports among those counted.
-    pub fn register(nvml: &'n Nvml, gpus: &[GpuReader<'n>]) -> Events<'n> {
+    /// Registers every GPU for the event types it supports among those counted, but
+    /// those marked in `skip` (lost: NVML fails a set that holds one).
+    pub fn register(nvml: &'n Nvml, gpus: &[GpuReader<'n>], skip: &[bool]) -> Events<'n> {
         let mut set = match nvml.create_event_set() {
             Ok(s) => s,
             Err(e) => {
@@ -66,6 +67,9 @@ impl<'n> Events<'n> {
         let mut handles = Vec::new();
         let mut problems = Vec::new();
         for (i, d) in gpus.iter().map(GpuReader::device).enumerate() {
+            if skip.get(i) == Some(&true) {
+                continue;
+            }
             let types = match d.supported_event_types() {
                 Ok(t) => t & wanted(),
                 Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => continue,
@@ -97,6 +101,11 @@ impl<'n> Events<'n> {
             unavailable: (!problems.is_empty())
                 .then(|| format!("events not counted for {}", problems.join("; "))),
         }
+    }
+
+    /// Whether any GPU's events are counted.
+    pub fn counting(&self) -> bool {
+        self.set.is_some()
     }
 
     /// Takes every queued event, counted per GPU position (as in `gpus`).

@@ -147,9 +147,15 @@ impl<'n> GpuReader<'n> {
         }
         f.g.power_w = power.map(|mw| f64::from(mw) / 1000.0);
         f.g.energy_mj = f.take("energy", d.total_energy_consumption());
-        f.g.power_limit_w = f
-            .take("power_limit", d.enforced_power_limit())
-            .map(|mw| f64::from(mw) / 1000.0);
+        f.g.power_limit_w = match f.take("power_limit", d.enforced_power_limit()) {
+            Some(mw) if mw <= 10_000_000 => Some(f64::from(mw) / 1000.0),
+            Some(mw) => {
+                f.g.errors
+                    .push(format!("power_limit: {mw} mW is not a board's"));
+                None
+            }
+            None => None,
+        };
         f.g.temp_c = f
             .take("temperature", d.temperature(TemperatureSensor::Gpu))
             .map(f64::from);
@@ -200,6 +206,7 @@ impl<'n> GpuReader<'n> {
             let cur = reading.map(|v| Reading {
                 at,
                 ns: v.violation_time,
+                ref_us: v.reference_time,
             });
             *out = cur.and_then(|c| advance_ms(*last, prev_tick, c));
             *last = cur;
@@ -219,6 +226,7 @@ impl<'n> GpuReader<'n> {
         if g.lost {
             self.forget();
         }
+        nodewatt_wire::cap_errors(&mut g.errors);
         g
     }
 
@@ -252,17 +260,19 @@ fn read_gpm<'n>(
     let Some(last) = state.as_mut() else {
         return out;
     };
+    // (A clock stepped back past the kept sample takes a new one as the baseline.)
     if last
         .as_ref()
-        .is_some_and(|(t, _)| at.saturating_sub(*t) < GPM_MIN_SPAN_MS)
+        .is_some_and(|(t, _)| at >= *t && at - *t < GPM_MIN_SPAN_MS)
     {
         return out;
     }
+    let stepped_back = last.as_ref().is_some_and(|(t, _)| at < *t);
     let Some(now) = f.take(&format!("{what}gpm_sample"), take()) else {
         *last = None;
         return out;
     };
-    if let Some((_, before)) = last.take() {
+    if let Some((_, before)) = last.take().filter(|_| !stepped_back) {
         let results = f.take(
             &format!("{what}gpm"),
             gpm_metrics_get(nvml, &before, &now, &GPM_METRICS),
@@ -314,12 +324,8 @@ fn instance_id(nvml: &Nvml, d: &Device<'_>, compute: bool) -> Result<u32, NvmlEr
     .map_err(|e| NvmlError::FailedToLoadSymbol(e.to_string()))?;
     let mut id = 0;
     // SAFETY: a valid MIG device handle and a pointer to a c_uint, as nvml.h declares.
-    match unsafe { f(d.handle(), &mut id) } {
-        0 => Ok(id),
-        3 => Err(NvmlError::NotSupported),
-        15 => Err(NvmlError::GpuLost),
-        code => Err(NvmlError::UnexpectedVariant(code)),
-    }
+    nvml_wrapper::error::nvml_try(unsafe { f(d.handle(), &mut id) })?;
+    Ok(id)
 }
 
 /// The MIG devices of a GPU in MIG mode, in NVML's order; none otherwise. Problems are

@@ -6,7 +6,7 @@
 //! other sources or the sampling rhythm.
 
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::time::Duration;
 
 use nodewatt_wire::{Gpu, Sample};
@@ -181,16 +181,18 @@ fn worker_main(
             Err(e) => problems.push(format!("GPU {index} unusable: {e}")),
         }
     }
-    let events = Events::register(&nvml, &readers);
+    let mut events = Events::register(&nvml, &readers, &[]);
     let gpm = readers.iter().filter(|r| r.has_gpm()).count();
     let mut notes = vec![format!("GPM on {gpm} of {} GPUs", readers.len())];
     let mig: usize = readers.iter().map(GpuReader::mig_devices).sum();
     if mig > 0 {
         notes.push(format!("{mig} MIG devices"));
     }
-    match &events.unavailable {
-        Some(why) => problems.push(why.clone()),
-        None => notes.push("XID and ECC events counted".into()),
+    if let Some(why) = &events.unavailable {
+        problems.push(why.clone());
+    }
+    if events.counting() {
+        notes.push("XID and ECC events counted".into());
     }
     let found = Found {
         gpus: readers.iter().map(|r| r.ident.clone()).collect(),
@@ -201,21 +203,35 @@ fn worker_main(
         return;
     }
     let mut counts = vec![Vec::new(); readers.len()];
+    let mut lost = vec![false; readers.len()];
+    let mut said = None;
     // Ends when the source is dropped (its sender closes).
     while let Ok(req) = requests.recv() {
-        let drained = events.drain(&mut counts);
-        let mut gpus: Vec<Gpu> = readers
+        if let Err(e) = events.drain(&mut counts) {
+            // A lost GPU makes NVML fail the whole set: the others are registered again.
+            if matches!(e, NvmlError::GpuLost) {
+                drop(events);
+                events = Events::register(&nvml, &readers, &lost);
+            }
+            let why = format!("GPU events: {e}");
+            if said.as_ref() != Some(&why) {
+                tracing::warn!("{why}");
+                said = Some(why);
+            }
+        }
+        let gpus: Vec<Gpu> = readers
             .iter_mut()
             .zip(counts.iter_mut())
-            .map(|(r, c)| {
+            .zip(lost.iter_mut())
+            .map(|((r, c), lost)| {
                 let mut g = r.read(&nvml, req.at, req.prev_tick, opts.processes);
-                g.events = std::mem::take(c);
+                for e in std::mem::take(c) {
+                    nodewatt_wire::count_event(&mut g.events, e.kind, e.code, e.count);
+                }
+                *lost = g.lost;
                 g
             })
             .collect();
-        if let (Err(e), Some(g)) = (drained, gpus.first_mut()) {
-            g.errors.push(format!("events: {e}"));
-        }
         if responses.send((req.at, gpus)).is_err() {
             return;
         }
@@ -245,7 +261,9 @@ impl Source for NvmlSource {
     }
 
     fn read(&mut self, at: TickMs, out: &mut Sample) -> Result<u32, SourceError> {
-        let prev_tick = self.prev_tick.replace(at);
+        // The previous tick counts as the start of this span only if its reading came in
+        // time: a late one was taken at some unknown instant after its tick.
+        let prev_tick = self.prev_tick.take();
         let Some(w) = self.worker.as_mut() else {
             return Err(SourceError(self.unavailable.clone().unwrap_or_default()));
         };
@@ -258,7 +276,8 @@ impl Source for NvmlSource {
                     w.busy = false;
                     late = Some(gpus);
                 }
-                Err(_) => {
+                Err(TryRecvError::Disconnected) => return Err(self.stopped()),
+                Err(TryRecvError::Empty) => {
                     self.stalled(out);
                     return Err(SourceError(
                         "NVML is still stuck in an earlier call; GPU readings skipped".into(),
@@ -284,6 +303,7 @@ impl Source for NvmlSource {
         let first = out.gpus.len();
         let result = match result {
             Ok(gpus) => {
+                self.prev_tick = Some(at);
                 let n = gpus.len() as u32;
                 out.gpus.extend(gpus);
                 Ok(n)

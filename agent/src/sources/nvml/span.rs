@@ -2,11 +2,13 @@
 
 use super::TickMs;
 
-/// A cumulative nanosecond counter read at a sample tick.
+/// A cumulative nanosecond counter read at a sample tick, with NVML's own timestamp of
+/// the reading (µs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reading {
     pub at: TickMs,
     pub ns: u64,
+    pub ref_us: u64,
 }
 
 /// Milliseconds a cumulative nanosecond counter advanced over the span that ends at this
@@ -14,12 +16,15 @@ pub struct Reading {
 /// reading was taken at exactly that tick: after a skipped or stalled sample the advance
 /// would cover more than the span. Whole milliseconds of the cumulative value, so the
 /// spans add up to the counter without rounding drift; a counter that went back (driver
-/// reload) gives nothing.
+/// reload) or advanced more than the time between the readings gives nothing. The reads
+/// happen a little after their ticks, so a GPU capped all along can advance slightly more
+/// than the span between ticks: that is the whole span.
 pub fn advance_ms(prev: Option<Reading>, prev_tick: Option<TickMs>, cur: Reading) -> Option<u64> {
     let prev = prev.filter(|p| Some(p.at) == prev_tick && p.at < cur.at)?;
     let ms = (cur.ns / 1_000_000).checked_sub(prev.ns / 1_000_000)?;
-    // Longer than the span: not this counter's meaning; said as absent, not clamped.
-    (ms <= cur.at - prev.at).then_some(ms)
+    let between_ms = cur.ref_us.checked_sub(prev.ref_us)? / 1_000;
+    // Whole ms of each end can add one.
+    (ms <= between_ms + 1).then_some(ms.min(cur.at - prev.at))
 }
 
 /// A GPM percentage as the wire takes it: rounding may put it a hair outside 0..=100,
@@ -42,8 +47,13 @@ pub fn rate(v: f64) -> Option<f64> {
 mod tests {
     use super::*;
 
+    /// A reading taken exactly at its tick.
     fn r(at: TickMs, ns: u64) -> Reading {
-        Reading { at, ns }
+        Reading {
+            at,
+            ns,
+            ref_us: at * 1_000,
+        }
     }
 
     #[test]
@@ -59,6 +69,25 @@ mod tests {
         assert_eq!(a + b, 1);
     }
 
+    /// Capped all along, read 2 ms late at 100 and on time at 200: the counter advanced
+    /// 98 ms, and reads 5 ms late at 300: 105 ms, which is the whole 100 ms span.
+    #[test]
+    fn capped_all_along_is_the_whole_span_whenever_the_reads_happen() {
+        let at = |tick: u64, late_ms: u64| Reading {
+            at: tick,
+            ns: (tick + late_ms) * 1_000_000,
+            ref_us: (tick + late_ms) * 1_000,
+        };
+        assert_eq!(
+            advance_ms(Some(at(100, 2)), Some(100), at(200, 0)),
+            Some(98)
+        );
+        assert_eq!(
+            advance_ms(Some(at(200, 0)), Some(200), at(300, 5)),
+            Some(100)
+        );
+    }
+
     #[test]
     fn no_advance_after_a_gap_a_reset_or_an_impossible_value() {
         // The sample at 200 had no reading (stalled): the span 200..300 is not 100..300.
@@ -71,11 +100,15 @@ mod tests {
             advance_ms(Some(r(100, 9_000_000)), Some(100), r(200, 0)),
             None
         );
-        // More throttled time than wall time.
+        // More throttled time than time between the readings.
         assert_eq!(
-            advance_ms(Some(r(100, 0)), Some(100), r(200, 101_000_000)),
+            advance_ms(Some(r(100, 0)), Some(100), r(200, 102_000_000)),
             None
         );
+        // NVML's clock went back.
+        let mut back = r(200, 1_000_000);
+        back.ref_us = 0;
+        assert_eq!(advance_ms(Some(r(100, 0)), Some(100), back), None);
         // Same tick twice.
         assert_eq!(advance_ms(Some(r(100, 0)), Some(100), r(100, 0)), None);
     }
