@@ -220,6 +220,13 @@ fn mean(a: Option<f64>, a_ms: u64, b: Option<f64>, b_ms: u64) -> Option<f64> {
     }
 }
 
+/// GPM metrics over both spans: each the mean weighted by the time it covers.
+fn fold_gpm(older: &nodewatt_wire::Gpm, old_ms: u64, newer: &mut nodewatt_wire::Gpm, new_ms: u64) {
+    for (slot, (_, old)) in newer.fields_mut().into_iter().zip(older.fields()) {
+        *slot = mean(old, old_ms, *slot, new_ms);
+    }
+}
+
 /// Folds `older` into `newer`, the sample or message just after it: newer counters and
 /// last readings, summed deltas, span and usage, power and utilisation as means over the
 /// span and their maxima. Devices only the older sample has are kept, so their energy is
@@ -258,15 +265,10 @@ pub fn merge_into(older: &Sample, newer: &mut Sample) {
                 g.power_limit_w = g.power_limit_w.or(og.power_limit_w);
                 g.power_capped_ms = add(og.power_capped_ms, g.power_capped_ms);
                 g.thermal_capped_ms = add(og.thermal_capped_ms, g.thermal_capped_ms);
-                for (slot, (_, old)) in g.gpm.fields_mut().into_iter().zip(og.gpm.fields()) {
-                    *slot = mean(old, old_ms, *slot, new_ms);
-                }
+                fold_gpm(&og.gpm, old_ms, &mut g.gpm, new_ms);
                 for m in &mut g.mig {
                     if let Some(om) = og.mig.iter().find(|om| om.uuid == m.uuid) {
-                        for (slot, (_, old)) in m.gpm.fields_mut().into_iter().zip(om.gpm.fields())
-                        {
-                            *slot = mean(old, old_ms, *slot, new_ms);
-                        }
+                        fold_gpm(&om.gpm, old_ms, &mut m.gpm, new_ms);
                     }
                 }
                 for e in &og.events {

@@ -56,6 +56,12 @@ impl Fields<'_> {
     /// silently absent; a lost GPU is said once by `lost`; any other failure is named in
     /// `errors`.
     fn take<T>(&mut self, name: &str, r: Result<T, NvmlError>) -> Option<T> {
+        self.take_in("", name, r)
+    }
+
+    /// [`Fields::take`] for a part of the GPU (`what`: e.g. `"mig 1 "`); the error's name
+    /// is only put together when there is an error.
+    fn take_in<T>(&mut self, what: &str, name: &str, r: Result<T, NvmlError>) -> Option<T> {
         match r {
             Ok(v) => Some(v),
             Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => None,
@@ -64,7 +70,7 @@ impl Fields<'_> {
                 None
             }
             Err(e) => {
-                self.g.errors.push(format!("{name}: {e}"));
+                self.g.errors.push(format!("{what}{name}: {e}"));
                 None
             }
         }
@@ -214,13 +220,19 @@ impl<'n> GpuReader<'n> {
         f.g.gpm = read_gpm(nvml, || d.gpm_sample(), &mut self.gpm, at, "", &mut f);
         for m in &mut self.mig {
             let mut ident = m.ident.clone();
-            if let Some(mem) = f.take("mig memory_info", m.device.memory_info()) {
+            if let Some(mem) = f.take_in(&m.what, "memory_info", m.device.memory_info()) {
                 ident.mem_used_bytes = Some(mem.used);
                 ident.mem_total_bytes = Some(mem.total);
             }
             let gi = ident.gpu_instance_id;
-            let what = format!("mig {gi} ");
-            ident.gpm = read_gpm(nvml, || d.gpm_mig_sample(gi), &mut m.gpm, at, &what, &mut f);
+            ident.gpm = read_gpm(
+                nvml,
+                || d.gpm_mig_sample(gi),
+                &mut m.gpm,
+                at,
+                &m.what,
+                &mut f,
+            );
             f.g.mig.push(ident);
         }
         if g.lost {
@@ -268,13 +280,14 @@ fn read_gpm<'n>(
         return out;
     }
     let stepped_back = last.as_ref().is_some_and(|(t, _)| at < *t);
-    let Some(now) = f.take(&format!("{what}gpm_sample"), take()) else {
+    let Some(now) = f.take_in(what, "gpm_sample", take()) else {
         *last = None;
         return out;
     };
     if let Some((_, before)) = last.take().filter(|_| !stepped_back) {
-        let results = f.take(
-            &format!("{what}gpm"),
+        let results = f.take_in(
+            what,
+            "gpm",
             gpm_metrics_get(nvml, &before, &now, &GPM_METRICS),
         );
         let names = Gpm::default().fields();
@@ -310,6 +323,8 @@ fn read_gpm<'n>(
 pub struct MigReader<'n> {
     device: Device<'n>,
     ident: MigDevice,
+    /// How its errors are named: `mig <gpu instance> `.
+    what: String,
     gpm: GpmState<'n>,
 }
 
@@ -356,6 +371,7 @@ fn find_mig<'n>(
         let ci = instance_id(nvml, &d, true).unwrap_or(0);
         let attrs = d.attributes().ok();
         found.push(MigReader {
+            what: format!("mig {gi} "),
             ident: MigDevice {
                 uuid: crate::sysfs::clean_name(&uuid, "MIG-unknown"),
                 gpu_instance_id: gi,
