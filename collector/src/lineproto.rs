@@ -717,6 +717,47 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_gpu_and_mig_devices_exactly() {
+        let mut s = Sample::new("a", n("c1"), n("n1"), 1000, T - 10_000);
+        s.ts_ms = T;
+        s.span_ms = 1_000;
+        s.gpus.push(Gpu {
+            index: 1,
+            uuid: "GPU-2".into(),
+            model: "H100".into(),
+            lost: true,
+            ..Gpu::default()
+        });
+        s.gpus.push(Gpu {
+            index: 0,
+            uuid: "GPU-1".into(),
+            model: "H100".into(),
+            mig: vec![nodewatt_wire::MigDevice {
+                uuid: "MIG-1".into(),
+                gpu_instance_id: 2,
+                compute_instance_id: 0,
+                slices: Some(3),
+                mem_total_bytes: Some(40),
+                gpm: nodewatt_wire::Gpm {
+                    tensor_active_pct: Some(80.0),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            ..Gpu::default()
+        });
+        let mut out = Vec::new();
+        encode_sample(&valid(s), &mut out);
+        let expected = [
+            "agent,cluster=c1,node=n1 seq=0i,agent_start_ms=1763699990000i,interval_ms=1000i,span_ms=1000i,merged=0i,version=\"a\" 1763700000000",
+            "gpu,cluster=c1,gpu=1,model=H100,node=n1,uuid=GPU-2 span_ms=1000i,processes=0i,answering=0i,lost=1i,simulated=false 1763700000000",
+            "gpu,cluster=c1,gpu=0,model=H100,node=n1,uuid=GPU-1 span_ms=1000i,processes=0i,answering=1i,simulated=false 1763700000000",
+            "gpu_mig,ci=0,cluster=c1,gi=2,gpu=0,mig_uuid=MIG-1,node=n1,uuid=GPU-1 slices=3i,mem_total_bytes=40i,span_ms=1000i,tensor_active_pct=80 1763700000000",
+        ];
+        assert_eq!(text(&out), expected.join("\n") + "\n");
+    }
+
+    #[test]
     fn usage_is_summed_per_project_and_user_and_job_totals_keyed_by_start() {
         use nodewatt_wire::{JobTotal, Usage};
         let mut s = Sample::new("a", n("c1"), n("n1"), 1000, T - 10_000);
