@@ -499,3 +499,73 @@ memory_mb = 40192
     assert_eq!((b.gpu_instance_id, b.slices), (2, Some(4)));
     assert!(b.gpm.is_empty(), "this instance has no GPM");
 }
+
+#[test]
+fn a_job_holding_a_mig_instance_is_billed_its_share_of_the_gpu() {
+    let jobs = tempfile::tempdir().unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let start_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 10_000;
+    std::fs::write(
+        jobs.path().join("7.job"),
+        format!(
+            "job=7\nproject=proj-mig\nuser=alice\ngpus=MIG-00000000-0000-0000-0000-000000000011\n\
+             start_ms={start_ms}\n"
+        ),
+    )
+    .unwrap();
+    // Instance 1: 3 slices at 90 % SM activity; instance 2: 2 slices at 30 %; 2 of the 7
+    // slices unheld. Energy goes 2700 : 600, time 3 : 2 : 2 (idle).
+    let n = node(
+        &format!(
+            r#"
+[[gpu]]
+uuid = "{GPU0}"
+power_w = 700.0
+mig_slices = 7
+[[gpu.mig]]
+uuid = "MIG-00000000-0000-0000-0000-000000000011"
+gpu_instance_id = 1
+slices = 3
+[gpu.mig.gpm]
+sm_util = 90.0
+[[gpu.mig]]
+uuid = "MIG-00000000-0000-0000-0000-000000000012"
+gpu_instance_id = 2
+slices = 2
+[gpu.mig.gpm]
+sm_util = 30.0
+"#
+        ),
+        "200ms",
+        &format!("[jobs]\ndir = {:?}\nowner_uid = {me}\n", jobs.path()),
+    );
+    let samples = n.run(5);
+    assert_eq!(samples[4].gpus[0].mig_slices, Some(7));
+    // From the third sample on, both instances have a GPM span.
+    for s in &samples[2..] {
+        let delta_uj = s.gpus[0].energy_delta_mj.unwrap() * 1000;
+        assert!(delta_uj > 0);
+        let job = s.usage.iter().find(|u| u.job.as_deref() == Some("7"));
+        let job = job.expect("the job is billed").amounts;
+        let idle = s
+            .usage
+            .iter()
+            .find(|u| u.project == "_idle")
+            .unwrap()
+            .amounts;
+        assert_eq!(job.gpu_uj + idle.gpu_uj, delta_uj, "conserved");
+        let share = delta_uj as f64 * 2700.0 / 3300.0;
+        assert!(
+            (job.gpu_uj as f64 - share).abs() <= 1.0,
+            "{job:?} vs {share}"
+        );
+        assert_eq!(job.gpu_ms + idle.gpu_ms, s.span_ms);
+        let slices = s.span_ms as f64 * 3.0 / 7.0;
+        assert!((job.gpu_ms as f64 - slices).abs() <= 1.0, "{job:?}");
+    }
+}

@@ -877,6 +877,49 @@ pub unsafe extern "C" fn nvmlDeviceGetAttributes_v2(
     })
 }
 
+/// GPU instance profiles: each `NVML_GPU_INSTANCE_PROFILE_<n>_SLICE` up to the GPU's
+/// `mig_slices` is supported, the larger ones (and the REV/GFX variants) are not.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceProfileInfo(
+    device: nvmlDevice_t,
+    profile: c_uint,
+    info: *mut b::nvmlGpuInstanceProfileInfo_t,
+) -> nvmlReturn_t {
+    on_device("nvmlDeviceGetGpuInstanceProfileInfo", device, |rt, d, _| {
+        let g = rt.model.gpu(d.gpu);
+        let slices: c_uint = match profile {
+            b::NVML_GPU_INSTANCE_PROFILE_1_SLICE => 1,
+            b::NVML_GPU_INSTANCE_PROFILE_2_SLICE => 2,
+            b::NVML_GPU_INSTANCE_PROFILE_3_SLICE => 3,
+            b::NVML_GPU_INSTANCE_PROFILE_4_SLICE => 4,
+            b::NVML_GPU_INSTANCE_PROFILE_7_SLICE => 7,
+            b::NVML_GPU_INSTANCE_PROFILE_8_SLICE => 8,
+            b::NVML_GPU_INSTANCE_PROFILE_6_SLICE => 6,
+            p if p < b::NVML_GPU_INSTANCE_PROFILE_COUNT => return NOT_SUPPORTED,
+            _ => return INVALID_ARG,
+        };
+        if g.mig.is_empty() || slices > g.mig_slices {
+            return NOT_SUPPORTED;
+        }
+        put(
+            info,
+            b::nvmlGpuInstanceProfileInfo_t {
+                id: profile,
+                isP2pSupported: 0,
+                sliceCount: slices,
+                instanceCount: g.mig_slices / slices,
+                multiprocessorCount: slices * 132 / g.mig_slices,
+                copyEngineCount: slices,
+                decoderCount: slices,
+                encoderCount: 0,
+                jpegCount: slices,
+                ofaCount: 0,
+                memorySizeMB: u64::from(slices) * 81_559 / u64::from(g.mig_slices),
+            },
+        )
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // GPM
 

@@ -39,6 +39,7 @@ pub const GPU_FUNCTIONS: &[&str] = &[
     "nvmlDeviceGetGpuInstanceId",
     "nvmlDeviceGetComputeInstanceId",
     "nvmlDeviceGetAttributes_v2",
+    "nvmlDeviceGetGpuInstanceProfileInfo",
     "nvmlGpmQueryDeviceSupport",
     "nvmlGpmSampleGet",
     "nvmlGpmMigSampleGet",
@@ -110,6 +111,8 @@ pub struct GpuSpec {
     pub events: Vec<EventSpec>,
     pub gpm: Option<GpmSpec>,
     pub mig: Vec<MigSpec>,
+    /// Slices of the largest GPU instance profile (7 on an A100 or H100, 4 on an A30).
+    pub mig_slices: u32,
 }
 
 impl Default for GpuSpec {
@@ -144,6 +147,7 @@ impl Default for GpuSpec {
             events: Vec::new(),
             gpm: None,
             mig: Vec::new(),
+            mig_slices: 7,
         }
     }
 }
@@ -346,6 +350,9 @@ impl Scenario {
             }
             if g.mig.len() > MAX_MIG_DEVICES {
                 return Err(at(format!("at most {MAX_MIG_DEVICES} [[gpu.mig]] tables")));
+            }
+            if !(1..=8).contains(&g.mig_slices) {
+                return Err(at("mig_slices must be 1 to 8".into()));
             }
             let mut instances = HashSet::new();
             for (j, m) in g.mig.iter().enumerate() {

@@ -401,6 +401,12 @@ fn mig_devices_answer_for_themselves() {
         d.mig_device_by_index(2).map(|_| ()),
         Err(NvmlError::NotFound)
     ));
+    // GPU instance profiles up to the GPU's 7 slices; the largest is the whole GPU.
+    let full = d.profile_info(4).unwrap();
+    assert_eq!((full.id, full.slice_count, full.instance_count), (4, 7, 1));
+    assert_eq!(d.profile_info(2).unwrap().slice_count, 3);
+    assert!(matches!(d.profile_info(5), Err(NvmlError::NotSupported)));
+    assert!(matches!(d.profile_info(99), Err(NvmlError::InvalidArg)));
 
     let mig = d.mig_device_by_index(0).unwrap();
     assert!(mig.mig_is_mig_device_handle().unwrap());

@@ -388,6 +388,15 @@ pub fn check_sample(s: Sample, now_ms: u64, l: &Limits) -> Result<ValidSample, I
         range("gpu power_limit_w", g.power_limit_w, 0.0, 10_000.0)?;
         gpm(&g.gpm)?;
         at_most("MIG devices of one GPU", g.mig.len(), MAX_MIG)?;
+        if let Some(total) = g.mig_slices {
+            at_most("MIG slices of one GPU", total as usize, MAX_MIG)?;
+            if let Some(held) = g.mig_slices_held().filter(|h| *h > total) {
+                return Err(invalid(
+                    Reason::Physics,
+                    format!("GPU instances hold {held} slices of a GPU that has {total}"),
+                ));
+            }
+        }
         for m in &g.mig {
             gpm(&m.gpm)?;
             count("mig mem_used_bytes", m.mem_used_bytes.unwrap_or(0))?;
@@ -796,6 +805,28 @@ mod tests {
         check_sample(s.clone(), NOW, &Limits::default()).unwrap();
         s.gpus[0].thermal_capped_ms = Some(s.span_ms + 1);
         assert_eq!(reason(s), Reason::Physics);
+    }
+
+    #[test]
+    fn gpu_instances_cannot_hold_more_slices_than_the_gpu() {
+        let mut s = sample();
+        let mig = |gi: u32, ci: u32, slices: u32| crate::MigDevice {
+            uuid: format!("MIG-{gi}-{ci}"),
+            gpu_instance_id: gi,
+            compute_instance_id: ci,
+            slices: Some(slices),
+            ..crate::MigDevice::default()
+        };
+        // Two compute instances of one 4-slice GPU instance hold 4 slices, not 8.
+        s.gpus[0].mig = vec![mig(1, 0, 3), mig(2, 0, 4), mig(2, 1, 4)];
+        s.gpus[0].mig_slices = Some(7);
+        assert_eq!(s.gpus[0].mig_slices_held(), Some(7));
+        check_sample(s.clone(), NOW, &Limits::default()).unwrap();
+        s.gpus[0].mig.push(mig(3, 0, 1));
+        assert_eq!(reason(s.clone()), Reason::Physics);
+        s.gpus[0].mig[3].slices = None;
+        assert_eq!(s.gpus[0].mig_slices_held(), None, "unknown, not checked");
+        check_sample(s, NOW, &Limits::default()).unwrap();
     }
 
     #[test]

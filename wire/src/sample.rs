@@ -311,6 +311,10 @@ pub struct Gpu {
     /// MIG instances of this GPU (MIG mode on), as found at the agent's start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mig: Vec<MigDevice>,
+    /// Slices of the whole GPU in MIG mode (its largest GPU instance profile: 7 on an A100
+    /// or H100): slices no GPU instance holds are idle capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig_slices: Option<u32>,
     /// NVML says the GPU has fallen off the bus: its readings are absent.
     #[serde(default, skip_serializing_if = "is_false")]
     pub lost: bool,
@@ -320,6 +324,22 @@ pub struct Gpu {
     /// Fields that failed for a reason other than "not supported", as `field: reason`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+}
+
+impl Gpu {
+    /// Slices held by its GPU instances (each counted once, however many compute
+    /// instances it has); `None` when a MIG device did not say its slices.
+    pub fn mig_slices_held(&self) -> Option<u32> {
+        let mut seen: Vec<u32> = Vec::with_capacity(self.mig.len());
+        let mut held = 0u32;
+        for m in &self.mig {
+            if !seen.contains(&m.gpu_instance_id) {
+                seen.push(m.gpu_instance_id);
+                held = held.saturating_add(m.slices?);
+            }
+        }
+        Some(held)
+    }
 }
 
 /// One MIG device: a compute instance inside a GPU instance of a GPU. NVML gives no

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use nodewatt_wire::{AccountingStats, JobId, Sample, SensorKind};
 
-use crate::attribution::{GpuEnergy, Measured};
+use crate::attribution::{GpuEnergy, Measured, MigShare};
 use ledger::Ledger;
 use registry::Registry;
 
@@ -49,6 +49,18 @@ pub fn measured(s: &Sample, t0: u64) -> Measured {
             index: g.index,
             uuid: g.uuid.clone(),
             energy_uj: g.energy_delta_mj.map(|mj| mj.saturating_mul(1000)),
+            mig: g
+                .mig
+                .iter()
+                .map(|d| MigShare {
+                    uuid: d.uuid.clone(),
+                    gpu_instance_id: d.gpu_instance_id,
+                    slices: d.slices,
+                    // The wire checked it is within 0..=100.
+                    active_permille: d.gpm.sm_active_pct.map(|p| (p * 10.0).round() as u32),
+                })
+                .collect(),
+            mig_slices: g.mig_slices,
         })
         .collect();
     // The wire's class rule: the collector checks usage against the same sums.

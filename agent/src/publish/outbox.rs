@@ -263,6 +263,7 @@ pub fn merge_into(older: &Sample, newer: &mut Sample) {
                 };
                 g.energy_delta_mj = add(og.energy_delta_mj, g.energy_delta_mj);
                 g.power_limit_w = g.power_limit_w.or(og.power_limit_w);
+                g.mig_slices = g.mig_slices.or(og.mig_slices);
                 g.power_capped_ms = add(og.power_capped_ms, g.power_capped_ms);
                 g.thermal_capped_ms = add(og.thermal_capped_ms, g.thermal_capped_ms);
                 fold_gpm(&og.gpm, old_ms, &mut g.gpm, new_ms);

@@ -102,7 +102,7 @@ impl<'n> GpuReader<'n> {
         let clean = |r: Result<String, NvmlError>, fallback: &str| {
             crate::sysfs::clean_name(&r.unwrap_or_default(), fallback)
         };
-        let ident = Gpu {
+        let mut ident = Gpu {
             index,
             uuid: clean(device.uuid(), &format!("GPU-unknown-{index}")),
             pci_bus_id: clean(device.pci_info().map(|p| p.bus_id), "unknown"),
@@ -111,6 +111,7 @@ impl<'n> GpuReader<'n> {
         };
         let has_gpm = matches!(device.gpm_support(), Ok(true));
         let mig = find_mig(nvml, &device, has_gpm, problems);
+        ident.mig_slices = mig_slices(&device, &mig, problems);
         GpuReader {
             device,
             ident,
@@ -384,6 +385,43 @@ fn find_mig<'n>(
         });
     }
     found
+}
+
+/// Slices of the whole GPU in MIG mode: the largest GPU instance profile it supports
+/// (read once, like the MIG layout). `None`, with the problem said, when no profile
+/// answers or its instances would hold more than that.
+fn mig_slices(
+    device: &Device<'_>,
+    mig: &[MigReader<'_>],
+    problems: &mut Vec<String>,
+) -> Option<u32> {
+    if mig.is_empty() {
+        return None;
+    }
+    // Profiles 0-6 are nvml.h's 1, 2, 3, 4, 7, 8 and 6-slice profiles; later ids are
+    // variants (REV, GFX, media engines) of these sizes.
+    let total = (0..=6)
+        .filter_map(|p| device.profile_info(p).ok())
+        .map(|info| info.slice_count)
+        .max();
+    let layout = Gpu {
+        mig: mig.iter().map(|m| m.ident.clone()).collect(),
+        ..Gpu::default()
+    };
+    match (total, layout.mig_slices_held()) {
+        (Some(total), Some(held))
+            if held <= total && total as usize <= nodewatt_wire::check::MAX_MIG =>
+        {
+            Some(total)
+        }
+        (total, held) => {
+            problems.push(format!(
+                "MIG slices of the GPU unknown (profiles say {total:?}, instances hold {held:?}): \
+                 its MIG devices share its energy without an idle part"
+            ));
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,10 @@
 //!
 //! - A GPU's energy and GPU time go to the job that holds it, for the part of the span
 //!   between the job's start and end; the rest of the span goes to `_idle`. Within a span
-//!   power is taken as uniform: that is the only approximation.
+//!   power is taken as uniform: that is the only approximation for whole GPUs.
+//! - A GPU in MIG mode is first split among its MIG devices ([`mig`], an estimate: NVML
+//!   has no per-instance power); each device's part then goes to the job holding it (by
+//!   its `MIG-` UUID, or the whole GPU's index or UUID) as a whole GPU's would.
 //! - CPU package, DRAM and other node energy are split by each job's cgroup CPU time
 //!   against the node's CPU capacity (cores × span); the unused capacity's share goes to
 //!   `_idle`, so a job is billed for the CPUs it used, not for the whole socket.
@@ -12,6 +15,10 @@
 use std::collections::HashMap;
 
 use nodewatt_wire::{Amounts, GpuRef, JobId, Project, Usage, User};
+
+pub use mig::MigShare;
+
+pub mod mig;
 
 /// A running job as the registry describes it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -45,14 +52,23 @@ impl Job {
             .iter()
             .any(|g| g == uuid || g.parse::<u32>() == Ok(index))
     }
+
+    /// Holds a MIG device: by its UUID, or by holding its whole GPU.
+    pub fn holds_mig(&self, gpu: &GpuEnergy, mig_uuid: &str) -> bool {
+        self.holds(gpu.index, &gpu.uuid) || self.gpus.iter().any(|g| g == mig_uuid)
+    }
 }
 
 /// One GPU's energy over the span; `None` when the delta is unknown (first sample, reset).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GpuEnergy {
     pub index: u32,
     pub uuid: String,
     pub energy_uj: Option<u64>,
+    /// Its MIG devices, in MIG mode.
+    pub mig: Vec<MigShare>,
+    /// Slices of the whole GPU, in MIG mode.
+    pub mig_slices: Option<u32>,
 }
 
 /// What was measured over the span (t0, t1].
@@ -121,6 +137,42 @@ pub struct Split {
     pub idle: Amounts,
 }
 
+/// Bills one device's energy (µJ, when known) and GPU time (ms) over the span to the
+/// jobs in `amounts` that it `held` by, for the part of the span each ran, and the rest
+/// to idle (`amounts`' last entry).
+fn bill_device(
+    jobs: &[Job],
+    running: &[u64],
+    m: &Measured,
+    held: impl Fn(&Job) -> bool,
+    (energy_uj, gpu_ms): (Option<u64>, u64),
+    amounts: &mut [Amounts],
+) {
+    let n = jobs.len();
+    let mut w = vec![0u64; n + 1];
+    let mut spans = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if held(j) && running[i] > 0 {
+            w[i] = running[i];
+            spans.push(j.within(m.t0, m.t1));
+        }
+    }
+    // Idle is the time no job held it: jobs one after the other in one span each get
+    // their own time; two jobs claiming it at once (a scheduler misconfiguration)
+    // share their common time.
+    w[n] =
+        m.t1.saturating_sub(m.t0)
+            .saturating_sub(union_len(&mut spans));
+    for (a, ms) in amounts.iter_mut().zip(apportion(gpu_ms, &w)) {
+        a.gpu_ms += ms;
+    }
+    if let Some(e) = energy_uj {
+        for (a, uj) in amounts.iter_mut().zip(apportion(e, &w)) {
+            a.gpu_uj += uj;
+        }
+    }
+}
+
 /// Splits what was measured over the span among `jobs` and idle.
 pub fn split(jobs: &[Job], m: &Measured) -> Split {
     let span = m.t1.saturating_sub(m.t0);
@@ -137,25 +189,27 @@ pub fn split(jobs: &[Job], m: &Measured) -> Split {
     let running: Vec<u64> = jobs.iter().map(|j| j.ran(m.t0, m.t1)).collect();
 
     for g in &m.gpus {
-        let mut w = vec![0u64; n + 1];
-        let mut held = Vec::new();
-        for (i, j) in jobs.iter().enumerate() {
-            if j.holds(g.index, &g.uuid) && running[i] > 0 {
-                w[i] = running[i];
-                held.push(j.within(m.t0, m.t1));
-            }
+        if g.mig.is_empty() {
+            let holders = |j: &Job| j.holds(g.index, &g.uuid);
+            bill_device(
+                jobs,
+                &running,
+                m,
+                holders,
+                (g.energy_uj, span),
+                &mut amounts,
+            );
+            continue;
         }
-        // Idle is the time no job held it: jobs one after the other in one span each get
-        // their own time; two jobs claiming it at once (a scheduler misconfiguration)
-        // share their common time.
-        w[idle] = span - union_len(&mut held);
-        for (a, ms) in amounts.iter_mut().zip(apportion(span, &w)) {
-            a.gpu_ms += ms;
+        let parts = mig::split(g.energy_uj.unwrap_or(0), span, &g.mig, g.mig_slices);
+        for (d, (uj, ms)) in g.mig.iter().zip(parts.devices) {
+            let holders = |j: &Job| j.holds_mig(g, &d.uuid);
+            let uj = g.energy_uj.map(|_| uj);
+            bill_device(jobs, &running, m, holders, (uj, ms), &mut amounts);
         }
-        if let Some(e) = g.energy_uj {
-            for (a, uj) in amounts.iter_mut().zip(apportion(e, &w)) {
-                a.gpu_uj += uj;
-            }
+        amounts[idle].gpu_ms += parts.idle.1;
+        if g.energy_uj.is_some() {
+            amounts[idle].gpu_uj += parts.idle.0;
         }
     }
 
@@ -239,6 +293,7 @@ mod tests {
             index,
             uuid: format!("GPU-{index}"),
             energy_uj: Some(energy_uj),
+            ..GpuEnergy::default()
         }
     }
 
@@ -425,12 +480,79 @@ mod tests {
                 index: 0,
                 uuid: "GPU-0".into(),
                 energy_uj: None,
+                ..GpuEnergy::default()
             }],
             ..Measured::default()
         };
         let u = attribute(&jobs, &m);
         assert_eq!(find(&u, "a").gpu_ms, 500);
         assert_eq!(find(&u, "a").gpu_uj, 0);
+    }
+
+    fn mig_gpu(energy_uj: u64) -> GpuEnergy {
+        let dev = |gi: u32, slices: u32, active_permille: u32| MigShare {
+            uuid: format!("MIG-{gi}"),
+            gpu_instance_id: gi,
+            slices: Some(slices),
+            active_permille: Some(active_permille),
+        };
+        GpuEnergy {
+            mig: vec![dev(1, 3, 800), dev(2, 2, 400)],
+            mig_slices: Some(7),
+            ..gpu(0, energy_uj)
+        }
+    }
+
+    #[test]
+    fn mig_devices_go_to_the_jobs_holding_them() {
+        // Instance 1 (3 slices at 80 %) weighs 2400, instance 2 (2 slices at 40 %) 800.
+        let jobs = [
+            job("1", "a", &["MIG-1"], 0),
+            job("2", "b", &["MIG-2"], 1_500),
+        ];
+        let m = Measured {
+            t0: 1_000,
+            t1: 2_000,
+            gpus: vec![mig_gpu(3_200_000)],
+            ..Measured::default()
+        };
+        let u = attribute(&jobs, &m);
+        assert_eq!(
+            (find(&u, "a").gpu_uj, find(&u, "a").gpu_ms),
+            (2_400_000, 428),
+            "3/7 of the GPU's time (428.57, the remainders went to the others)"
+        );
+        // Job 2 held instance 2 for half the span: half its share; the other half idle.
+        assert_eq!((find(&u, "b").gpu_uj, find(&u, "b").gpu_ms), (400_000, 143));
+        let idle = find(&u, "_idle");
+        assert_eq!(idle.gpu_uj, 400_000);
+        assert_eq!(
+            idle.gpu_ms,
+            143 + 286,
+            "half of instance 2, and the 2 unheld slices"
+        );
+        assert_eq!(total(&u).gpu_uj, 3_200_000);
+        assert_eq!(total(&u).gpu_ms, 1_000);
+    }
+
+    #[test]
+    fn a_job_holding_a_mig_gpu_by_index_holds_all_its_devices() {
+        let jobs = [job("1", "a", &["0"], 0)];
+        let m = Measured {
+            t0: 0,
+            t1: 1_000,
+            gpus: vec![mig_gpu(3_200_000)],
+            ..Measured::default()
+        };
+        let u = attribute(&jobs, &m);
+        assert_eq!(find(&u, "a").gpu_uj, 3_200_000);
+        assert_eq!(find(&u, "a").gpu_ms, 714, "its instances' 5 slices of 7");
+        assert_eq!(find(&u, "_idle").gpu_ms, 286);
+        // The energy of a span with no delta is unknown; the time is still billed.
+        let mut m = m;
+        m.gpus[0].energy_uj = None;
+        let u = attribute(&jobs, &m);
+        assert_eq!((total(&u).gpu_uj, find(&u, "a").gpu_ms), (0, 714));
     }
 
     #[test]
@@ -453,7 +575,8 @@ mod tests {
             dram_uj in 0u64..100_000_000_000,
             other_uj in 0u64..100_000_000_000,
             cores in 0u32..256,
-            jobs_spec in proptest::collection::vec((0u64..200_000, proptest::collection::vec(0u32..10, 0..3), 0u64..100_000_000_000), 0..6),
+            jobs_spec in proptest::collection::vec((0u64..200_000, proptest::collection::vec(0u32..12, 0..3), 0u64..100_000_000_000), 0..6),
+            mig in proptest::collection::vec((1u32..4, proptest::option::of(1u32..5), proptest::option::of(0u32..=1000)), 0..4),
         ) {
             let t0 = 1_000_000u64;
             let t1 = t0 + span;
@@ -461,20 +584,25 @@ mod tests {
                 id: n(&i.to_string()),
                 project: n(&format!("p{}", i % 3)),
                 user: n("u"),
-                gpus: gpus.iter().map(|g| n(&g.to_string())).collect(),
+                // 10 and 11 name MIG devices of GPU 0.
+                gpus: gpus.iter().map(|&g| n(&match g { 10.. => format!("MIG-{}", g - 9), _ => g.to_string() })).collect(),
                 start_ms: t0 - 100_000 + start,
                 end_ms: None,
             }).collect();
-            let m = Measured {
+            let mut m = Measured {
                 t0,
                 t1,
-                gpus: gpu_uj.iter().enumerate().map(|(i, e)| GpuEnergy { index: i as u32, uuid: format!("GPU-{i}"), energy_uj: *e }).collect(),
+                gpus: gpu_uj.iter().enumerate().map(|(i, e)| GpuEnergy { index: i as u32, uuid: format!("GPU-{i}"), energy_uj: *e, ..GpuEnergy::default() }).collect(),
                 cpu_uj,
                 dram_uj,
                 other_uj,
                 cores,
                 job_cpu_us: jobs_spec.iter().enumerate().map(|(i, (_, _, cpu))| (n(&i.to_string()), *cpu)).collect(),
             };
+            if let Some(g) = m.gpus.first_mut() {
+                g.mig = mig.iter().map(|&(gi, slices, active_permille)| MigShare { uuid: format!("MIG-{gi}"), gpu_instance_id: gi, slices, active_permille }).collect();
+                g.mig_slices = Some(7);
+            }
             let u = attribute(&jobs, &m);
             let t = total(&u);
             prop_assert_eq!(t.gpu_uj, gpu_uj.iter().flatten().sum::<u64>());
