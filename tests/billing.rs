@@ -281,6 +281,47 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
     );
     assert!(md.contains("| GPU models | Sim H100 |"), "{md}");
     assert!(md.contains("| GPUs | node-b: 0 |"), "{md}");
+    // GPU 0 at 300 of 700 W: 43 % busy, 34 % tensor-active (the simulated GPM), never
+    // idle or capped. Tensor time is exact (ms × ‰ in µs).
+    let row = |md: &str, head: &str| -> String {
+        let l = md.lines().find(|l| l.starts_with(head));
+        l.unwrap_or_else(|| panic!("no {head:?} in {md}"))
+            .to_string()
+    };
+    let tensor = row(&md, "| Tensor-active GPU-hours |");
+    let pct: f64 = tensor
+        .split('|')
+        .nth(3)
+        .unwrap()
+        .trim()
+        .trim_end_matches(" % of GPU-hours")
+        .parse()
+        .unwrap();
+    assert_eq!(pct, 34.0, "{tensor}");
+    assert!(
+        md.contains(
+            "| GPU energy while the GPU ran nothing (kWh) | 0.000000 | 0.0 % of GPU energy |"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| GPU energy while power- or thermal-capped (kWh) | 0.000000 | 0.0 % of GPU energy |"
+        ),
+        "{md}"
+    );
+    let per_hour: f64 = row(&md, "| GPU kWh per tensor-active hour |")
+        .split('|')
+        .nth(2)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // 0.3 kWh per GPU-hour over 34 % of it tensor-active.
+    assert!(
+        (per_hour - 0.3 / (pct / 100.0)).abs() < 0.001,
+        "{per_hour} at {pct} %"
+    );
     assert!(md.contains("| Facility (× PUE 1.2) |"), "{md}");
     assert!(md.contains("![Power by device class](job-101.svg)"));
     assert!(svg.contains("<polyline") && svg.trim_end().ends_with("</svg>"));
@@ -296,6 +337,12 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
         "proj-b.md",
     );
     assert!(md.contains("| Users | bob |"), "{md}");
+    // GPU 1 at 500 of 700 W: 71 % busy, 57 % tensor-active.
+    let tensor = row(&md, "| Tensor-active GPU-hours |");
+    assert!(
+        tensor.contains("| 57.0 % of GPU-hours |") || tensor.contains("| 56.9 % of GPU-hours |"),
+        "{tensor}"
+    );
     assert!(md.contains(" CO2e (facility energy × 300"), "{md}");
 }
 

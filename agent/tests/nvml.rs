@@ -533,6 +533,7 @@ gpu_instance_id = 1
 slices = 3
 [gpu.mig.gpm]
 sm_util = 90.0
+any_tensor_util = 50.0
 [[gpu.mig]]
 uuid = "MIG-00000000-0000-0000-0000-000000000012"
 gpu_instance_id = 2
@@ -567,5 +568,8 @@ sm_util = 30.0
         assert_eq!(job.gpu_ms + idle.gpu_ms, s.span_ms);
         let slices = s.span_ms as f64 * 3.0 / 7.0;
         assert!((job.gpu_ms as f64 - slices).abs() <= 1.0, "{job:?}");
+        // Its instance's tensor cores were busy half the time; neither instance idle.
+        assert_eq!(job.gpu_tensor_us, job.gpu_ms * 500);
+        assert_eq!((job.gpu_idle_uj, idle.gpu_tensor_us), (0, 0));
     }
 }

@@ -416,7 +416,10 @@ fn amount_fields(a: &Amounts) -> Fields<'static> {
         .i("energy_other_uj", Some(a.other_uj))
         .i("energy_uj", Some(a.energy_uj()))
         .i("gpu_ms", Some(a.gpu_ms))
-        .i("cpu_us", Some(a.cpu_us));
+        .i("cpu_us", Some(a.cpu_us))
+        .i("energy_gpu_idle_uj", Some(a.gpu_idle_uj))
+        .i("energy_gpu_capped_uj", Some(a.gpu_capped_uj))
+        .i("gpu_tensor_us", Some(a.gpu_tensor_us));
     f
 }
 
@@ -771,9 +774,12 @@ mod tests {
             energy_delta_mj: Some(35),
             ..Gpu::default()
         });
-        let amounts = |gpu_uj| Amounts {
+        let amounts = |gpu_uj: u64| Amounts {
             gpu_uj,
             gpu_ms: 1_000,
+            gpu_idle_uj: gpu_uj / 10,
+            gpu_capped_uj: gpu_uj / 5,
+            gpu_tensor_us: 300_000,
             ..Amounts::default()
         };
         for (job, user, gpu_uj) in [
@@ -814,9 +820,9 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "usage,cluster=c1,node=n1,project=p,user=alice energy_gpu_uj=30000i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=30000i,gpu_ms=2000i,cpu_us=0i,span_ms=3000i,jobs=2i 1763700000000",
-                "usage,cluster=c1,node=n1,project=_idle,user=_none energy_gpu_uj=5000i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=5000i,gpu_ms=1000i,cpu_us=0i,span_ms=3000i,jobs=0i 1763700000000",
-                "job_total,cluster=c1,job=1,node=n1,project=p,user=alice energy_gpu_uj=40000i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=40000i,gpu_ms=1000i,cpu_us=0i,start_ms=1763699996000i,until_ms=1763700000000i,ended=true,gpus=\"0,1\" 1763699996000",
+                "usage,cluster=c1,node=n1,project=p,user=alice energy_gpu_uj=30000i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=30000i,gpu_ms=2000i,cpu_us=0i,energy_gpu_idle_uj=3000i,energy_gpu_capped_uj=6000i,gpu_tensor_us=600000i,span_ms=3000i,jobs=2i 1763700000000",
+                "usage,cluster=c1,node=n1,project=_idle,user=_none energy_gpu_uj=5000i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=5000i,gpu_ms=1000i,cpu_us=0i,energy_gpu_idle_uj=500i,energy_gpu_capped_uj=1000i,gpu_tensor_us=300000i,span_ms=3000i,jobs=0i 1763700000000",
+                "job_total,cluster=c1,job=1,node=n1,project=p,user=alice energy_gpu_uj=40000i,energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj=40000i,gpu_ms=1000i,cpu_us=0i,energy_gpu_idle_uj=4000i,energy_gpu_capped_uj=8000i,gpu_tensor_us=300000i,start_ms=1763699996000i,until_ms=1763700000000i,ended=true,gpus=\"0,1\" 1763699996000",
             ]
         );
     }

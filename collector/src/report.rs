@@ -32,6 +32,73 @@ pub struct ReportData {
     /// (bucket end ms, W of gpu, cpu, dram, other)
     pub series: Vec<(u64, [f64; 4])>,
     pub bucket_ms: u64,
+    pub efficiency: Efficiency,
+}
+
+/// How the GPU energy and time were spent (the agent's `gpu_idle_uj`, `gpu_capped_uj`
+/// and `gpu_tensor_us`, parts of the GPU energy and time in `sums`; the last in µs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Efficiency {
+    pub gpu_idle_uj: u64,
+    pub gpu_capped_uj: u64,
+    pub gpu_tensor_us: u64,
+}
+
+impl Efficiency {
+    fn checked_add(&self, o: &Efficiency) -> Option<Efficiency> {
+        Some(Efficiency {
+            gpu_idle_uj: self.gpu_idle_uj.checked_add(o.gpu_idle_uj)?,
+            gpu_capped_uj: self.gpu_capped_uj.checked_add(o.gpu_capped_uj)?,
+            gpu_tensor_us: self.gpu_tensor_us.checked_add(o.gpu_tensor_us)?,
+        })
+    }
+}
+
+/// `part` as a percentage of `whole`, for a table cell.
+fn share(part: u64, whole: u64) -> String {
+    match whole {
+        0 => "-".into(),
+        _ => format!("{:.1} %", part as f64 * 100.0 / whole as f64),
+    }
+}
+
+/// The GPU efficiency section: what the GPU energy bought.
+fn efficiency(m: &mut String, s: &Sums, e: &Efficiency) {
+    let hours = |us: u64| us as f64 / 3.6e9;
+    m.push_str(
+        "## GPU efficiency
+
+| | value | share |
+|---|---:|---:|
+",
+    );
+    let _ = writeln!(
+        m,
+        "| Tensor-active GPU-hours | {:.3} | {} of GPU-hours |",
+        hours(e.gpu_tensor_us),
+        share(e.gpu_tensor_us, s.gpu_ms.saturating_mul(1000))
+    );
+    let per_tensor_hour = match e.gpu_tensor_us {
+        0 => "- (no tensor activity measured)".to_string(),
+        us => format!("{:.6}", kwh(s.gpu_uj) / hours(us)),
+    };
+    let _ = writeln!(
+        m,
+        "| GPU kWh per tensor-active hour | {per_tensor_hour} | |"
+    );
+    let _ = writeln!(
+        m,
+        "| GPU energy while the GPU ran nothing (kWh) | {:.6} | {} of GPU energy |",
+        kwh(e.gpu_idle_uj),
+        share(e.gpu_idle_uj, s.gpu_uj)
+    );
+    let _ = writeln!(
+        m,
+        "| GPU energy while power- or thermal-capped (kWh) | {:.6} | {} of GPU energy |
+",
+        kwh(e.gpu_capped_uj),
+        share(e.gpu_capped_uj, s.gpu_uj)
+    );
 }
 
 const CLASSES: [&str; 4] = ["GPU", "CPU", "DRAM", "Other"];
@@ -227,9 +294,11 @@ pub fn markdown(d: &ReportData, p: &Prices, chart: &str, database: &str) -> Stri
             p.currency
         );
     }
+    m.push('\n');
+    efficiency(&mut m, s, &d.efficiency);
     let _ = writeln!(
         m,
-        "\n## Power by device class\n\n![Power by device class]({chart})\n\nMean power per {} s.\n",
+        "## Power by device class\n\n![Power by device class]({chart})\n\nMean power per {} s.\n",
         d.bucket_ms / 1000
     );
     m.push_str(
@@ -243,6 +312,13 @@ pub fn markdown(d: &ReportData, p: &Prices, chart: &str, database: &str) -> Stri
          against the node's CPU capacity; unused capacity is not billed to jobs.\n\
          - **Other**: where the node has a power meter, its energy minus the GPU, CPU and \
          DRAM energy, split like CPU energy.\n\
+         - **GPU efficiency**: per sample, a GPU's (or MIG instance's) energy counts as \
+         *ran nothing* when its activity (GPM SM activity, else NVML utilisation) was under \
+         1 %, as *capped* for the share of the interval NVML counted it held back by its \
+         power or thermal limit, and its time as *tensor-active* for the share GPM saw any \
+         tensor core busy (GPUs without GPM, before Hopper, count none).\n\
+         - **MIG**: NVML measures only the whole GPU; a MIG instance's share is estimated by \
+         its slices and SM activity (the GPU's total stays exact).\n\
          - Energy that no job used is accounted to the project `_idle`. Per node and \
          interval, the parts add up exactly (integer microjoules) to the counters' deltas.\n\
          - Jobs are known from the scheduler's prolog and epilog (root-owned registry \
@@ -286,7 +362,7 @@ pub async fn gather(
         Subject::Job(job) => {
             let v = influx
                 .query(&format!(
-                    "SELECT project, \"user\", node, gpus, start_ms, until_ms, energy_gpu_uj, energy_cpu_uj, energy_dram_uj, energy_other_uj, gpu_ms, cpu_us FROM \"job_total\" WHERE {}",
+                    "SELECT project, \"user\", node, gpus, start_ms, until_ms, energy_gpu_uj, energy_cpu_uj, energy_dram_uj, energy_other_uj, gpu_ms, cpu_us, energy_gpu_idle_uj, energy_gpu_capped_uj, gpu_tensor_us FROM \"job_total\" WHERE {}",
                     eq("job", job)
                 ))
                 .await?;
@@ -312,6 +388,15 @@ pub async fn gather(
                 d.sums = d
                     .sums
                     .checked_add(&part)
+                    .ok_or(format!("job {job}: its totals pass 2^64 µJ"))?;
+                let spent = Efficiency {
+                    gpu_idle_uj: n(r, 13),
+                    gpu_capped_uj: n(r, 14),
+                    gpu_tensor_us: n(r, 15),
+                };
+                d.efficiency = d
+                    .efficiency
+                    .checked_add(&spent)
                     .ok_or(format!("job {job}: its totals pass 2^64 µJ"))?;
             }
             d.project = rows[0][1].as_str().unwrap_or_default().to_string();
@@ -361,6 +446,18 @@ pub async fn gather(
                 v.sort();
                 v.dedup();
             }
+            let v = influx
+                .query(&format!(
+                    "SELECT SUM(energy_gpu_idle_uj), SUM(energy_gpu_capped_uj), SUM(gpu_tensor_us) FROM \"usage\" WHERE {filter} AND time > {from}ms AND time <= {to}ms"
+                ))
+                .await?;
+            let row = &v["results"][0]["series"][0]["values"][0];
+            let n = |i: usize| row[i].as_u64().unwrap_or(0);
+            d.efficiency = Efficiency {
+                gpu_idle_uj: n(1),
+                gpu_capped_uj: n(2),
+                gpu_tensor_us: n(3),
+            };
         }
     }
     for n in d.nodes.clone() {
@@ -419,6 +516,11 @@ mod tests {
                 (120_000, [650.0, 90.0, 0.0, 0.0]),
             ],
             bucket_ms: 60_000,
+            efficiency: Efficiency {
+                gpu_idle_uj: 252_000_000_000,
+                gpu_capped_uj: 0,
+                gpu_tensor_us: 1_800_000_000,
+            },
         }
     }
 
@@ -451,6 +553,28 @@ mod tests {
         assert!(m.contains("| GPU models | NVIDIA H100 80GB HBM3 |"));
         assert!(m.contains("![Power by device class](job-7.svg)"));
         assert!(m.contains("## How this was measured"));
+        assert!(
+            m.contains("| Tensor-active GPU-hours | 0.500 | 25.0 % of GPU-hours |"),
+            "{m}"
+        );
+        assert!(m.contains("| GPU kWh per tensor-active hour | 1.400000 | |"));
+        assert!(m.contains(
+            "| GPU energy while the GPU ran nothing (kWh) | 0.070000 | 10.0 % of GPU energy |"
+        ));
+        assert!(m.contains(
+            "| GPU energy while power- or thermal-capped (kWh) | 0.000000 | 0.0 % of GPU energy |"
+        ));
+        let mut none = data();
+        none.efficiency = Efficiency::default();
+        none.sums = Sums::default();
+        let m = markdown(&none, &p, "c.svg", "nodewatt");
+        assert!(
+            m.contains("| GPU kWh per tensor-active hour | - (no tensor activity measured) | |")
+        );
+        assert!(
+            m.contains("| Tensor-active GPU-hours | 0.000 | - of GPU-hours |"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -203,6 +203,9 @@ fn build(sh: Shape) -> Sample {
         other_uj: 0,
         gpu_ms: gpu_ms[i],
         cpu_us: cpu_us[i],
+        gpu_idle_uj: gpu[i] / 4,
+        gpu_capped_uj: gpu[i] / 3,
+        gpu_tensor_us: gpu_ms[i] * 500,
     };
     for (i, (job, project, user, _, k)) in sh.jobs.iter().enumerate() {
         let id: nodewatt_wire::JobId = parse(&format!("{i}{}", &job[..job.len().min(60)]));
@@ -238,6 +241,9 @@ fn build(sh: Shape) -> Sample {
                 other_uj: 0,
                 gpu_ms: scale(a.gpu_ms),
                 cpu_us: scale(a.cpu_us),
+                gpu_idle_uj: scale(a.gpu_idle_uj),
+                gpu_capped_uj: scale(a.gpu_capped_uj),
+                gpu_tensor_us: scale(a.gpu_tensor_us),
             },
         });
     }

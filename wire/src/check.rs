@@ -545,6 +545,12 @@ fn check_usage(s: &Sample, p: &crate::check::MaxPower, max_span: u64) -> Result<
             count("usage amount", v)?;
             sum[i] += u128::from(v);
         }
+        if let Some(why) = a.part_exceeding() {
+            return Err(invalid(
+                Reason::Conservation,
+                format!("usage of {}: {why}", u.project),
+            ));
+        }
     }
     // Every stored usage point sums a subset of the entries: if the whole fits, each does.
     for v in sum {
@@ -610,6 +616,9 @@ fn check_job_totals(s: &Sample, p: &crate::check::MaxPower) -> Result<(), Invali
             a.gpu_uj, a.cpu_uj, a.dram_uj, a.other_uj, a.gpu_ms, a.cpu_us,
         ] {
             count("job total amount", v)?;
+        }
+        if let Some(why) = a.part_exceeding() {
+            return Err(invalid(Reason::Conservation, format!("{what}: {why}")));
         }
         let dur = t.until_ms.saturating_sub(t.since_ms) + s.interval_ms;
         let energy = [a.gpu_uj, a.cpu_uj, a.dram_uj, a.other_uj]
@@ -962,7 +971,7 @@ mod tests {
         assert!(check_sample(quiet, NOW, &Limits::default()).is_ok());
 
         type Case = (&'static str, fn(&mut Sample), Reason);
-        let cases: [Case; 6] = [
+        let cases: [Case; 9] = [
             (
                 "entries sum to more than the window",
                 |s| s.usage[0].amounts.gpu_uj += 1,
@@ -985,6 +994,21 @@ mod tests {
             (
                 "GPU time beyond the window's GPUs",
                 |s| s.usage[0].amounts.gpu_ms = 3_001,
+                Reason::Conservation,
+            ),
+            (
+                "idle GPU energy beyond the GPU energy",
+                |s| s.usage[0].amounts.gpu_idle_uj = s.usage[0].amounts.gpu_uj + 1,
+                Reason::Conservation,
+            ),
+            (
+                "tensor time beyond the GPU time",
+                |s| s.usage[0].amounts.gpu_tensor_us = s.usage[0].amounts.gpu_ms * 1000 + 1,
+                Reason::Conservation,
+            ),
+            (
+                "capped energy of a job beyond its GPU energy",
+                |s| s.job_totals[0].amounts.gpu_capped_uj = s.job_totals[0].amounts.gpu_uj + 1,
                 Reason::Conservation,
             ),
             (

@@ -147,10 +147,41 @@ pub struct Amounts {
     /// CPU time of the job's cgroup, microseconds (core-microseconds).
     #[serde(default)]
     pub cpu_us: u64,
+    /// Of `gpu_uj`: spent in spans when the GPU (or MIG instance) ran nothing (activity
+    /// under 1 %).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gpu_idle_uj: u64,
+    /// Of `gpu_uj`: spent while the GPU was held back by its power or thermal limit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gpu_capped_uj: u64,
+    /// Of `gpu_ms`, in µs: time any tensor core was busy (GPM; 0 on GPUs without it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gpu_tensor_us: u64,
 }
 
 impl Amounts {
+    /// Parts larger than their whole: `gpu_idle_uj` or `gpu_capped_uj` over `gpu_uj`,
+    /// `gpu_tensor_us` over `gpu_ms` (in µs).
+    pub fn part_exceeding(&self) -> Option<String> {
+        [
+            ("gpu_idle_uj", self.gpu_idle_uj, "gpu_uj", self.gpu_uj),
+            ("gpu_capped_uj", self.gpu_capped_uj, "gpu_uj", self.gpu_uj),
+            (
+                "gpu_tensor_us",
+                self.gpu_tensor_us,
+                "gpu_ms × 1000",
+                self.gpu_ms.saturating_mul(1000),
+            ),
+        ]
+        .into_iter()
+        .find(|(_, part, _, whole)| part > whole)
+        .map(|(p, part, w, whole)| format!("{p} = {part} is more than {w} = {whole}"))
+    }
+
     pub fn add(&mut self, o: &Amounts) {
+        self.gpu_idle_uj = self.gpu_idle_uj.saturating_add(o.gpu_idle_uj);
+        self.gpu_capped_uj = self.gpu_capped_uj.saturating_add(o.gpu_capped_uj);
+        self.gpu_tensor_us = self.gpu_tensor_us.saturating_add(o.gpu_tensor_us);
         self.gpu_uj = self.gpu_uj.saturating_add(o.gpu_uj);
         self.cpu_uj = self.cpu_uj.saturating_add(o.cpu_uj);
         self.dram_uj = self.dram_uj.saturating_add(o.dram_uj);
@@ -622,8 +653,8 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 /// NVML clock event reason bits (`nvmlClocksEventReason*`, formerly "throttle reasons").

@@ -42,6 +42,8 @@ pub fn job_of_cgroup(cgroup_file: &str) -> Option<&str> {
 /// `core` are inside their package and `psys` overlaps everything, so neither is added.
 pub fn measured(s: &Sample, t0: u64) -> Measured {
     let span = s.ts_ms.saturating_sub(t0);
+    // Percentages (the wire checked they are within 0..=100) as ‰.
+    let permille = |pct: Option<f64>| pct.map(|p| (p * 10.0).round() as u32);
     let gpus: Vec<GpuEnergy> = s
         .gpus
         .iter()
@@ -49,6 +51,9 @@ pub fn measured(s: &Sample, t0: u64) -> Measured {
             index: g.index,
             uuid: g.uuid.clone(),
             energy_uj: g.energy_delta_mj.map(|mj| mj.saturating_mul(1000)),
+            active_permille: permille(g.gpm.sm_active_pct.or(g.util_pct)),
+            tensor_permille: permille(g.gpm.tensor_active_pct),
+            capped_ms: g.power_capped_ms.max(g.thermal_capped_ms).unwrap_or(0),
             mig: g
                 .mig
                 .iter()
@@ -56,8 +61,8 @@ pub fn measured(s: &Sample, t0: u64) -> Measured {
                     uuid: d.uuid.clone(),
                     gpu_instance_id: d.gpu_instance_id,
                     slices: d.slices,
-                    // The wire checked it is within 0..=100.
-                    active_permille: d.gpm.sm_active_pct.map(|p| (p * 10.0).round() as u32),
+                    active_permille: permille(d.gpm.sm_active_pct),
+                    tensor_permille: permille(d.gpm.tensor_active_pct),
                 })
                 .collect(),
             mig_slices: g.mig_slices,

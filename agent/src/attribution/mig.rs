@@ -26,6 +26,8 @@ pub struct MigShare {
     pub slices: Option<u32>,
     /// SM activity of its GPU instance over the span, ‰ (GPM).
     pub active_permille: Option<u32>,
+    /// Tensor activity of its GPU instance over the span, ‰ (GPM).
+    pub tensor_permille: Option<u32>,
 }
 
 /// Each MIG device's part of a GPU's energy (µJ) and time (ms), in the order given, and
@@ -113,6 +115,7 @@ mod tests {
             gpu_instance_id: gi,
             slices,
             active_permille,
+            tensor_permille: None,
         }
     }
 

@@ -65,6 +65,13 @@ pub struct GpuEnergy {
     pub index: u32,
     pub uuid: String,
     pub energy_uj: Option<u64>,
+    /// How busy it was over the span, ‰: GPM SM activity, else NVML utilisation.
+    pub active_permille: Option<u32>,
+    /// Time any tensor core was busy over the span, ‰ (GPM).
+    pub tensor_permille: Option<u32>,
+    /// Time held back by its power or thermal limit over the span, ms (the longer of the
+    /// two: they may overlap).
+    pub capped_ms: u64,
     /// Its MIG devices, in MIG mode.
     pub mig: Vec<MigShare>,
     /// Slices of the whole GPU, in MIG mode.
@@ -137,6 +144,65 @@ pub struct Split {
     pub idle: Amounts,
 }
 
+/// Below this activity (1 %) a device is taken as running nothing.
+const IDLE_BELOW_PERMILLE: u32 = 10;
+
+/// How a device spent a span, for the parts of its energy and time that show efficiency.
+#[derive(Debug, Clone, Copy, Default)]
+struct Spent {
+    /// Ran nothing (activity known and under 1 %).
+    idle: bool,
+    tensor_permille: Option<u32>,
+    /// Held back by a power or thermal limit, ms of the span.
+    capped_ms: u64,
+}
+
+impl Spent {
+    fn of(active: Option<u32>, tensor_permille: Option<u32>, capped_ms: u64) -> Spent {
+        Spent {
+            idle: active.is_some_and(|a| a < IDLE_BELOW_PERMILLE),
+            tensor_permille,
+            capped_ms,
+        }
+    }
+
+    /// Adds the efficiency parts of the device's energy (when known) and time to the
+    /// recipients of its shares `uj` and `ms`. Capped energy is the device's, rounded to
+    /// the nearest µJ, then apportioned like the shares, so no part exceeds its share;
+    /// tensor time, in µs, is exact.
+    fn add(&self, amounts: &mut [Amounts], uj: Option<&[u64]>, ms: &[u64], span: u64) {
+        if let Some(uj) = uj {
+            let energy: u64 = uj.iter().sum();
+            if self.idle {
+                for (a, u) in amounts.iter_mut().zip(uj) {
+                    a.gpu_idle_uj += u;
+                }
+            }
+            let capped = scaled(energy, self.capped_ms.min(span), span);
+            for (a, c) in amounts.iter_mut().zip(apportion(capped, uj)) {
+                a.gpu_capped_uj += c;
+            }
+        }
+        if let Some(t) = self.tensor_permille {
+            // ms × ‰ is µs: exact, no rounding.
+            let t = u64::from(t.min(1000));
+            for (a, ms) in amounts.iter_mut().zip(ms) {
+                a.gpu_tensor_us += ms * t;
+            }
+        }
+    }
+}
+
+/// `v × num / den` rounded to the nearest integer (`num <= den`); 0 when `den` is 0.
+fn scaled(v: u64, num: u64, den: u64) -> u64 {
+    match den {
+        0 => 0,
+        _ => {
+            ((u128::from(v) * u128::from(num) * 2 + u128::from(den)) / (u128::from(den) * 2)) as u64
+        }
+    }
+}
+
 /// Bills one device's energy (µJ, when known) and GPU time (ms) over the span to the
 /// jobs in `amounts` that it `held` by, for the part of the span each ran, and the rest
 /// to idle (`amounts`' last entry).
@@ -145,7 +211,7 @@ fn bill_device(
     running: &[u64],
     m: &Measured,
     held: impl Fn(&Job) -> bool,
-    (energy_uj, gpu_ms): (Option<u64>, u64),
+    (energy_uj, gpu_ms, spent): (Option<u64>, u64, Spent),
     amounts: &mut [Amounts],
 ) {
     let n = jobs.len();
@@ -160,17 +226,15 @@ fn bill_device(
     // Idle is the time no job held it: jobs one after the other in one span each get
     // their own time; two jobs claiming it at once (a scheduler misconfiguration)
     // share their common time.
-    w[n] =
-        m.t1.saturating_sub(m.t0)
-            .saturating_sub(union_len(&mut spans));
-    for (a, ms) in amounts.iter_mut().zip(apportion(gpu_ms, &w)) {
-        a.gpu_ms += ms;
+    let span = m.t1.saturating_sub(m.t0);
+    w[n] = span.saturating_sub(union_len(&mut spans));
+    let ms = apportion(gpu_ms, &w);
+    let uj = energy_uj.map(|e| apportion(e, &w));
+    for (i, a) in amounts.iter_mut().enumerate() {
+        a.gpu_ms += ms[i];
+        a.gpu_uj += uj.as_ref().map_or(0, |u| u[i]);
     }
-    if let Some(e) = energy_uj {
-        for (a, uj) in amounts.iter_mut().zip(apportion(e, &w)) {
-            a.gpu_uj += uj;
-        }
-    }
+    spent.add(amounts, uj.as_deref(), &ms, span);
 }
 
 /// Splits what was measured over the span among `jobs` and idle.
@@ -191,26 +255,30 @@ pub fn split(jobs: &[Job], m: &Measured) -> Split {
     for g in &m.gpus {
         if g.mig.is_empty() {
             let holders = |j: &Job| j.holds(g.index, &g.uuid);
-            bill_device(
-                jobs,
-                &running,
-                m,
-                holders,
-                (g.energy_uj, span),
-                &mut amounts,
-            );
+            let spent = Spent::of(g.active_permille, g.tensor_permille, g.capped_ms);
+            let device = (g.energy_uj, span, spent);
+            bill_device(jobs, &running, m, holders, device, &mut amounts);
             continue;
         }
         let parts = mig::split(g.energy_uj.unwrap_or(0), span, &g.mig, g.mig_slices);
         for (d, (uj, ms)) in g.mig.iter().zip(parts.devices) {
             let holders = |j: &Job| j.holds_mig(g, &d.uuid);
-            let uj = g.energy_uj.map(|_| uj);
-            bill_device(jobs, &running, m, holders, (uj, ms), &mut amounts);
+            let spent = Spent::of(d.active_permille, d.tensor_permille, g.capped_ms);
+            let device = (g.energy_uj.map(|_| uj), ms, spent);
+            bill_device(jobs, &running, m, holders, device, &mut amounts);
         }
+        // Slices no instance holds run nothing.
+        let unheld = Spent::of(Some(0), None, g.capped_ms);
+        let uj = g.energy_uj.map(|_| parts.idle.0);
         amounts[idle].gpu_ms += parts.idle.1;
-        if g.energy_uj.is_some() {
-            amounts[idle].gpu_uj += parts.idle.0;
-        }
+        amounts[idle].gpu_uj += uj.unwrap_or(0);
+        let uj = uj.map(|u| [u]);
+        unheld.add(
+            &mut amounts[idle..],
+            uj.as_ref().map(|u| &u[..]),
+            &[parts.idle.1],
+            span,
+        );
     }
 
     let mut w: Vec<u64> = jobs
@@ -495,6 +563,7 @@ mod tests {
             gpu_instance_id: gi,
             slices: Some(slices),
             active_permille: Some(active_permille),
+            tensor_permille: None,
         };
         GpuEnergy {
             mig: vec![dev(1, 3, 800), dev(2, 2, 400)],
@@ -556,6 +625,81 @@ mod tests {
     }
 
     #[test]
+    fn idle_capped_and_tensor_parts_follow_the_device() {
+        let mut a = job("1", "a", &["0"], 0);
+        a.end_ms = Some(1_500);
+        let g = GpuEnergy {
+            active_permille: Some(5),
+            tensor_permille: Some(250),
+            capped_ms: 400,
+            ..gpu(0, 1_000_000)
+        };
+        let m = Measured {
+            t0: 1_000,
+            t1: 2_000,
+            gpus: vec![g.clone(), gpu(1, 2_000_000)],
+            ..Measured::default()
+        };
+        let u = attribute(&[a.clone()], &m);
+        let (ja, idle) = (find(&u, "a"), find(&u, "_idle"));
+        assert_eq!(
+            (ja.gpu_uj, ja.gpu_idle_uj),
+            (500_000, 500_000),
+            "ran nothing"
+        );
+        assert_eq!(ja.gpu_capped_uj, 200_000, "capped 40 % of the span");
+        assert_eq!((ja.gpu_ms, ja.gpu_tensor_us), (500, 125_000));
+        // GPU 1 has no activity, tensor or capping known: no parts.
+        assert_eq!(idle.gpu_uj, 2_500_000);
+        assert_eq!(
+            (idle.gpu_idle_uj, idle.gpu_capped_uj, idle.gpu_tensor_us),
+            (500_000, 200_000, 125_000)
+        );
+        // At 1 % it ran something.
+        let busy = GpuEnergy {
+            active_permille: Some(10),
+            ..g
+        };
+        let m = Measured {
+            gpus: vec![busy],
+            ..m
+        };
+        assert_eq!(find(&attribute(&[a], &m), "a").gpu_idle_uj, 0);
+    }
+
+    #[test]
+    fn mig_parts_follow_each_instance_and_unheld_slices_are_idle() {
+        let mut g = mig_gpu(3_200_000);
+        g.mig[1].active_permille = Some(0);
+        g.mig[0].tensor_permille = Some(500);
+        g.capped_ms = 1_000;
+        let jobs = [job("1", "a", &["MIG-1"], 0), job("2", "b", &["MIG-2"], 0)];
+        let m = Measured {
+            t0: 0,
+            t1: 1_000,
+            gpus: vec![g],
+            ..Measured::default()
+        };
+        let u = attribute(&jobs, &m);
+        let (a, b, idle) = (find(&u, "a"), find(&u, "b"), find(&u, "_idle"));
+        // By activity, instance 2 (idle) gets no energy: all of it is instance 1's.
+        assert_eq!(
+            (a.gpu_uj, a.gpu_idle_uj, a.gpu_tensor_us),
+            (3_200_000, 0, 214_000)
+        );
+        assert_eq!(a.gpu_capped_uj, 3_200_000, "the whole GPU was capped");
+        assert_eq!((b.gpu_uj, b.gpu_ms, b.gpu_idle_uj), (0, 286, 0));
+        assert_eq!((idle.gpu_ms, idle.gpu_idle_uj), (286, 0));
+        // By slices (no activity anywhere), the unheld slices' energy is idle energy.
+        let mut m = m;
+        m.gpus[0].mig[0].active_permille = Some(0);
+        let u = attribute(&jobs, &m);
+        let idle = find(&u, "_idle");
+        assert_eq!((idle.gpu_uj, idle.gpu_idle_uj), (914_286, 914_286));
+        assert_eq!(find(&u, "b").gpu_idle_uj, find(&u, "b").gpu_uj);
+    }
+
+    #[test]
     fn first_sample_attributes_nothing() {
         let m = Measured {
             t0: 5,
@@ -577,6 +721,7 @@ mod tests {
             cores in 0u32..256,
             jobs_spec in proptest::collection::vec((0u64..200_000, proptest::collection::vec(0u32..12, 0..3), 0u64..100_000_000_000), 0..6),
             mig in proptest::collection::vec((1u32..4, proptest::option::of(1u32..5), proptest::option::of(0u32..=1000)), 0..4),
+            spent in (proptest::option::of(0u32..=1000), proptest::option::of(0u32..=1000), 0u64..200_000),
         ) {
             let t0 = 1_000_000u64;
             let t1 = t0 + span;
@@ -600,8 +745,11 @@ mod tests {
                 job_cpu_us: jobs_spec.iter().enumerate().map(|(i, (_, _, cpu))| (n(&i.to_string()), *cpu)).collect(),
             };
             if let Some(g) = m.gpus.first_mut() {
-                g.mig = mig.iter().map(|&(gi, slices, active_permille)| MigShare { uuid: format!("MIG-{gi}"), gpu_instance_id: gi, slices, active_permille }).collect();
+                g.mig = mig.iter().map(|&(gi, slices, active_permille)| MigShare { uuid: format!("MIG-{gi}"), gpu_instance_id: gi, slices, active_permille, tensor_permille: None }).collect();
                 g.mig_slices = Some(7);
+            }
+            for g in &mut m.gpus {
+                (g.active_permille, g.tensor_permille, g.capped_ms) = spent;
             }
             let u = attribute(&jobs, &m);
             let t = total(&u);
@@ -610,6 +758,9 @@ mod tests {
             prop_assert_eq!(t.dram_uj, dram_uj);
             prop_assert_eq!(t.other_uj, other_uj);
             prop_assert_eq!(t.gpu_ms, span * gpu_uj.len() as u64);
+            for x in &u {
+                prop_assert_eq!(x.amounts.part_exceeding(), None);
+            }
             // Nobody is billed for time before their job started.
             for x in u.iter().filter(|x| x.job.is_some()) {
                 let j = jobs.iter().find(|j| Some(&j.id) == x.job.as_ref()).unwrap();

@@ -97,6 +97,8 @@ struct SimRapl {
 pub struct Simulated {
     gpus: Vec<SimGpu>,
     rapl: Vec<SimRapl>,
+    /// The previous read's tick: capped time is per span.
+    last: Option<TickMs>,
 }
 
 /// FNV-1a: a stable hash so simulated UUIDs differ per node yet never change.
@@ -134,12 +136,17 @@ impl Simulated {
                 max_energy_range_uj: r.max_energy_range_uj,
             })
             .collect();
-        Simulated { gpus, rapl }
+        Simulated {
+            gpus,
+            rapl,
+            last: None,
+        }
     }
 }
 
 impl SimGpu {
-    fn read(&self, at: TickMs) -> Gpu {
+    /// `last`: the previous read's tick.
+    fn read(&self, at: TickMs, last: Option<TickMs>) -> Gpu {
         let mw = self.profile.power_mw_at(at);
         let power_w = mw as f64 / 1000.0;
         let util = (mw as f64 * 100.0 / self.tdp_mw as f64).min(100.0).round();
@@ -171,6 +178,21 @@ impl SimGpu {
             ecc_corrected: Some(0),
             ecc_uncorrected: Some(0),
             power_limit_w: Some(self.tdp_mw as f64 / 1000.0),
+            // Capped for the span when at the limit at its end (the profile's steps are
+            // far longer than a span).
+            power_capped_ms: last.map(|l| match mw >= self.tdp_mw {
+                true => at.saturating_sub(l),
+                false => 0,
+            }),
+            thermal_capped_ms: last.map(|_| 0),
+            // A Hopper's GPM, rising with load.
+            gpm: nodewatt_wire::Gpm {
+                sm_active_pct: Some(util),
+                sm_occupancy_pct: Some((util * 0.5).round()),
+                tensor_active_pct: Some((util * 0.8).round()),
+                dram_bw_pct: Some((util * 0.6).round()),
+                ..nodewatt_wire::Gpm::default()
+            },
             ..Gpu::default()
         }
     }
@@ -211,7 +233,8 @@ impl Source for Simulated {
     }
 
     fn read(&mut self, at: TickMs, out: &mut Sample) -> Result<u32, SourceError> {
-        out.gpus.extend(self.gpus.iter().map(|g| g.read(at)));
+        let last = self.last.replace(at);
+        out.gpus.extend(self.gpus.iter().map(|g| g.read(at, last)));
         out.rapl.extend(self.rapl.iter().map(|r| r.read(at)));
         Ok((self.gpus.len() + self.rapl.len()) as u32)
     }
