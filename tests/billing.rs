@@ -337,6 +337,27 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
         "proj-b.md",
     );
     assert!(md.contains("| Users | bob |"), "{md}");
+    // A project with nothing in the period is an error that says so, and no file.
+    let nosuch = out_dir.path().join("nosuch.md");
+    let (f, t) = (rfc3339(from), rfc3339(to));
+    let args = [
+        "report",
+        "--project",
+        "nosuch",
+        "--from",
+        &f,
+        "--to",
+        &t,
+        "--output",
+        nosuch.to_str().unwrap(),
+    ];
+    let out = collector_run(&collector_cfg, &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no usage recorded for project nosuch"),
+        "{err}"
+    );
+    assert!(!nosuch.exists());
     // GPU 1 at 500 of 700 W: 71 % busy, 57 % tensor-active.
     let tensor = row(&md, "| Tensor-active GPU-hours |");
     assert!(

@@ -45,4 +45,13 @@ fn mig_devices_are_their_uuids_not_slurms_gres_indices() {
     let file = prolog(jobs.path(), &env);
     assert_eq!(gpus(&file), mig);
     assert!(file.contains("project=proj-a\n"), "{file}");
+    // Old drivers' names hold '/', which no job file may: left out, the job still billed.
+    let old = "MIG-GPU-5140a7ed-0000-4000-8000-000000000000/1/0";
+    let env = [
+        ("SLURM_JOB_GPUS", "3"),
+        ("CUDA_VISIBLE_DEVICES", &format!("{old},{}", &mig[..40])),
+    ];
+    assert_eq!(gpus(&prolog(jobs.path(), &env)), &mig[..40]);
+    let env = [("SLURM_JOB_GPUS", "3"), ("CUDA_VISIBLE_DEVICES", old)];
+    assert_eq!(gpus(&prolog(jobs.path(), &env)), "");
 }

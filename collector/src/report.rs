@@ -434,6 +434,15 @@ pub async fn gather(
             filter = eq("project", p);
             // One grouped query gives the totals, the users and the nodes.
             let detail = crate::billing::project_detail(influx, from, to, p, plan).await?;
+            if detail.is_empty() {
+                return Err(format!(
+                    "no usage recorded for project {p} from {} to {}: check the name \
+                     (`nodewatt-collector usage --by project` over the period lists them) \
+                     and the period",
+                    fmt_time(from),
+                    fmt_time(to)
+                ));
+            }
             for (key, s) in &detail {
                 d.sums = d
                     .sums

@@ -42,8 +42,9 @@ pub fn job_of_cgroup(cgroup_file: &str) -> Option<&str> {
 /// `core` are inside their package and `psys` overlaps everything, so neither is added.
 pub fn measured(s: &Sample, t0: u64) -> Measured {
     let span = s.ts_ms.saturating_sub(t0);
-    // Percentages (the wire checked they are within 0..=100) as ‰.
-    let permille = |pct: Option<f64>| pct.map(|p| (p * 10.0).round() as u32);
+    // Percentages as ‰, within 0..=1000 whatever a driver said (this runs before the
+    // sample is checked).
+    let permille = |pct: Option<f64>| pct.map(|p| (p * 10.0).round().clamp(0.0, 1000.0) as u32);
     let gpus: Vec<GpuEnergy> = s
         .gpus
         .iter()

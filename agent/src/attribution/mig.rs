@@ -3,8 +3,8 @@
 //! hold it like a whole GPU's.
 //!
 //! - Energy goes to GPU instances by slices × SM activity (GPM, of that instance, over the
-//!   span): a busy instance pays for the power it draws. Where an instance has no GPM, or
-//!   no instance was active in the span, it goes by slices, and the slices no instance
+//!   span; under 1 % counts as none): a busy instance pays for the power it draws. Where
+//!   an instance has no GPM, or no instance was active in the span, it goes by slices, and the slices no instance
 //!   holds go to `_idle`. The limit: by activity, the board's static power follows the
 //!   activity too, so an active tenant pays for idle neighbours' share of it.
 //! - GPU time goes by slices: a 3-slice instance of a 7-slice GPU for an hour is 3/7 of
@@ -15,7 +15,7 @@
 //! Every split is integer largest-remainder apportionment, so the devices' and idle's
 //! parts sum exactly to the GPU's measured energy and span.
 
-use super::apportion;
+use super::{apportion, IDLE_BELOW_PERMILLE};
 
 /// One MIG device of a GPU, as attribution needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,14 @@ struct Instance {
     slices: Option<u32>,
     active: Option<u32>,
     devices: Vec<usize>,
+}
+
+/// Activity that counts for weighing, ‰: none under [`IDLE_BELOW_PERMILLE`], at most all.
+fn active(permille: u32) -> u32 {
+    match permille {
+        p if p < IDLE_BELOW_PERMILLE => 0,
+        p => p.min(1000),
+    }
 }
 
 /// Splits `energy_uj` and `span_ms` of a GPU of `total_slices` (when known) among `mig`.
@@ -80,7 +88,9 @@ pub fn split(
             instances
                 .iter()
                 .zip(&by_slices)
-                .map(|(g, &s)| g.active.map(|a| u64::from(a) * s))
+                // Under 1 % is noise, as for whole GPUs: it must not draw the board's
+                // whole energy to one instance.
+                .map(|(g, &s)| g.active.map(|a| u64::from(active(a)) * s))
                 .chain([Some(0)])
                 .collect::<Option<Vec<_>>>(),
         )
@@ -157,6 +167,26 @@ mod tests {
             assert_eq!(s.devices, [(300_000, 3_000), (100_000, 1_000)]);
             assert_eq!(s.idle, (300_000, 3_000), "the 3 unheld slices");
         }
+    }
+
+    #[test]
+    fn activity_under_one_percent_is_no_activity() {
+        // 0.5 % on one instance, nothing on the other: by slices, not all to the first.
+        let s = split(
+            700_000,
+            7_000,
+            &[dev(1, Some(3), Some(5)), dev(2, Some(1), Some(0))],
+            Some(7),
+        );
+        assert_eq!(s.devices, [(300_000, 3_000), (100_000, 1_000)]);
+        // A value past 100 % (a driver glitch) weighs as 100 %.
+        let s = split(
+            400,
+            1,
+            &[dev(1, Some(1), Some(u32::MAX)), dev(2, Some(1), Some(1000))],
+            Some(2),
+        );
+        assert_eq!(s.devices, [(200, 1), (200, 0)]);
     }
 
     #[test]

@@ -145,7 +145,7 @@ pub struct Split {
 }
 
 /// Below this activity (1 %) a device is taken as running nothing.
-const IDLE_BELOW_PERMILLE: u32 = 10;
+pub(crate) const IDLE_BELOW_PERMILLE: u32 = 10;
 
 /// How a device spent a span, for the parts of its energy and time that show efficiency.
 #[derive(Debug, Clone, Copy, Default)]
@@ -187,7 +187,7 @@ impl Spent {
             // ms × ‰ is µs: exact, no rounding.
             let t = u64::from(t.min(1000));
             for (a, ms) in amounts.iter_mut().zip(ms) {
-                a.gpu_tensor_us += ms * t;
+                a.gpu_tensor_us += ms.saturating_mul(t);
             }
         }
     }
