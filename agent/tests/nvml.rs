@@ -186,15 +186,22 @@ failing = ["nvmlDeviceGetClockInfo"]
         .map(|s| s.gpus[0].energy_mj.unwrap())
         .collect();
     assert!(e[0] >= 5_000_000);
+    // The counter runs on the real clock and each read comes a little after its tick, so
+    // one span can look tens of ms longer or shorter on a loaded machine (a CI run saw
+    // 424 W over one 100 ms span): each span is checked for units (mJ, not J or µJ), the
+    // whole run for the power.
     for (w, s) in e.windows(2).zip(&samples[1..]) {
         assert_eq!(s.gpus[0].energy_delta_mj, Some(w[1] - w[0]));
         let watts = (w[1] - w[0]) as f64 / s.span_ms as f64;
         assert!(
-            (watts - 350.0).abs() < 35.0,
+            (watts - 350.0).abs() < 175.0,
             "{watts} W over {} ms",
             s.span_ms
         );
     }
+    let run_ms: u64 = samples[1..].iter().map(|s| s.span_ms).sum();
+    let watts = (e[e.len() - 1] - e[0]) as f64 / run_ms as f64;
+    assert!((watts - 350.0).abs() < 35.0, "{watts} W over {run_ms} ms");
     // Power-capped all along, thermally half the time (NVML's counters run on the real
     // clock, and each read happens a little after its tick).
     for s in &samples[1..] {
