@@ -203,20 +203,21 @@ failing = ["nvmlDeviceGetClockInfo"]
     let watts = (e[e.len() - 1] - e[0]) as f64 / run_ms as f64;
     assert!((watts - 350.0).abs() < 35.0, "{watts} W over {run_ms} ms");
     // Power-capped all along, thermally half the time (NVML's counters run on the real
-    // clock, and each read happens a little after its tick).
+    // clock, and each read happens a little after its tick: up to tens of ms late on a
+    // loaded machine, so the margins are under half the 100 ms span, not tight).
     for s in &samples[1..] {
         let ms = s.gpus[0]
             .power_capped_ms
             .expect("capped time over every span");
         assert!(
-            ms <= s.span_ms && ms + 20 >= s.span_ms,
+            ms <= s.span_ms && ms + 45 >= s.span_ms,
             "{ms} of {}",
             s.span_ms
         );
         let ms = s.gpus[0]
             .thermal_capped_ms
             .expect("thermal time over every span");
-        assert!(ms.abs_diff(s.span_ms / 2) <= 20, "{ms} of {}", s.span_ms);
+        assert!(ms.abs_diff(s.span_ms / 2) <= 25, "{ms} of {}", s.span_ms);
     }
     assert_eq!(samples[0].gpus[0].power_capped_ms, None, "no span yet");
     // GPM from the second sample on: the scenario's values, units as NVML's.
