@@ -78,60 +78,13 @@ pub fn sorted_entries(dir: &Path) -> io::Result<Vec<(String, PathBuf)>> {
         .filter_map(|e| e.ok())
         .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
         .collect();
-    out.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+    out.sort_by(|a, b| nodewatt_common::natural_cmp(&a.0, &b.0));
     Ok(out)
-}
-
-/// Orders `hwmon2` before `hwmon10` and `temp2_input` before `temp10_input`.
-pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    fn key(s: &str) -> Vec<(String, u64)> {
-        let mut out = Vec::new();
-        let mut text = String::new();
-        let mut num = String::new();
-        for c in s.chars() {
-            if c.is_ascii_digit() {
-                num.push(c);
-            } else {
-                if !num.is_empty() {
-                    out.push((std::mem::take(&mut text), num.parse().unwrap_or(u64::MAX)));
-                    num.clear();
-                }
-                text.push(c);
-            }
-        }
-        out.push((text, num.parse().unwrap_or(0)));
-        out
-    }
-    key(a).cmp(&key(b)).then_with(|| a.cmp(b))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn natural_order() {
-        let mut v = vec![
-            "hwmon10",
-            "hwmon2",
-            "hwmon1",
-            "intel-rapl:0:1",
-            "intel-rapl:0",
-            "intel-rapl:1",
-        ];
-        v.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(
-            v,
-            [
-                "hwmon1",
-                "hwmon2",
-                "hwmon10",
-                "intel-rapl:0",
-                "intel-rapl:0:1",
-                "intel-rapl:1"
-            ]
-        );
-    }
 
     #[test]
     fn attr_file_rereads_in_place() {

@@ -1,11 +1,52 @@
 //! Pieces shared by the agent and the collector: configuration loading, MQTT connection
-//! settings, retry backoff, logging and shutdown.
+//! settings, retry backoff, logging, shutdown, and the natural order of names.
 
 pub mod backoff;
 pub mod config;
 pub mod mqtt;
 
 use std::io::IsTerminal;
+
+/// Orders names as people read them: digit runs by their number (of any length), so job
+/// 2 comes before job 10, `node-9` before `node-10` and `hwmon2` before `hwmon10`; the
+/// rest by character. Equal numbers written differently (`01`, `1`) fall back to the
+/// plain order, so the order is total. Allocates nothing.
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn chunks(s: &str) -> impl Iterator<Item = &str> {
+        let mut rest = s;
+        std::iter::from_fn(move || {
+            let first = rest.chars().next()?;
+            let digit = first.is_ascii_digit();
+            let end = rest
+                .find(|c: char| c.is_ascii_digit() != digit)
+                .unwrap_or(rest.len());
+            let (chunk, tail) = rest.split_at(end);
+            rest = tail;
+            Some(chunk)
+        })
+    }
+    let mut x = chunks(a);
+    let mut y = chunks(b);
+    loop {
+        let (p, q) = match (x.next(), y.next()) {
+            (None, None) => return a.cmp(b),
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some(p), Some(q)) => (p, q),
+        };
+        let numeric = p.as_bytes()[0].is_ascii_digit() && q.as_bytes()[0].is_ascii_digit();
+        let order = match numeric {
+            true => {
+                let (p, q) = (p.trim_start_matches('0'), q.trim_start_matches('0'));
+                p.len().cmp(&q.len()).then_with(|| p.cmp(q))
+            }
+            false => p.cmp(q),
+        };
+        if order.is_ne() {
+            return order;
+        }
+    }
+}
 
 /// Replaces `path` by `bytes` atomically: a reader (or a start after a crash) sees the
 /// old contents or the new, never a mix. With `sync` the data reaches the disk before the
@@ -115,7 +156,42 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::log_filter;
+    use super::{log_filter, natural_cmp};
+
+    #[test]
+    fn natural_order() {
+        let mut ids = [
+            "10", "2", "1", "11", "12_3", "12_10", "12+0", "node-10", "node-9", "007", "a",
+        ];
+        ids.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            ids,
+            ["1", "2", "007", "10", "11", "12+0", "12_3", "12_10", "a", "node-9", "node-10"]
+        );
+        assert_eq!(natural_cmp("01", "1"), "01".cmp("1"), "a total order");
+        let mut sysfs = [
+            "hwmon10",
+            "hwmon2",
+            "hwmon1",
+            "intel-rapl:0:1",
+            "intel-rapl:0",
+            "intel-rapl:1",
+        ];
+        sysfs.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            sysfs,
+            [
+                "hwmon1",
+                "hwmon2",
+                "hwmon10",
+                "intel-rapl:0",
+                "intel-rapl:0:1",
+                "intel-rapl:1"
+            ]
+        );
+        // Digit runs past u64 compare by length, then digits.
+        assert!(natural_cmp("x99999999999999999999", "x100000000000000000000").is_lt());
+    }
 
     #[test]
     fn log_filters_are_levels_or_targets_and_anything_else_is_an_error() {

@@ -437,52 +437,14 @@ pub fn parse_jobs(v: &serde_json::Value) -> Result<Vec<(Vec<String>, Sums)>, Str
     Ok(groups.into_iter().collect())
 }
 
-/// Orders names as people read them: digit runs by their number, so job 2 comes before
-/// job 10 and `node-9` before `node-10`; the rest by character.
-pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    fn chunks(s: &str) -> impl Iterator<Item = &str> {
-        let mut rest = s;
-        std::iter::from_fn(move || {
-            let first = rest.chars().next()?;
-            let digit = first.is_ascii_digit();
-            let end = rest
-                .find(|c: char| c.is_ascii_digit() != digit)
-                .unwrap_or(rest.len());
-            let (chunk, tail) = rest.split_at(end);
-            rest = tail;
-            Some(chunk)
-        })
-    }
-    let mut x = chunks(a);
-    let mut y = chunks(b);
-    loop {
-        let (p, q) = match (x.next(), y.next()) {
-            (None, None) => return a.cmp(b),
-            (None, Some(_)) => return std::cmp::Ordering::Less,
-            (Some(_), None) => return std::cmp::Ordering::Greater,
-            (Some(p), Some(q)) => (p, q),
-        };
-        let numeric = p.as_bytes()[0].is_ascii_digit() && q.as_bytes()[0].is_ascii_digit();
-        let order = match numeric {
-            true => {
-                let (p, q) = (p.trim_start_matches('0'), q.trim_start_matches('0'));
-                p.len().cmp(&q.len()).then_with(|| p.cmp(q))
-            }
-            false => p.cmp(q),
-        };
-        if order.is_ne() {
-            return order;
-        }
-    }
-}
-
-/// Table rows of the groups, ordered by their key naturally ([`natural_cmp`]).
+/// Table rows of the groups, ordered by their key naturally
+/// ([`nodewatt_common::natural_cmp`]).
 pub fn rows(groups: &[(Vec<String>, Sums)], by: By, p: &Prices) -> Vec<Row> {
     let mut groups: Vec<&(Vec<String>, Sums)> = groups.iter().collect();
     groups.sort_by(|(a, _), (b, _)| {
         a.iter()
             .zip(b)
-            .map(|(a, b)| natural_cmp(a, b))
+            .map(|(a, b)| nodewatt_common::natural_cmp(a, b))
             .find(|o| o.is_ne())
             .unwrap_or(std::cmp::Ordering::Equal)
     });
@@ -737,20 +699,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_order_naturally() {
-        let mut ids = [
-            "10", "2", "1", "11", "12_3", "12_10", "12+0", "node-10", "node-9", "007", "a",
-        ];
-        ids.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(
-            ids,
-            ["1", "2", "007", "10", "11", "12+0", "12_3", "12_10", "a", "node-9", "node-10"]
-        );
-        assert_eq!(
-            natural_cmp("01", "1"),
-            "01".cmp("1"),
-            "equal numbers: a total order"
-        );
+    fn usage_rows_in_natural_order() {
         let key = |id: &str| {
             (
                 vec![id.to_string(), "p".into(), "u".into()],
