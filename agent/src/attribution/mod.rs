@@ -248,7 +248,6 @@ pub fn split(jobs: &[Job], m: &Measured) -> Split {
             idle: Amounts::default(),
         };
     }
-    let idle = n;
     let mut amounts = vec![Amounts::default(); n + 1];
     let running: Vec<u64> = jobs.iter().map(|j| j.ran(m.t0, m.t1)).collect();
 
@@ -267,18 +266,10 @@ pub fn split(jobs: &[Job], m: &Measured) -> Split {
             let device = (g.energy_uj.map(|_| uj), ms, spent);
             bill_device(jobs, &running, m, holders, device, &mut amounts);
         }
-        // Slices no instance holds run nothing.
+        // Slices no instance holds: held by no job, and they run nothing.
         let unheld = Spent::of(Some(0), None, g.capped_ms);
-        let uj = g.energy_uj.map(|_| parts.idle.0);
-        amounts[idle].gpu_ms += parts.idle.1;
-        amounts[idle].gpu_uj += uj.unwrap_or(0);
-        let uj = uj.map(|u| [u]);
-        unheld.add(
-            &mut amounts[idle..],
-            uj.as_ref().map(|u| &u[..]),
-            &[parts.idle.1],
-            span,
-        );
+        let device = (g.energy_uj.map(|_| parts.idle.0), parts.idle.1, unheld);
+        bill_device(jobs, &running, m, |_| false, device, &mut amounts);
     }
 
     let mut w: Vec<u64> = jobs
