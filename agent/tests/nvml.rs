@@ -581,3 +581,43 @@ sm_util = 30.0
         assert_eq!((job.gpu_idle_uj, idle.gpu_tensor_us), (0, 0));
     }
 }
+
+#[test]
+fn a_mig_layout_past_the_gpus_slices_is_said_and_not_sent() {
+    // Instances of 3 and 2 slices on a GPU whose largest profile has 4 slices.
+    let n = node(
+        &format!(
+            r#"
+[[gpu]]
+uuid = "{GPU0}"
+mig_slices = 4
+[[gpu.mig]]
+uuid = "MIG-00000000-0000-0000-0000-000000000011"
+gpu_instance_id = 1
+slices = 3
+[[gpu.mig]]
+uuid = "MIG-00000000-0000-0000-0000-000000000012"
+gpu_instance_id = 2
+slices = 2
+"#
+        ),
+        "200ms",
+        "",
+    );
+    let out = n.agent(&["check"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains(
+            "MIG slices of the GPU unknown (profiles say Some(4), instances hold Some(5))"
+        ),
+        "{text}"
+    );
+    let samples = n.run(2);
+    let g = &samples[1].gpus[0];
+    assert_eq!(
+        (g.mig.len(), g.mig_slices),
+        (2, None),
+        "the wire would refuse 5 of 4"
+    );
+}

@@ -358,19 +358,24 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Slices held by its GPU instances (each counted once, however many compute
-    /// instances it has); `None` when a MIG device did not say its slices.
+    /// Slices held by its GPU instances ([`slices_held`]).
     pub fn mig_slices_held(&self) -> Option<u32> {
-        let mut seen: Vec<u32> = Vec::with_capacity(self.mig.len());
-        let mut held = 0u32;
-        for m in &self.mig {
-            if !seen.contains(&m.gpu_instance_id) {
-                seen.push(m.gpu_instance_id);
-                held = held.saturating_add(m.slices?);
-            }
-        }
-        Some(held)
+        slices_held(&self.mig)
     }
+}
+
+/// Slices held by the GPU instances of these MIG devices, each counted once however many
+/// compute instances it has; `None` when a device did not say its slices.
+pub fn slices_held(mig: &[MigDevice]) -> Option<u32> {
+    let mut seen: Vec<u32> = Vec::with_capacity(mig.len());
+    let mut held = 0u32;
+    for m in mig {
+        if !seen.contains(&m.gpu_instance_id) {
+            seen.push(m.gpu_instance_id);
+            held = held.saturating_add(m.slices?);
+        }
+    }
+    Some(held)
 }
 
 /// One MIG device: a compute instance inside a GPU instance of a GPU. NVML gives no

@@ -404,11 +404,8 @@ fn mig_slices(
         .filter_map(|p| device.profile_info(p).ok())
         .map(|info| info.slice_count)
         .max();
-    let layout = Gpu {
-        mig: mig.iter().map(|m| m.ident.clone()).collect(),
-        ..Gpu::default()
-    };
-    match (total, layout.mig_slices_held()) {
+    let layout: Vec<MigDevice> = mig.iter().map(|m| m.ident.clone()).collect();
+    match (total, nodewatt_wire::slices_held(&layout)) {
         (Some(total), Some(held))
             if held <= total && total as usize <= nodewatt_wire::check::MAX_MIG =>
         {
