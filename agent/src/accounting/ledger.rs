@@ -222,10 +222,12 @@ impl Ledger {
                 self.finished.insert(k);
                 continue;
             }
-            // Written after this sample's instant (the read comes later): nothing of it is
+            // Started after this sample's instant (the read comes later): nothing of it is
             // in this span, and a total dated after the sample would be refused with the
-            // whole message. The next sample takes it up.
-            if j.start_ms >= t1 {
+            // whole message. The next sample takes it up. A job that starts at the instant
+            // itself is taken up now, with none of this span: left for the next sample, a
+            // failed read there would bill its first span to _idle.
+            if j.start_ms > t1 {
                 continue;
             }
             let late_ms = late_start_ms(t0, j.start_ms, self.origin_ms);
