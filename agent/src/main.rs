@@ -27,6 +27,16 @@ struct Cli {
     command: Command,
 }
 
+/// Where the Debian package installs the configuration.
+const DEFAULT_CONFIG: &str = "/etc/nodewatt/agent.toml";
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Agent configuration file (TOML; every option in docs/configuration.md).
+    #[arg(long, short, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Sample at the configured interval and publish to the MQTT broker of the [mqtt]
@@ -34,9 +44,8 @@ enum Command {
     /// one JSON message per line to stdout.
     /// Stops on SIGTERM or SIGINT, marking the node offline.
     Run {
-        /// Agent configuration file (TOML).
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Stop after this many messages, once all of them are acknowledged by the broker
         /// (for tests and benchmarks).
         #[arg(long, value_name = "N")]
@@ -48,8 +57,8 @@ enum Command {
     /// Take one sample and print it as JSON. Sources are read at two consecutive ticks so
     /// that rates (CPU utilisation, RAPL power) cover one interval.
     Once {
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Print indented JSON instead of one line.
         #[arg(long)]
         pretty: bool,
@@ -60,8 +69,8 @@ enum Command {
     },
     /// Show which sources were found, how many devices each has, and what is unreadable and why.
     Check {
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Exit with status 1 if any enabled source is unavailable or has unreadable devices.
         #[arg(long)]
         strict: bool,
@@ -77,13 +86,13 @@ fn main() -> ExitCode {
             config,
             count,
             stdout,
-        } => run(&config, count, stdout),
+        } => run(&config.config, count, stdout),
         Command::Once {
             config,
             pretty,
             fake_time_ms,
-        } => once(&config, pretty, fake_time_ms),
-        Command::Check { config, strict } => check(&config, strict),
+        } => once(&config.config, pretty, fake_time_ms),
+        Command::Check { config, strict } => check(&config.config, strict),
     };
     match result {
         Ok(code) => code,
@@ -271,6 +280,7 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
     nodewatt_common::install_tls_provider();
     let settings = PublisherSettings {
         options: mqtt.options(&format!("nodewatt-agent-{}-{node}", cfg.agent.cluster))?,
+        peer: nodewatt_common::connection::Peer::of(mqtt),
         cluster: cfg.agent.cluster.clone(),
         node,
         outbox_capacity: cfg.outbox.capacity,
@@ -465,12 +475,18 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
     }
     if let Some(mqtt) = &cfg.mqtt {
         nodewatt_common::install_tls_provider();
-        let peer = format!("{}:{}", mqtt.host, mqtt.port());
+        let peer = nodewatt_common::connection::Peer::of(mqtt);
         let id = format!("nodewatt-check-{}-{}", cfg.agent.cluster, cfg.node_name()?);
+        let user = match &mqtt.username {
+            Some(u) => format!(" as user {u}"),
+            None => " without a user name".into(),
+        };
         line(
             "broker",
-            try_connect(mqtt, &id).err().map(|e| format!("{peer}: {e}")),
-            format!("{peer} accepted the connection"),
+            try_connect(mqtt, &id, &peer)
+                .err()
+                .map(|e| format!("{e:#}")),
+            format!("{peer} accepted the connection{user}"),
         );
     }
     Ok(if strict && bad > 0 {
@@ -490,7 +506,11 @@ fn writable_dir(file: &Path) -> Result<(), String> {
 }
 
 /// Connects to the broker as the agent would (TLS, credentials) and disconnects.
-fn try_connect(mqtt: &nodewatt_common::mqtt::MqttConfig, client_id: &str) -> anyhow::Result<()> {
+fn try_connect(
+    mqtt: &nodewatt_common::mqtt::MqttConfig,
+    client_id: &str,
+    peer: &nodewatt_common::connection::Peer,
+) -> anyhow::Result<()> {
     use rumqttc::{AsyncClient, Event, Packet};
     // Its own client id, so a check never takes over the running agent's session.
     let mut options = mqtt.options(client_id)?;
@@ -505,13 +525,13 @@ fn try_connect(mqtt: &nodewatt_common::mqtt::MqttConfig, client_id: &str) -> any
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
                     Ok(_) => {}
-                    Err(e) => return Err(anyhow::anyhow!("{e}")),
+                    Err(e) => return Err(anyhow::anyhow!(peer.explain(&e))),
                 }
             }
         };
         let r = tokio::time::timeout(Duration::from_secs(5), connack)
             .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 5 s")));
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("MQTT broker {peer}: no answer within 5 s")));
         let _ = client.try_disconnect();
         r
     })

@@ -279,7 +279,7 @@ fn check_names_what_would_cost_money_before_it_does() {
         "jobs-not-there does not exist",
         "state      PROBLEM      agent.state_file: cannot write in /nonexistent",
         "spool      PROBLEM      outbox.spool_dir: cannot write in /nonexistent",
-        &format!("broker     PROBLEM      127.0.0.1:{port}: "),
+        &format!("broker     PROBLEM      MQTT broker mqtt://127.0.0.1:{port}: "),
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }

@@ -13,9 +13,12 @@ use nodewatt_common::config::{count_in, duration_in, parse_toml, read_toml, reso
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub collector: CollectorConfig,
+    /// Needed by `serve` only, so a billing or validation config can do without it.
+    #[serde(default)]
+    pub collector: Option<CollectorConfig>,
     #[serde(default)]
     pub mqtt: Option<MqttConfig>,
+    #[serde(default)]
     pub influxdb: InfluxConfig,
     #[serde(default)]
     pub batch: BatchConfig,
@@ -178,6 +181,13 @@ pub struct InfluxConfig {
     pub gzip: bool,
     #[serde(with = "humantime_serde", default = "default_timeout")]
     pub timeout: Duration,
+}
+
+impl Default for InfluxConfig {
+    fn default() -> Self {
+        // The serde defaults, from an empty section.
+        toml::from_str("").expect("every influxdb option has a default")
+    }
 }
 
 fn default_influx_url() -> String {
@@ -379,13 +389,15 @@ impl Config {
         let (b, v) = (&self.batch, &self.validation);
         let s = Duration::from_secs;
         let ms = Duration::from_millis;
-        for (name, d, lo, hi) in [
-            (
+        if let Some(c) = &self.collector {
+            duration_in(
                 "collector.health_interval",
-                self.collector.health_interval,
+                c.health_interval,
                 ms(10),
                 s(3600),
-            ),
+            )?;
+        }
+        for (name, d, lo, hi) in [
             ("influxdb.timeout", i.timeout, ms(100), s(600)),
             ("batch.flush_interval", b.flush_interval, ms(1), s(60)),
             ("batch.retry_initial", b.retry_initial, ms(1), s(60)),

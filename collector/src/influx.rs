@@ -25,6 +25,8 @@ pub struct SetupError(String);
 
 pub struct Influx {
     client: reqwest::Client,
+    /// `influxdb.url`, for messages.
+    base: String,
     write_url: Url,
     query_url: Url,
     api: Api,
@@ -87,6 +89,7 @@ impl Influx {
         };
         Ok(Influx {
             client,
+            base: cfg.url.trim_end_matches('/').to_string(),
             write_url,
             query_url: endpoint(&cfg.url, "query", &[])?,
             api: cfg.api,
@@ -102,6 +105,36 @@ impl Influx {
         })
     }
 
+    /// A request that got no answer: where it went, the innermost cause (reqwest's own
+    /// message is only "error sending request") and what to check.
+    fn unreachable(&self, e: reqwest::Error) -> String {
+        let hint = if e.is_timeout() {
+            "no answer within the timeout ([influxdb] timeout, or [billing] query_timeout for bills): is influxd overloaded or is that port something else?"
+        } else {
+            "is influxd running, and are [influxdb] url and ca_file right?"
+        };
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(inner) = cause.source() {
+            cause = inner;
+        }
+        format!("cannot reach InfluxDB at {}: {cause}; {hint}", self.base)
+    }
+
+    /// A refusal, with where it came from and, for credentials, what to check.
+    fn answered(&self, status: StatusCode, text: &str) -> String {
+        let hint = match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                " (check [influxdb] username and password_file, or token_file, and the user's rights on the database)"
+            }
+            _ => "",
+        };
+        format!(
+            "InfluxDB at {} answered {status}: {}{hint}",
+            self.base,
+            text.trim()
+        )
+    }
+
     fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         let req = match &self.basic {
             Some((u, p)) => req.basic_auth(u, Some(p)),
@@ -110,6 +143,41 @@ impl Influx {
         match &self.token {
             Some(t) => req.header("Authorization", format!("Token {t}")),
             None => req,
+        }
+    }
+
+    /// The server's version, from `/ping` (which needs no credentials).
+    pub async fn ping(&self) -> Result<String, String> {
+        let url = endpoint(&self.base, "ping", &[]).map_err(|e| e.to_string())?;
+        let resp = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !resp.status().is_success() {
+            return Err(self.answered(resp.status(), ""));
+        }
+        let version = resp
+            .headers()
+            .get("X-Influxdb-Version")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("of unknown version");
+        Ok(format!("InfluxDB {version} at {}", self.base))
+    }
+
+    /// Whether writes would be taken, without writing anything: InfluxDB answers an empty
+    /// write 204, or 404 when the database is missing, 401/403 without the right.
+    pub async fn probe_write(&self) -> Result<(), String> {
+        let resp = self
+            .auth(self.client.post(self.write_url.clone()))
+            .body(Vec::new())
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            s => Err(self.answered(s, &resp.text().await.unwrap_or_default())),
         }
     }
 
@@ -126,12 +194,12 @@ impl Influx {
             .auth(self.client.post(url))
             .send()
             .await
-            .map_err(|e| WriteError::Retry(format!("cannot reach InfluxDB: {e}")))?;
+            .map_err(|e| WriteError::Retry(self.unreachable(e)))?;
         match resp.status() {
             s if s.is_success() => Ok(()),
             s => Err(WriteError::Retry(format!(
-                "CREATE DATABASE answered {s}: {}",
-                resp.text().await.unwrap_or_default()
+                "CREATE DATABASE: {}",
+                self.answered(s, &resp.text().await.unwrap_or_default())
             ))),
         }
     }
@@ -173,11 +241,11 @@ impl Influx {
             .auth(self.client.get(url))
             .send()
             .await
-            .map_err(|e| format!("cannot reach InfluxDB: {e}"))?;
+            .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| e.to_string())?;
         if !status.is_success() {
-            return Err(format!("InfluxDB answered {status}: {}", text.trim()));
+            return Err(self.answered(status, &text));
         }
         merge_chunks(&text)
     }
@@ -202,13 +270,13 @@ impl Influx {
         let resp = req
             .send()
             .await
-            .map_err(|e| WriteError::Retry(format!("cannot reach InfluxDB: {e}")))?;
+            .map_err(|e| WriteError::Retry(self.unreachable(e)))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
         }
         let text = resp.text().await.unwrap_or_default();
-        let msg = format!("InfluxDB answered {status}: {}", text.trim());
+        let msg = self.answered(status, &text);
         Err(match status {
             StatusCode::BAD_REQUEST
             | StatusCode::PAYLOAD_TOO_LARGE

@@ -1,6 +1,7 @@
 //! nodewatt collector: MQTT in, validated line protocol out to InfluxDB.
 
 pub mod billing;
+pub mod check;
 pub mod config;
 pub mod influx;
 pub mod influxql;

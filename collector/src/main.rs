@@ -63,22 +63,31 @@ impl PeriodArgs {
     }
 }
 
+/// Where the Debian package installs the configuration.
+const DEFAULT_CONFIG: &str = "/etc/nodewatt/collector.toml";
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Collector configuration file (TOML; every option in docs/configuration.md). Bills
+    /// and reports read only its [influxdb] and [billing] sections.
+    #[arg(long, short, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the MQTT → InfluxDB pipeline until SIGTERM or SIGINT.
     Serve {
-        /// Collector configuration file (TOML).
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Energy (kWh by device class), GPU-hours and CPU core-hours per project, user, node
     /// or job over a period, with cost and CO2e; for billing scripts use --format csv or
     /// json (columns in docs/billing.md). The period is (FROM, TO]: consecutive periods
     /// bill every joule once.
     Usage {
-        /// Collector configuration file: the InfluxDB to read, and [billing] defaults.
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         #[command(flatten)]
         period: PeriodArgs,
         /// Group by project, user, node, or job (whole-job totals of jobs that ran in the period).
@@ -95,8 +104,8 @@ enum Command {
     /// Write an energy report in Markdown, with an SVG chart of power by device class next
     /// to it, for one job (its whole run) or one project over a period.
     Report {
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// The job to report on.
         #[arg(
             long,
@@ -123,13 +132,23 @@ enum Command {
     /// rolled up the hours collectors marked as written into, whenever rollups are on).
     /// Bills read whole hours from rollups, the rest from `usage`; see docs/billing.md.
     Rollup {
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         #[command(flatten)]
         period: PeriodArgs,
         /// Roll up hours that already have a usable rollup too.
         #[arg(long)]
         all: bool,
+    },
+    /// Check what `serve` and the bills need, one line each: the broker (reachable, login,
+    /// subscriptions allowed), InfluxDB (reachable, database, write and query rights, the
+    /// newest stored sample). Exits 1 with --strict if anything is wrong.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Exit with status 1 if any check found a problem.
+        #[arg(long)]
+        strict: bool,
     },
     /// Read samples as JSON lines on stdin (e.g. `nodewatt-agent run --stdout`), run the
     /// checks `serve` runs on each, report each invalid line with its reason, and print
@@ -146,7 +165,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     nodewatt_common::init_logging(cli.log_level.as_deref());
     let result = match cli.command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config } => serve(&config.config),
+        Command::Check { config, strict } => check(&config.config, strict),
         Command::Validate { config } => (|| {
             let validation = match config {
                 Some(path) => Config::load(&path)?.validation,
@@ -163,7 +183,7 @@ fn main() -> ExitCode {
             output,
             prices,
         } => (|| {
-            let cfg = Config::load(&config)?;
+            let cfg = Config::load(&config.config)?;
             let prices = resolve_prices(&cfg, &prices)?;
             let period = match (&from, &to) {
                 (Some(f), Some(t)) => Some((
@@ -199,7 +219,7 @@ fn main() -> ExitCode {
             period,
             all,
         } => (|| {
-            let cfg = Config::load(&config)?;
+            let cfg = Config::load(&config.config)?;
             let (from, to) = period.ms()?;
             let settle = cfg.rollup_settle().as_millis() as u64;
             let started = std::time::Instant::now();
@@ -233,16 +253,17 @@ fn main() -> ExitCode {
             format,
             prices,
         } => (|| {
-            let cfg = Config::load(&config)?;
+            let cfg = Config::load(&config.config)?;
             let prices = resolve_prices(&cfg, &prices)?;
             let (from, to) = period.ms()?;
             let plan = cfg.plan();
+            let scope = billing::Scope::new(by, from, to, project.clone());
             let groups = block_on(&cfg, |influx| async move {
                 billing::usage(&influx, by, from, to, project.as_ref(), &plan).await
             })?
             .map_err(anyhow::Error::msg)?;
             let rows = billing::rows(&groups, by, &prices);
-            print!("{}", billing::render(&rows, by, format, &prices));
+            billing::print(&rows, format, &prices, &scope);
             Ok(ExitCode::SUCCESS)
         })(),
     };
@@ -290,6 +311,12 @@ where
 
 fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(path)?;
+    let Some(me) = cfg.collector.clone() else {
+        anyhow::bail!(
+            "{}: serve needs a [collector] section with this collector's id (the broker keeps its session under it)",
+            path.display()
+        );
+    };
     nodewatt_common::install_tls_provider();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -297,9 +324,74 @@ fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         .context("starting the runtime")?;
     runtime.block_on(nodewatt_collector::ingest::serve(
         cfg,
+        me,
         nodewatt_common::shutdown_signal(),
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn check(path: &std::path::Path, strict: bool) -> anyhow::Result<ExitCode> {
+    use nodewatt_collector::check::Finding;
+    let cfg = Config::load(path)?;
+    nodewatt_common::install_tls_provider();
+    let mut findings = vec![Finding {
+        name: "config",
+        result: Ok(format!("{} read", path.display())),
+    }];
+    match &cfg.collector {
+        Some(c) => findings.push(Finding {
+            name: "collector",
+            result: Ok(format!(
+                "id {}{}",
+                c.id,
+                c.share_group
+                    .as_ref()
+                    .map(|g| format!(", shared group {g}"))
+                    .unwrap_or_default()
+            )),
+        }),
+        None => findings.push(Finding {
+            name: "collector",
+            result: Err("no [collector] section: serve needs one (bills do not)".into()),
+        }),
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    if let Some(c) = &cfg.collector {
+        let mqtt = cfg.mqtt.clone().unwrap_or_default();
+        let topics = nodewatt_collector::ingest::subscriptions(None);
+        let id = format!("nodewatt-check-{}", c.id);
+        findings.push(runtime.block_on(nodewatt_collector::check::broker(&mqtt, &id, &topics)));
+    }
+    match Influx::new(&cfg.influxdb) {
+        Ok(influx) => findings.extend(runtime.block_on(nodewatt_collector::check::influx(
+            &influx,
+            &cfg.influxdb.database,
+            cfg.influxdb.create_database,
+            nodewatt_common::now_ms(),
+        ))),
+        Err(e) => findings.push(Finding {
+            name: "influxdb",
+            result: Err(e.to_string()),
+        }),
+    }
+    let mut bad = 0;
+    for f in &findings {
+        match &f.result {
+            Ok(what) => println!("{:<10} ok           {what}", f.name),
+            Err(why) => {
+                bad += 1;
+                println!("{:<10} PROBLEM      {why}", f.name);
+            }
+        }
+    }
+    Ok(if strict && bad > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// What `validate` saw; printed at the end of input or on Ctrl-C.

@@ -7,15 +7,13 @@ use serde::de::DeserializeOwned;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {source}")]
+    // The cause is in the message, not a `source`: anyhow's `{:#}` would print it twice.
+    #[error("cannot read config {path}: {err} (--config names another file)")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("invalid config {path}: {err}")]
     Parse {
         path: PathBuf,
-        source: Box<toml::de::Error>,
+        err: Box<toml::de::Error>,
     },
     #[error("invalid config: {0}")]
     Invalid(String),
@@ -28,14 +26,14 @@ pub enum ConfigError {
 pub fn parse_toml<T: DeserializeOwned>(text: &str, origin: &Path) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: origin.to_owned(),
-        source: Box::new(e),
+        err: Box::new(e),
     })
 }
 
 pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        err,
     })?;
     parse_toml(&text, path)
 }

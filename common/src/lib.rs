@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod connection;
 pub mod mqtt;
 
 use std::io::IsTerminal;

@@ -19,6 +19,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use nodewatt_common::backoff::{Backoff, Retry};
+use nodewatt_common::connection::{Connection, Peer};
 use nodewatt_common::{now_ms, sleep_until};
 use nodewatt_wire::{sample_topic, status_topic, NodeName, Sample};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
@@ -46,6 +47,8 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_PACKET_BYTES - 1024;
 
 pub struct PublisherSettings {
     pub options: MqttOptions,
+    /// The broker, for messages.
+    pub peer: Peer,
     pub cluster: NodeName,
     pub node: NodeName,
     pub outbox_capacity: usize,
@@ -108,6 +111,7 @@ pub async fn run(
 ) -> PublishStats {
     let PublisherSettings {
         mut options,
+        peer,
         cluster,
         node,
         outbox_capacity,
@@ -132,7 +136,8 @@ pub async fn run(
             QoS::AtLeastOnce,
             true,
         ));
-    let (client, mut eventloop) = AsyncClient::new(options, max_in_flight + 8);
+    let (client, eventloop) = AsyncClient::new(options, max_in_flight + 8);
+    let mut conn = Connection::new(eventloop);
     let mut link = Link::new(Outbox::new(outbox_capacity, max_in_flight));
     let mut sends = Vec::new();
     if let Some(path) = &state_file {
@@ -181,13 +186,13 @@ pub async fn run(
             _ = sleep_until(reconnect_at), if reconnect_at.is_some() => {
                 retry.ready(std::time::Instant::now());
             }
-            ev = eventloop.poll(), if reconnect_at.is_none() => match ev {
+            ev = conn.poll(), if reconnect_at.is_none() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     let failures = retry.succeeded();
                     if failures > 0 {
-                        tracing::info!(queued = link.queued(), "connected to the MQTT broker again");
+                        tracing::info!(queued = link.queued(), "connected to the MQTT broker again: {peer}");
                     } else {
-                        tracing::info!("connected to the MQTT broker");
+                        tracing::info!("connected to the MQTT broker: {peer}");
                     }
                     link.connected(now_ms(), &mut sends);
                 }
@@ -198,14 +203,15 @@ pub async fn run(
                     }
                 }
                 Err(e) => {
-                    lost(&mut eventloop, &mut link, &mut sends);
+                    lost(conn.eventloop().expect("a failed poll leaves no connect in flight"), &mut link, &mut sends);
                     let f = retry.failed(std::time::Instant::now());
                     // Quiet during long outages: first failure, then at powers of two.
                     if f.log {
                         tracing::warn!(
                             failures = f.failures,
                             queued = link.queued(),
-                            "MQTT connection failed: {e}; retrying in {} ms",
+                            "{}; retrying in {} ms",
+                            peer.explain(&e),
                             f.delay.as_millis()
                         );
                     }
@@ -220,7 +226,7 @@ pub async fn run(
         let _ = client.try_disconnect();
         // Let the event loop write the status and the disconnect.
         let flush = async {
-            while let Ok(ev) = eventloop.poll().await {
+            while let Ok(ev) = conn.poll().await {
                 if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
                     break;
                 }

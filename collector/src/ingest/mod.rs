@@ -23,7 +23,7 @@ use rumqttc::{AsyncClient, Event, Packet, Publish, QoS, SubscribeFilter};
 use tokio::time::Instant;
 
 use crate::billing::rollup;
-use crate::config::Config;
+use crate::config::{CollectorConfig, Config};
 use crate::influx::{Influx, WriteError};
 use crate::lineproto::encode_status;
 use crate::stats::Stats;
@@ -73,7 +73,7 @@ impl RejectLog {
     }
 }
 
-fn subscriptions(share_group: Option<&str>) -> Vec<String> {
+pub fn subscriptions(share_group: Option<&str>) -> Vec<String> {
     let prefix = share_group.map_or(String::new(), |g| format!("$share/{g}/"));
     ["sample", "status"]
         .iter()
@@ -203,16 +203,22 @@ async fn keep_rollups(cfg: Config) {
 
 /// Runs until `shutdown` resolves; then writes what it holds and acknowledges it, within
 /// [`STOP_TIMEOUT`].
-pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    cfg: Config,
+    me: CollectorConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let influx = Arc::new(Influx::new(&cfg.influxdb)?);
     let mqtt = cfg.mqtt.clone().unwrap_or_default();
-    let mut options = mqtt.options(&format!("nodewatt-collector-{}", cfg.collector.id))?;
+    let mut options = mqtt.options(&format!("nodewatt-collector-{}", me.id))?;
     options
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_max_packet_size(MQTT_MAX_PACKET, 64 * 1024);
     // Acks must never wait on a full request channel.
-    let (client, mut eventloop) = AsyncClient::new(options, cfg.batch.max_pending_messages + 1024);
+    let (client, eventloop) = AsyncClient::new(options, cfg.batch.max_pending_messages + 1024);
+    let mut conn = nodewatt_common::connection::Connection::new(eventloop);
+    let peer = nodewatt_common::connection::Peer::of(&mqtt);
 
     // Bounded: an InfluxDB that accepts connections and never answers must not hold up
     // reading from the broker (writes create the database later if it is missing).
@@ -232,7 +238,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
     let mut actions = Vec::new();
     let mut write: Option<Write> = None;
     let mut gate = Gate::new(&cfg.validation);
-    let topics = subscriptions(cfg.collector.share_group.as_deref());
+    let topics = subscriptions(me.share_group.as_deref());
     let mut rejects = RejectLog::new();
     let mut mqtt_retry = Retry::new(Backoff::new(mqtt.reconnect_initial, mqtt.reconnect_max));
     let mut stop_by: Option<Instant> = None;
@@ -240,7 +246,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
         .billing
         .rollups
         .then(|| tokio::spawn(keep_rollups(cfg.clone())));
-    let mut health = tokio::time::interval(cfg.collector.health_interval);
+    let mut health = tokio::time::interval(me.health_interval);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
 
@@ -299,7 +305,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
             }
             _ = health.tick(), if stop_by.is_none() => {
                 let mut point = Vec::new();
-                stats.encode(&pipeline.stats, pipeline.pending(), &cfg.collector.id, now_ms(), &mut point);
+                stats.encode(&pipeline.stats, pipeline.pending(), &me.id, now_ms(), &mut point);
                 pipeline.add(&point, 1, None, std::time::Instant::now(), &mut actions);
                 tracing::info!(
                     messages = stats.messages_in,
@@ -313,11 +319,11 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
             _ = sleep_until(reconnect_at), if reconnect_at.is_some() => {
                 mqtt_retry.ready(std::time::Instant::now());
             }
-            ev = eventloop.poll(), if read => match ev {
+            ev = conn.poll(), if read => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     pipeline.connected();
                     stats.connected = true;
-                    tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
+                    tracing::info!(session_present = ack.session_present, "connected to the MQTT broker: {peer}");
                     mqtt_retry.succeeded();
                     let filters = topics.iter().map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
                     if let Err(e) = client.try_subscribe_many(filters) {
@@ -338,14 +344,16 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
                 Err(e) => {
                     // Events read before the failure belong to the old connection; the
                     // broker redelivers the messages among them.
-                    eventloop.state.events.clear();
+                    if let Some(el) = conn.eventloop() {
+                        el.state.events.clear();
+                    }
                     stats.connected = false;
                     if stop_by.is_some() {
                         break;
                     }
                     let f = mqtt_retry.failed(std::time::Instant::now());
                     if f.log {
-                        tracing::warn!(failures = f.failures, "MQTT connection failed: {e}; retrying in {} ms", f.delay.as_millis());
+                        tracing::warn!(failures = f.failures, "{}; retrying in {} ms", peer.explain(&e), f.delay.as_millis());
                     }
                 }
             },
@@ -358,7 +366,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::R
     // Carry the last acks out before the disconnect, which follows them in the queue.
     if client.try_disconnect().is_ok() {
         let flush = async {
-            while let Ok(ev) = eventloop.poll().await {
+            while let Ok(ev) = conn.poll().await {
                 if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
                     break;
                 }

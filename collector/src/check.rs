@@ -1,0 +1,148 @@
+//! `nodewatt-collector check`: a preflight of what `serve` and the bills need, each
+//! finding on one line, so a sysadmin sees every problem at once rather than the first.
+
+use std::time::Duration;
+
+use nodewatt_common::connection::Peer;
+use nodewatt_common::mqtt::MqttConfig;
+use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+
+use crate::influx::Influx;
+
+/// One finding: what was checked, and either what is wrong or what was found.
+pub struct Finding {
+    pub name: &'static str,
+    pub result: Result<String, String>,
+}
+
+impl Finding {
+    fn new(name: &'static str, result: Result<String, String>) -> Finding {
+        Finding { name, result }
+    }
+}
+
+/// The rows of an answer's first series.
+fn values(v: &serde_json::Value) -> impl Iterator<Item = &Vec<serde_json::Value>> {
+    v["results"][0]["series"][0]["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|row| row.as_array())
+}
+
+/// InfluxDB: reachable, the database there (or created by `serve`), writes and queries
+/// allowed, and how old the newest stored sample is.
+pub async fn influx(influx: &Influx, database: &str, create: bool, now_ms: u64) -> Vec<Finding> {
+    let mut out = Vec::new();
+    match influx.ping().await {
+        Ok(v) => out.push(Finding::new("influxdb", Ok(format!("{v} answered")))),
+        Err(e) => {
+            out.push(Finding::new("influxdb", Err(e)));
+            return out;
+        }
+    }
+    let exists = match influx.query("SHOW DATABASES").await {
+        Ok(v) => Ok(values(&v).any(|row| row[0].as_str() == Some(database))),
+        Err(e) => Err(e),
+    };
+    let there = matches!(exists, Ok(true));
+    out.push(Finding::new(
+        "database",
+        match exists {
+            Ok(true) => Ok(format!("{database} exists")),
+            Ok(false) if create => Ok(format!(
+                "{database} does not exist yet; serve creates it (influxdb.create_database)"
+            )),
+            Ok(false) => Err(format!(
+                "{database} does not exist and influxdb.create_database = false: create it, or set it true"
+            )),
+            // Users without admin rights may not list databases; the write probe says more.
+            Err(e) => Err(format!("cannot list databases: {e}")),
+        },
+    ));
+    if there {
+        out.push(Finding::new(
+            "write",
+            influx
+                .probe_write()
+                .await
+                .map(|()| format!("writes to {database} are allowed")),
+        ));
+        let newest = influx
+            .query("SELECT LAST(\"seq\") FROM \"agent\"")
+            .await
+            .map(|v| values(&v).find_map(|row| row[0].as_u64()));
+        out.push(Finding::new(
+            "read",
+            match newest {
+                Ok(Some(ts)) => Ok(format!(
+                    "queries allowed; newest sample stored {} ago",
+                    humantime::format_duration(Duration::from_secs(
+                        now_ms.saturating_sub(ts) / 1000
+                    ))
+                )),
+                Ok(None) => Ok("queries allowed; no sample stored yet".into()),
+                Err(e) => Err(e),
+            },
+        ));
+    }
+    out
+}
+
+/// The broker: reachable, the login accepted, and every topic `serve` subscribes to
+/// allowed. A probe with its own client id and a clean session, subscribed without the
+/// shared group: it takes over no collector's session and takes no message from one.
+pub async fn broker(mqtt: &MqttConfig, client_id: &str, topics: &[String]) -> Finding {
+    let peer = Peer::of(mqtt);
+    let result = async {
+        let mut options = mqtt.options(client_id).map_err(|e| e.to_string())?;
+        options.set_client_id(client_id.to_string());
+        options.set_clean_session(true);
+        let (client, mut eventloop) = AsyncClient::new(options, 8);
+        let probe = async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let filters = topics
+                            .iter()
+                            .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                        client
+                            .try_subscribe_many(filters)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        let refused: Vec<&String> = topics
+                            .iter()
+                            .zip(&ack.return_codes)
+                            .filter(|(_, c)| matches!(c, SubscribeReasonCode::Failure))
+                            .map(|(t, _)| t)
+                            .collect();
+                        return if refused.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "MQTT broker {peer} refused the subscription to {refused:?}: the broker's ACL must let this user read nodewatt/v1/#"
+                            ))
+                        };
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(peer.explain(&e)),
+                }
+            }
+        };
+        let r = tokio::time::timeout(Duration::from_secs(10), probe)
+            .await
+            .unwrap_or_else(|_| Err(format!("MQTT broker {peer}: no answer within 10 s")));
+        let _ = client.try_disconnect();
+        r
+    }
+    .await;
+    let user = match &mqtt.username {
+        Some(u) => format!("as user {u}"),
+        None => "without a user name".into(),
+    };
+    Finding::new(
+        "broker",
+        result.map(|()| format!("{peer} accepted the login {user} and the subscriptions")),
+    )
+}
