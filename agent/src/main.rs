@@ -262,16 +262,35 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
         "sampling"
     );
     let Some(mqtt) = mqtt else {
+        // Ctrl-C or SIGTERM stops after the current sample and saves the state, as with a
+        // broker; the sender stays here too, so a failed watcher never reads as a stop.
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let watcher = stop_tx.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    rt.block_on(nodewatt_common::shutdown_signal());
+                    let _ = watcher.send(());
+                }
+            })
+            .context("starting the signal thread")?;
         let stdout = std::io::stdout();
         let mut failed = None;
-        sample_loop(&mut sampler, interval, count, None, |s, _| {
+        sample_loop(&mut sampler, interval, count, Some(&stop_rx), |s, _| {
             let mut out = stdout.lock();
             let r = writeln!(out, "{}", s.to_json()).and_then(|_| out.flush());
             failed = r.err();
             failed.is_none()
         });
+        drop(stop_tx);
         save_state(&sampler, &cfg, boot_id);
         return match failed {
+            // The reader left (`| head`, or a Ctrl-C that stopped it first): a stop.
+            Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
             Some(e) => Err(e).context("writing to stdout"),
             None => Ok(ExitCode::SUCCESS),
         };
