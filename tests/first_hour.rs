@@ -79,7 +79,7 @@ fn checks_find_each_server_and_name_the_missing_ones() {
     assert!(out.status.success(), "{said}");
     for want in [
         format!("broker     ok           mqtt://127.0.0.1:{}", mq.port),
-        format!("influxdb   ok           InfluxDB"),
+        "influxdb   ok           InfluxDB".into(),
         "database   ok           checkdb exists".into(),
         "write      ok".into(),
         "read       ok           queries allowed".into(),
