@@ -288,29 +288,29 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
         l.unwrap_or_else(|| panic!("no {head:?} in {md}"))
             .to_string()
     };
-    let tensor = row(&md, "| Tensor-active GPU-hours |");
+    let tensor = row(&md, "| Tensor-active GPU time |");
     let pct: f64 = tensor
         .split('|')
-        .nth(3)
+        .nth(4)
         .unwrap()
         .trim()
-        .trim_end_matches(" % of GPU-hours")
+        .trim_end_matches(" % of GPU time")
         .parse()
         .unwrap();
     assert_eq!(pct, 34.0, "{tensor}");
     assert!(
         md.contains(
-            "| GPU energy while the GPU ran nothing (kWh) | 0.000000 | 0.0 % of GPU energy |"
+            "| GPU energy while the GPU ran nothing | 0.000000 | kWh | 0.0 % of GPU energy |"
         ),
         "{md}"
     );
     assert!(
         md.contains(
-            "| GPU energy while power- or thermal-capped (kWh) | 0.000000 | 0.0 % of GPU energy |"
+            "| GPU energy while power- or thermal-capped | 0.000000 | kWh | 0.0 % of GPU energy |"
         ),
         "{md}"
     );
-    let per_hour: f64 = row(&md, "| GPU kWh per tensor-active hour |")
+    let per_hour: f64 = row(&md, "| GPU energy per tensor-active GPU-hour |")
         .split('|')
         .nth(2)
         .unwrap()
@@ -325,6 +325,16 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
     assert!(md.contains("| Facility (× PUE 1.2) |"), "{md}");
     assert!(md.contains("![Power by device class](job-101.svg)"));
     assert!(svg.contains("<polyline") && svg.trim_end().ends_with("</svg>"));
+    // Job 101 ran alone for its project and user: its chart is its own power, over its
+    // run (from the start in its registry file).
+    assert!(
+        md.contains("the power attributed to job 101 itself"),
+        "{md}"
+    );
+    assert!(
+        svg.contains(&format!("data-from-ms=\"{t_begin}\"")),
+        "{svg}"
+    );
     let (md, _) = report(
         &[
             "--project",
@@ -359,9 +369,9 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
     );
     assert!(!nosuch.exists());
     // GPU 1 at 500 of 700 W: 71 % busy, 57 % tensor-active.
-    let tensor = row(&md, "| Tensor-active GPU-hours |");
+    let tensor = row(&md, "| Tensor-active GPU time |");
     assert!(
-        tensor.contains("| 57.0 % of GPU-hours |") || tensor.contains("| 56.9 % of GPU-hours |"),
+        tensor.contains("| 57.0 % of GPU time |") || tensor.contains("| 56.9 % of GPU time |"),
         "{tensor}"
     );
     assert!(md.contains(" CO2e (facility energy × 300"), "{md}");

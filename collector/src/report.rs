@@ -2,6 +2,7 @@
 //! a period, with an SVG chart of power by device class, for documenting a training
 //! run's energy use or an allocation's consumption.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use nodewatt_wire::{JobId, Project};
@@ -17,6 +18,39 @@ pub enum Subject {
     Project(Project),
 }
 
+/// Why no report was written.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(
+        "no usage recorded for job {0}: this database holds no job totals of it; \
+         `nodewatt-collector usage --by job --from FROM --to TO` lists the jobs that ran \
+         in a period"
+    )]
+    NoJob(String),
+    #[error(
+        "no usage recorded for project {project} from {from} to {to}: check the name \
+         (`nodewatt-collector usage --by project` over the period lists them) and the period"
+    )]
+    NoProject {
+        project: String,
+        from: String,
+        to: String,
+    },
+    #[error("a project report needs --from and --to")]
+    NoPeriod,
+    #[error("{0}: its totals pass 2^64 µJ")]
+    Overflow(String),
+    /// InfluxDB's answer, or none.
+    #[error("{0}")]
+    Query(String),
+}
+
+impl From<String> for ReportError {
+    fn from(e: String) -> Self {
+        ReportError::Query(e)
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ReportData {
     pub title: String,
@@ -26,13 +60,62 @@ pub struct ReportData {
     /// `node: gpus` of a job.
     pub gpus: Vec<String>,
     pub models: Vec<String>,
+    /// A job's start and last sample, or the period: (from, to], Unix ms.
     pub from_ms: u64,
     pub to_ms: u64,
     pub sums: Sums,
-    /// (bucket end ms, W of gpu, cpu, dram, other)
-    pub series: Vec<(u64, [f64; 4])>,
-    pub bucket_ms: u64,
+    /// The chart.
+    pub series: Series,
     pub efficiency: Efficiency,
+}
+
+/// Whose power a chart draws: `usage` is stored per project, user and node, never per
+/// job (docs/schema.md), so a job's own power is known only where its points summed that
+/// job alone (their `jobs` count).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drawn {
+    /// A project over a period: all its users and nodes.
+    Project(String),
+    /// A job's own attributed power: every point drawn summed this job alone.
+    Job(String),
+    /// A job's project and user on its nodes during it, which held other jobs of theirs
+    /// too: up to `most` at once on a node (`None`: points without a job count, folded
+    /// by an agent running hundreds of jobs).
+    Owner {
+        job: String,
+        project: String,
+        user: String,
+        most: Option<u64>,
+    },
+    /// A job with no usage points in its span (a retention policy removed them).
+    NoUsage(String),
+}
+
+impl Default for Drawn {
+    fn default() -> Self {
+        Drawn::Project(String::new())
+    }
+}
+
+/// Mean power over one step of a chart, (from, to] in Unix ms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Step {
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// W of GPU, CPU, DRAM, other.
+    pub w: [f64; 4],
+}
+
+/// A chart of power by device class: steps over (from, to], each the mean power of the
+/// usage points that end in it (a point covers the span before its timestamp).
+#[derive(Debug, Clone, Default)]
+pub struct Series {
+    pub drawn: Drawn,
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// Steps end on multiples of this (UTC, from 1970), like the usage points.
+    pub bucket_ms: u64,
+    pub steps: Vec<Step>,
 }
 
 /// How the GPU energy and time were spent (the agent's `gpu_idle_uj`, `gpu_capped_uj`
@@ -68,13 +151,13 @@ fn efficiency(m: &mut String, s: &Sums, e: &Efficiency) {
     m.push_str(
         "## GPU efficiency
 
-| | value | share |
-|---|---:|---:|
+| measure | value | unit | share |
+|---|---:|---|---:|
 ",
     );
     let _ = writeln!(
         m,
-        "| Tensor-active GPU-hours | {:.3} | {} of GPU-hours |",
+        "| Tensor-active GPU time | {:.3} | GPU-hours | {} of GPU time |",
         hours(e.gpu_tensor_us),
         share(e.gpu_tensor_us, s.gpu_ms.saturating_mul(1000))
     );
@@ -84,17 +167,17 @@ fn efficiency(m: &mut String, s: &Sums, e: &Efficiency) {
     };
     let _ = writeln!(
         m,
-        "| GPU kWh per tensor-active hour | {per_tensor_hour} | |"
+        "| GPU energy per tensor-active GPU-hour | {per_tensor_hour} | kWh/GPU-hour | |"
     );
     let _ = writeln!(
         m,
-        "| GPU energy while the GPU ran nothing (kWh) | {:.6} | {} of GPU energy |",
+        "| GPU energy while the GPU ran nothing | {:.6} | kWh | {} of GPU energy |",
         kwh(e.gpu_idle_uj),
         share(e.gpu_idle_uj, s.gpu_uj)
     );
     let _ = writeln!(
         m,
-        "| GPU energy while power- or thermal-capped (kWh) | {:.6} | {} of GPU energy |
+        "| GPU energy while power- or thermal-capped | {:.6} | kWh | {} of GPU energy |
 ",
         kwh(e.gpu_capped_uj),
         share(e.gpu_capped_uj, s.gpu_uj)
@@ -108,15 +191,120 @@ fn kwh(uj: u64) -> f64 {
     uj as f64 / 3.6e12
 }
 
+/// RFC 3339 in UTC, with milliseconds only where there are some.
 pub fn fmt_time(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    match ms % 1000 {
+        0 => humantime::format_rfc3339_seconds(t).to_string(),
+        _ => humantime::format_rfc3339_millis(t).to_string(),
+    }
 }
 
 /// Chart buckets: at most about 240 points, whole seconds.
 pub fn bucket_ms(from_ms: u64, to_ms: u64) -> u64 {
     let span = to_ms.saturating_sub(from_ms).max(1);
     span.div_ceil(240).div_ceil(1000).max(1) * 1000
+}
+
+/// A chart's bucket: [`bucket_ms`] rounded up to a multiple of the agents' usage interval
+/// (`interval_ms`, when known). Usage points end on that interval's multiples, so each
+/// lies whole in one bucket: a bucket shorter than the interval would hold a point in
+/// some buckets and none in others.
+pub fn chart_bucket_ms(from_ms: u64, to_ms: u64, interval_ms: Option<u64>) -> u64 {
+    let b = bucket_ms(from_ms, to_ms);
+    match interval_ms {
+        Some(u) if u > 0 => b.div_ceil(u) * u,
+        _ => b,
+    }
+}
+
+/// The usage interval from a sample of usage points' `span_ms`: the most common span
+/// (points at job edges and after restarts cover shorter or longer ones).
+pub fn usage_interval(spans: impl IntoIterator<Item = u64>) -> Option<u64> {
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for s in spans.into_iter().filter(|s| *s > 0) {
+        *counts.entry(s).or_default() += 1;
+    }
+    // The longest of equally common spans: steps are then never shorter than a point.
+    counts
+        .into_iter()
+        .max_by_key(|(span, n)| (*n, *span))
+        .map(|(span, _)| span)
+}
+
+/// Energy (µJ of GPU, CPU, DRAM, other) per bucket end, and the fewest and most jobs any
+/// point summed (`None` where a point had no count).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Buckets {
+    pub uj: BTreeMap<u64, [u64; 4]>,
+    pub fewest_jobs: Option<Option<u64>>,
+    pub most_jobs: u64,
+}
+
+impl Buckets {
+    /// Adds one statement's answer to `SELECT SUM(..) AS gpu, cpu, dram, other,
+    /// MIN(jobs) AS fewest, MAX(jobs) AS most ... GROUP BY time(b, 1ms)`: InfluxDB dates a
+    /// bucket (k·b, (k+1)·b] at its first instant, k·b + 1 ms.
+    pub fn add(&mut self, result: &serde_json::Value, bucket_ms: u64) -> Result<(), String> {
+        for series in result["series"].as_array().into_iter().flatten() {
+            let cols: Vec<&str> = series["columns"]
+                .as_array()
+                .ok_or("InfluxDB answer without columns")?
+                .iter()
+                .filter_map(|c| c.as_str())
+                .collect();
+            let at = |c: &str| cols.iter().position(|x| *x == c);
+            for row in series["values"].as_array().into_iter().flatten() {
+                let Some(t) = row[0].as_u64() else { continue };
+                let end = t.saturating_sub(1) + bucket_ms;
+                let uj = self.uj.entry(end).or_default();
+                for (i, c) in ["gpu", "cpu", "dram", "other"].iter().enumerate() {
+                    let v = at(c).map_or(&serde_json::Value::Null, |i| &row[i]);
+                    let v = match v {
+                        serde_json::Value::Null => 0,
+                        v => v.as_u64().ok_or(format!(
+                            "the {c} energy at {} is {v}, not a count",
+                            fmt_time(t)
+                        ))?,
+                    };
+                    uj[i] = uj[i].saturating_add(v);
+                }
+                let fewest = at("fewest").and_then(|i| row[i].as_u64());
+                self.fewest_jobs = Some(match self.fewest_jobs {
+                    None => fewest,
+                    Some(f) => f.zip(fewest).map(|(a, b)| a.min(b)),
+                });
+                let most = at("most").and_then(|i| row[i].as_u64()).unwrap_or(0);
+                self.most_jobs = self.most_jobs.max(most);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Steps over (from, to]: one per bucket (k·b, (k+1)·b] that meets it, cut to it, with
+/// the mean power of the energy that ended in it over the time it shows (0 where no
+/// point ended).
+pub fn steps(from_ms: u64, to_ms: u64, bucket_ms: u64, uj: &BTreeMap<u64, [u64; 4]>) -> Vec<Step> {
+    let b = bucket_ms.max(1);
+    let mut out = Vec::new();
+    if from_ms >= to_ms {
+        return out;
+    }
+    let mut end = (from_ms / b + 1) * b;
+    while end - b < to_ms {
+        let (a, z) = ((end - b).max(from_ms), end.min(to_ms));
+        let e = uj.get(&end).copied().unwrap_or_default();
+        // µJ per ms is mW.
+        let w = e.map(|uj| uj as f64 / (z - a) as f64 / 1000.0);
+        out.push(Step {
+            from_ms: a,
+            to_ms: z,
+            w,
+        });
+        end += b;
+    }
+    out
 }
 
 /// The smallest 1, 2, 2.5 or 5 × 10^k at or above `v` (axis maximum with round ticks).
@@ -132,8 +320,10 @@ pub fn nice_ceiling(v: f64) -> f64 {
         .unwrap_or(10.0 * p)
 }
 
+/// A duration to the millisecond below an hour, else to the second.
 fn duration(ms: u64) -> String {
-    humantime::format_duration(std::time::Duration::from_secs(ms / 1000)).to_string()
+    let ms = if ms < 3_600_000 { ms } else { ms / 1000 * 1000 };
+    humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
 }
 
 /// Mass with a unit that keeps small amounts readable.
@@ -145,38 +335,154 @@ fn co2(kg: f64) -> String {
     }
 }
 
-/// A line chart of power by device class. Pure, so it is tested as a string.
-pub fn svg(series: &[(u64, [f64; 4])]) -> String {
-    let (w, h, left, bottom, top, right) = (800.0, 320.0, 60.0, 40.0, 20.0, 110.0);
+/// Ticks of a time axis over [from, to] (whole multiples of a round step, UTC), their
+/// labels, and the axis title: the date is said once, there.
+pub fn time_axis(from_ms: u64, to_ms: u64) -> (Vec<(u64, String)>, String) {
+    const S: u64 = 1000;
+    const STEPS: [u64; 22] = [
+        S,
+        2 * S,
+        5 * S,
+        10 * S,
+        15 * S,
+        30 * S,
+        60 * S,
+        120 * S,
+        300 * S,
+        600 * S,
+        900 * S,
+        1800 * S,
+        3600 * S,
+        7200 * S,
+        10_800 * S,
+        21_600 * S,
+        43_200 * S,
+        86_400 * S,
+        2 * 86_400 * S,
+        7 * 86_400 * S,
+        14 * 86_400 * S,
+        28 * 86_400 * S,
+    ];
+    let span = to_ms.saturating_sub(from_ms);
+    let step = STEPS
+        .iter()
+        .copied()
+        .find(|s| span.div_ceil(*s) <= 6)
+        .unwrap_or(STEPS[STEPS.len() - 1]);
+    let day = |ms: u64| fmt_time(ms / 1000 * 1000)[..10].to_string();
+    let one_day = day(from_ms) == day(to_ms);
+    let label = |ms: u64| {
+        let t = fmt_time(ms / 1000 * 1000);
+        match (one_day, step) {
+            (true, s) if s < 60 * S => t[11..19].to_string(),
+            (true, _) => t[11..16].to_string(),
+            (false, s) if s < 86_400 * S => format!("{} {}", &t[5..10], &t[11..16]),
+            (false, _) => t[5..10].to_string(),
+        }
+    };
+    let mut ticks = Vec::new();
+    let mut t = from_ms.div_ceil(step) * step;
+    while t <= to_ms {
+        ticks.push((t, label(t)));
+        t += step;
+    }
+    let title = if one_day {
+        format!("time (UTC), {}", day(from_ms))
+    } else {
+        format!("time (UTC), {} to {}", day(from_ms), day(to_ms))
+    };
+    (ticks, title)
+}
+
+/// A power value for an axis label: no more decimals than it has.
+fn watts(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// XML text: names in titles come from the database.
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+impl Series {
+    /// The chart's title and the line under it: what exactly is drawn.
+    pub fn titles(&self) -> (String, String) {
+        let every = format!("mean per {}", duration(self.bucket_ms));
+        match &self.drawn {
+            Drawn::Project(p) => (
+                format!("Project {p}: its attributed power by device class"),
+                format!("all its users and nodes; {every}"),
+            ),
+            Drawn::Job(j) => (
+                format!("Job {j}: its attributed power by device class"),
+                format!("on its nodes, from its start to its last sample; {every}"),
+            ),
+            Drawn::Owner {
+                job,
+                project,
+                user,
+                most,
+            } => (
+                format!("Project {project}, user {user}, on the nodes of job {job} while it ran"),
+                match most {
+                    Some(n) => format!("not job {job} alone: up to {n} of their jobs at once; {every}"),
+                    None => format!("not job {job} alone: its usage points there are not counted by job; {every}"),
+                },
+            ),
+            Drawn::NoUsage(j) => (
+                format!("Job {j}: no usage points stored for its run"),
+                "nothing to draw; the report's totals are the job's own".into(),
+            ),
+        }
+    }
+}
+
+/// A step chart of power by device class over the series' span. Pure, so it is tested
+/// as a string. The plot area carries its span and scale (`data-from-ms`, `data-to-ms`,
+/// `data-max-w`) for readers that check it.
+pub fn svg(series: &Series) -> String {
+    let (w, h, left, right, top, bottom) = (800.0, 360.0, 64.0, 130.0, 52.0, 56.0);
     let pw = w - left - right;
     let ph = h - top - bottom;
-    let t0 = series.first().map_or(0, |p| p.0);
-    let t1 = series.last().map_or(1, |p| p.0).max(t0 + 1);
+    let (t0, t1) = (series.from_ms, series.to_ms.max(series.from_ms + 1));
     let ymax = nice_ceiling(
         series
+            .steps
             .iter()
-            .flat_map(|(_, v)| v.iter().copied())
+            .flat_map(|s| s.w.iter().copied())
             .fold(0.0f64, f64::max),
     );
-    let x = |t: u64| left + (t - t0) as f64 / (t1 - t0) as f64 * pw;
+    let x = |t: u64| left + t.clamp(t0, t1).saturating_sub(t0) as f64 / (t1 - t0) as f64 * pw;
     let y = |v: f64| top + ph - v / ymax * ph;
+    let (title, subtitle) = series.titles();
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
-         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n",
-        top + ph,
-        left + pw,
-        top + ph,
-        top + ph
+         <text x=\"{left}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{}</text>\n\
+         <text x=\"{left}\" y=\"38\" fill=\"#444\">{}</text>\n\
+         <rect class=\"plot\" x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"black\" data-from-ms=\"{t0}\" data-to-ms=\"{t1}\" data-max-w=\"{ymax}\"/>\n",
+        xml(&title),
+        xml(&subtitle),
     );
-    for i in 0..=4 {
-        let v = ymax * i as f64 / 4.0;
+    // Round power ticks: quarters of 1 or 2 × 10^k, fifths of 2.5 or 5 × 10^k.
+    let mantissa = ymax / 10f64.powf(ymax.log10().floor());
+    let parts = if mantissa == 2.5 || mantissa == 5.0 {
+        5
+    } else {
+        4
+    };
+    for i in 0..=parts {
+        let v = ymax * i as f64 / parts as f64;
         let _ = writeln!(
             s,
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0}</text><line x1=\"{left}\" y1=\"{:.1}\" x2=\"{}\" y2=\"{:.1}\" stroke=\"#ddd\"/>",
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><line x1=\"{left}\" y1=\"{:.1}\" x2=\"{}\" y2=\"{:.1}\" stroke=\"#ddd\"/>",
             left - 6.0,
             y(v) + 4.0,
+            watts(v),
             y(v),
             left + pw,
             y(v)
@@ -184,41 +490,120 @@ pub fn svg(series: &[(u64, [f64; 4])]) -> String {
     }
     let _ = writeln!(
         s,
-        "<text x=\"14\" y=\"{:.1}\" transform=\"rotate(-90 14 {:.1})\" text-anchor=\"middle\">power (W)</text>",
+        "<text x=\"16\" y=\"{:.1}\" transform=\"rotate(-90 16 {:.1})\" text-anchor=\"middle\">power (W)</text>",
         top + ph / 2.0,
         top + ph / 2.0
     );
-    for (t, anchor) in [(t0, "start"), (t1, "end")] {
+    let (ticks, axis) = time_axis(t0, t1);
+    for (t, label) in ticks {
         let _ = writeln!(
             s,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\">{}</text>",
+            "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>",
             x(t),
-            top + ph + 18.0,
-            fmt_time(t)
+            top + ph,
+            x(t),
+            top + ph + 4.0,
+            x(t),
+            top + ph + 18.0
         );
     }
+    let _ = writeln!(
+        s,
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{axis}</text>",
+        left + pw / 2.0,
+        h - 10.0
+    );
     for (c, (name, colour)) in CLASSES.iter().zip(COLOURS).enumerate() {
+        // Each step is level over the span it covers.
         let points: Vec<String> = series
+            .steps
             .iter()
-            .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(v[c])))
+            .flat_map(|st| [(st.from_ms, st.w[c]), (st.to_ms, st.w[c])])
+            .map(|(t, v)| format!("{:.1},{:.1}", x(t), y(v)))
             .collect();
         let _ = writeln!(
             s,
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>",
+            "<polyline class=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>",
+            name.to_ascii_lowercase(),
             points.join(" ")
         );
         let ly = top + 10.0 + c as f64 * 18.0;
+        // Lines at 0 lie on each other on the axis: the legend says which.
+        let zero = !series.steps.is_empty() && series.steps.iter().all(|st| st.w[c] == 0.0);
+        let label = if zero {
+            format!("{name} (0 W)")
+        } else {
+            name.to_string()
+        };
         let _ = writeln!(
             s,
-            "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{colour}\" stroke-width=\"3\"/><text x=\"{:.1}\" y=\"{:.1}\">{name}</text>",
+            "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{colour}\" stroke-width=\"3\"/><text x=\"{:.1}\" y=\"{:.1}\">{label}</text>",
             left + pw + 10.0,
             left + pw + 30.0,
             left + pw + 36.0,
             ly + 4.0
         );
     }
+    if series.steps.is_empty() || matches!(series.drawn, Drawn::NoUsage(_)) {
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#444\">no usage points stored for this span</text>",
+            left + pw / 2.0,
+            top + ph / 2.0
+        );
+    }
     s.push_str("</svg>\n");
     s
+}
+
+/// What the chart shows, in words, for the Markdown.
+fn chart_text(series: &Series) -> String {
+    let every = duration(series.bucket_ms);
+    let how = format!(
+        "Each step is the mean power (W) over each {every} (on the UTC clock) of the usage \
+         points that end in it; a point covers the span before its timestamp, so it is drawn \
+         over that span. Times are UTC."
+    );
+    match &series.drawn {
+        Drawn::Project(p) => format!(
+            "The chart shows the power attributed to project {p}, all its users and nodes, \
+             by device class. {how}"
+        ),
+        Drawn::Job(j) => format!(
+            "The chart shows the power attributed to job {j} itself, by device class, from \
+             its start to its last sample: usage is stored per project and user, and every \
+             point drawn (its project and user on its nodes during its run) summed this job \
+             alone. {how}"
+        ),
+        Drawn::Owner {
+            job,
+            project,
+            user,
+            most,
+        } => {
+            let why = match most {
+                Some(n) => format!(
+                    "other jobs of project {project} and user {user} ran on the same nodes \
+                     at the same time (up to {n} at once)"
+                ),
+                None => format!(
+                    "its usage points there carry no job count (an agent running hundreds \
+                     of jobs folds them per project and user), so other jobs of project \
+                     {project} and user {user} there cannot be told apart from it"
+                ),
+            };
+            format!(
+                "**This chart is not job {job} alone**: usage is stored per project and \
+                 user, not per job, and {why}. It shows the power attributed to project \
+                 {project} and user {user} on the job's nodes from its start to its last \
+                 sample; the tables above are job {job}'s own totals. {how}"
+            )
+        }
+        Drawn::NoUsage(j) => format!(
+            "No usage points are stored for job {j}'s run (a retention policy may have \
+             removed them), so the chart is empty; the tables above are the job's totals."
+        ),
+    }
 }
 
 /// The Markdown report; `chart` is the SVG file's name, linked from it.
@@ -234,7 +619,7 @@ pub fn markdown(d: &ReportData, p: &Prices, chart: &str, database: &str) -> Stri
     }
     let _ = writeln!(
         m,
-        "| Period | {} to {} ({}) |",
+        "| Period (UTC) | {} to {} ({}) |",
         fmt_time(d.from_ms),
         fmt_time(d.to_ms),
         duration(d.to_ms.saturating_sub(d.from_ms))
@@ -260,8 +645,12 @@ pub fn markdown(d: &ReportData, p: &Prices, chart: &str, database: &str) -> Stri
             d.models.join(", ")
         }
     );
-    let _ = writeln!(m, "| GPU-hours | {:.3} |", s.gpu_ms as f64 / 3.6e6);
-    let _ = writeln!(m, "| CPU core-hours | {:.3} |\n", s.cpu_us as f64 / 3.6e9);
+    let _ = writeln!(m, "| GPU time | {:.3} GPU-hours |", s.gpu_ms as f64 / 3.6e6);
+    let _ = writeln!(
+        m,
+        "| CPU time | {:.3} core-hours |\n",
+        s.cpu_us as f64 / 3.6e9
+    );
 
     m.push_str("## Energy\n\n| device class | energy (kWh) | energy (J) |\n|---|---:|---:|\n");
     for (name, uj) in [
@@ -298,8 +687,8 @@ pub fn markdown(d: &ReportData, p: &Prices, chart: &str, database: &str) -> Stri
     efficiency(&mut m, s, &d.efficiency);
     let _ = writeln!(
         m,
-        "## Power by device class\n\n![Power by device class]({chart})\n\nMean power per {} s.\n",
-        d.bucket_ms / 1000
+        "## Power by device class\n\n![Power by device class]({chart})\n\n{}\n",
+        chart_text(&d.series)
     );
     m.push_str(
         "## How this was measured\n\n\
@@ -331,7 +720,7 @@ pub fn markdown(d: &ReportData, p: &Prices, chart: &str, database: &str) -> Stri
         "\nSource: InfluxDB database `{database}`, measurements `usage` and `job_total`; \
          generated by nodewatt-collector {} at {}.",
         env!("CARGO_PKG_VERSION"),
-        fmt_time(nodewatt_common::now_ms())
+        fmt_time(nodewatt_common::now_ms() / 1000 * 1000)
     );
     m
 }
@@ -349,15 +738,122 @@ fn strings(v: &serde_json::Value, col: usize) -> Vec<String> {
     out
 }
 
-/// Reads what a report needs from InfluxDB.
+/// Statements a request carries at most (one per node of a job).
+const STATEMENTS_PER_REQUEST: usize = 50;
+
+/// Whose usage a chart draws.
+enum Whose<'a> {
+    Project(&'a Project),
+    /// A job's project and user on its nodes, each node from the job's start to its last
+    /// sample there.
+    Job {
+        job: &'a JobId,
+        project: &'a str,
+        user: &'a str,
+        spans: &'a BTreeMap<String, (u64, u64)>,
+    },
+}
+
+/// The chart of the usage matching `filter` over (from, to]. For a job, it is the job's
+/// own power where every point drawn summed that job alone (`Drawn`).
+async fn chart(
+    influx: &Influx,
+    filter: &str,
+    (from_ms, to_ms): (u64, u64),
+    whose: Whose<'_>,
+) -> Result<Series, ReportError> {
+    let node_filter = match &whose {
+        Whose::Job { spans, .. } => {
+            let nodes: Vec<String> = spans.keys().cloned().collect();
+            format!(" AND {}", any_of("node", &nodes))
+        }
+        Whose::Project(_) => String::new(),
+    };
+    let v = influx
+        .query(&format!(
+            "SELECT \"span_ms\" FROM \"usage\" WHERE {filter}{node_filter} AND time > {from_ms}ms AND time <= {to_ms}ms LIMIT 1000"
+        ))
+        .await?;
+    let spans_seen = v["results"][0]["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["values"].as_array().cloned().unwrap_or_default())
+        .filter_map(|row| row[1].as_u64());
+    let b = chart_bucket_ms(from_ms, to_ms, usage_interval(spans_seen));
+    let select = format!(
+        "SELECT SUM(\"energy_gpu_uj\") AS gpu, SUM(\"energy_cpu_uj\") AS cpu, SUM(\"energy_dram_uj\") AS dram, SUM(\"energy_other_uj\") AS other, MIN(\"jobs\") AS fewest, MAX(\"jobs\") AS most FROM \"usage\" WHERE {filter}"
+    );
+    let group = format!("GROUP BY time({b}ms, 1ms) fill(none)");
+    let statements: Vec<String> = match &whose {
+        Whose::Job { spans, .. } => spans
+            .iter()
+            .map(|(node, (a, z))| {
+                format!(
+                    "{select} AND {} AND time > {a}ms AND time <= {z}ms {group}",
+                    eq("node", node)
+                )
+            })
+            .collect(),
+        Whose::Project(_) => vec![format!(
+            "{select} AND time > {from_ms}ms AND time <= {to_ms}ms {group}"
+        )],
+    };
+    let mut buckets = Buckets::default();
+    for request in statements.chunks(STATEMENTS_PER_REQUEST) {
+        let v = influx.query(&request.join("; ")).await?;
+        if crate::influx::has_partial(&v) {
+            return Err(ReportError::Query(
+                "InfluxDB's answer ended unfinished (partial): the chart would be short; \
+                 try again"
+                    .into(),
+            ));
+        }
+        for result in v["results"].as_array().into_iter().flatten() {
+            buckets.add(result, b)?;
+        }
+    }
+    let drawn = match whose {
+        Whose::Project(p) => Drawn::Project(p.to_string()),
+        Whose::Job { job, .. } if buckets.uj.is_empty() => Drawn::NoUsage(job.to_string()),
+        Whose::Job { job, .. }
+            if buckets.fewest_jobs == Some(Some(1)) && buckets.most_jobs == 1 =>
+        {
+            Drawn::Job(job.to_string())
+        }
+        Whose::Job {
+            job, project, user, ..
+        } => Drawn::Owner {
+            job: job.to_string(),
+            project: project.to_string(),
+            user: user.to_string(),
+            most: match buckets.fewest_jobs {
+                Some(Some(f)) if f >= 1 => Some(buckets.most_jobs),
+                _ => None,
+            },
+        },
+    };
+    Ok(Series {
+        drawn,
+        from_ms,
+        to_ms,
+        bucket_ms: b,
+        steps: steps(from_ms, to_ms, b, &buckets.uj),
+    })
+}
+
+/// Reads what a report needs from InfluxDB. A subject with nothing recorded is an error,
+/// so that no empty report is written.
 pub async fn gather(
     influx: &Influx,
     subject: &Subject,
     period: Option<(u64, u64)>,
     plan: &Plan,
-) -> Result<ReportData, String> {
+) -> Result<ReportData, ReportError> {
     let mut d = ReportData::default();
     let filter;
+    // A job's span per node.
+    let mut spans: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     match subject {
         Subject::Job(job) => {
             let v = influx
@@ -371,9 +867,10 @@ pub async fn gather(
                 .cloned()
                 .unwrap_or_default();
             if rows.is_empty() {
-                return Err(format!("no usage recorded for job {job}"));
+                return Err(ReportError::NoJob(job.to_string()));
             }
             let n = |r: &serde_json::Value, i: usize| r[i].as_u64().unwrap_or(0);
+            let overflow = || ReportError::Overflow(format!("job {job}"));
             d.from_ms = rows.iter().map(|r| n(r, 5)).min().unwrap_or(0);
             d.to_ms = rows.iter().map(|r| n(r, 6)).max().unwrap_or(0);
             for r in &rows {
@@ -385,19 +882,17 @@ pub async fn gather(
                     gpu_ms: n(r, 11),
                     cpu_us: n(r, 12),
                 };
-                d.sums = d
-                    .sums
-                    .checked_add(&part)
-                    .ok_or(format!("job {job}: its totals pass 2^64 µJ"))?;
+                d.sums = d.sums.checked_add(&part).ok_or_else(overflow)?;
                 let spent = Efficiency {
                     gpu_idle_uj: n(r, 13),
                     gpu_capped_uj: n(r, 14),
                     gpu_tensor_us: n(r, 15),
                 };
-                d.efficiency = d
-                    .efficiency
-                    .checked_add(&spent)
-                    .ok_or(format!("job {job}: its totals pass 2^64 µJ"))?;
+                d.efficiency = d.efficiency.checked_add(&spent).ok_or_else(overflow)?;
+                // A job's points on a node (one per agent run) span its time there.
+                let node = r[3].as_str().unwrap_or_default().to_string();
+                let span = spans.entry(node).or_insert((n(r, 5), n(r, 6)));
+                *span = (span.0.min(n(r, 5)), span.1.max(n(r, 6)));
             }
             d.project = rows[0][1].as_str().unwrap_or_default().to_string();
             d.users = strings(&v, 2);
@@ -419,14 +914,13 @@ pub async fn gather(
             d.title = format!("job {job} (project {})", d.project);
             // Names read back from InfluxDB are data, not query text: escaped.
             filter = format!(
-                "{} AND {} AND {}",
+                "{} AND {}",
                 eq("project", &d.project),
-                any_of("user", &d.users),
-                any_of("node", &d.nodes)
+                any_of("user", &d.users)
             );
         }
         Subject::Project(p) => {
-            let (from, to) = period.ok_or("a project report needs --from and --to")?;
+            let (from, to) = period.ok_or(ReportError::NoPeriod)?;
             d.from_ms = from;
             d.to_ms = to;
             d.project = p.to_string();
@@ -435,19 +929,17 @@ pub async fn gather(
             // One grouped query gives the totals, the users and the nodes.
             let detail = crate::billing::project_detail(influx, from, to, p, plan).await?;
             if detail.is_empty() {
-                return Err(format!(
-                    "no usage recorded for project {p} from {} to {}: check the name \
-                     (`nodewatt-collector usage --by project` over the period lists them) \
-                     and the period",
-                    fmt_time(from),
-                    fmt_time(to)
-                ));
+                return Err(ReportError::NoProject {
+                    project: p.to_string(),
+                    from: fmt_time(from),
+                    to: fmt_time(to),
+                });
             }
             for (key, s) in &detail {
                 d.sums = d
                     .sums
                     .checked_add(s)
-                    .ok_or(format!("project {p}: its totals pass 2^64 µJ"))?;
+                    .ok_or_else(|| ReportError::Overflow(format!("project {p}")))?;
                 d.users.push(key[0].clone());
                 d.nodes.push(key[1].clone());
             }
@@ -481,28 +973,25 @@ pub async fn gather(
     d.models.sort();
     d.models.dedup();
 
-    d.bucket_ms = bucket_ms(d.from_ms, d.to_ms);
-    let q = format!(
-        "SELECT SUM(energy_gpu_uj), SUM(energy_cpu_uj), SUM(energy_dram_uj), SUM(energy_other_uj) FROM \"usage\" WHERE {filter} AND time > {}ms AND time <= {}ms GROUP BY time({}ms) fill(0)",
-        d.from_ms, d.to_ms, d.bucket_ms
-    );
-    let v = influx.query(&q).await?;
-    let b = d.bucket_ms as f64 * 1000.0;
-    for row in v["results"][0]["series"][0]["values"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        let t = row[0].as_u64().unwrap_or(0);
-        let w = |i: usize| row[i].as_f64().unwrap_or(0.0) / b;
-        d.series.push((t + d.bucket_ms, [w(1), w(2), w(3), w(4)]));
-    }
+    let user = d.users.join(", ");
+    let whose = match subject {
+        Subject::Job(job) => Whose::Job {
+            job,
+            project: &d.project,
+            user: &user,
+            spans: &spans,
+        },
+        Subject::Project(p) => Whose::Project(p),
+    };
+    d.series = chart(influx, &filter, (d.from_ms, d.to_ms), whose).await?;
     Ok(d)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIN: u64 = 60_000;
 
     fn data() -> ReportData {
         ReportData {
@@ -520,11 +1009,24 @@ mod tests {
                 gpu_ms: 7_200_000,
                 ..Sums::default()
             },
-            series: vec![
-                (60_000, [700.0, 100.0, 0.0, 0.0]),
-                (120_000, [650.0, 90.0, 0.0, 0.0]),
-            ],
-            bucket_ms: 60_000,
+            series: Series {
+                drawn: Drawn::Job("7".into()),
+                from_ms: 0,
+                to_ms: 3_600_000,
+                bucket_ms: 60_000,
+                steps: vec![
+                    Step {
+                        from_ms: 0,
+                        to_ms: 60_000,
+                        w: [700.0, 100.0, 0.0, 0.0],
+                    },
+                    Step {
+                        from_ms: 60_000,
+                        to_ms: 120_000,
+                        w: [650.0, 90.0, 0.0, 0.0],
+                    },
+                ],
+            },
             efficiency: Efficiency {
                 gpu_idle_uj: 252_000_000_000,
                 gpu_capped_uj: 0,
@@ -538,6 +1040,87 @@ mod tests {
         assert_eq!(bucket_ms(0, 10_000), 1_000);
         assert_eq!(bucket_ms(0, 3_600_000), 15_000);
         assert_eq!(bucket_ms(0, 30 * 86_400_000), 10_800_000);
+        // Never shorter than the usage interval, and a multiple of it.
+        assert_eq!(chart_bucket_ms(0, 3_600_000, Some(MIN)), MIN);
+        assert_eq!(chart_bucket_ms(0, 3_600_000, Some(50)), 15_000);
+        assert_eq!(chart_bucket_ms(0, 3_600_000, Some(7_000)), 21_000);
+        assert_eq!(chart_bucket_ms(0, 3_600_000, None), 15_000);
+        assert_eq!(chart_bucket_ms(0, 86_400_000, Some(MIN)), 6 * MIN);
+        assert_eq!(usage_interval([11_000, MIN, MIN, 21_000, MIN]), Some(MIN));
+        assert_eq!(usage_interval([0]), None);
+    }
+
+    /// The bug this fixes: InfluxDB groups `time(b)` as [k·b, (k+1)·b), so a point dated
+    /// at the end of its span, k·b, was drawn a bucket late. With the 1 ms offset a
+    /// bucket is (k·b, (k+1)·b], dated k·b + 1.
+    #[test]
+    fn each_point_is_drawn_over_the_span_it_covers() {
+        let answer = serde_json::json!({"statement_id": 0, "series": [{
+            "name": "usage",
+            "columns": ["time", "gpu", "cpu", "dram", "other", "fewest", "most"],
+            "values": [
+                // (0, 1 min]: the job's first points, from its start at 10 s.
+                [1, 20_000_000_000u64, 0, 0, null, 1, 1],
+                [60_001, 24_000_000_000u64, 6_000_000_000u64, 0, 0, 1, 1],
+                // Nothing in (2 min, 3 min]; (3 min, 4 min] cut at the job's end.
+                [180_001, 8_000_000_000u64, 0, 0, 0, 1, 1],
+            ]
+        }]});
+        let mut b = Buckets::default();
+        b.add(&answer, MIN).unwrap();
+        assert_eq!(
+            b.uj.keys().copied().collect::<Vec<_>>(),
+            [MIN, 2 * MIN, 4 * MIN]
+        );
+        assert_eq!((b.fewest_jobs, b.most_jobs), (Some(Some(1)), 1));
+        let s = steps(10_000, 3 * MIN + 20_000, MIN, &b.uj);
+        let spans: Vec<(u64, u64)> = s.iter().map(|s| (s.from_ms, s.to_ms)).collect();
+        assert_eq!(
+            spans,
+            [
+                (10_000, MIN),
+                (MIN, 2 * MIN),
+                (2 * MIN, 3 * MIN),
+                (3 * MIN, 3 * MIN + 20_000)
+            ]
+        );
+        let w: Vec<[f64; 4]> = s.iter().map(|s| s.w).collect();
+        assert_eq!(
+            w,
+            [
+                [400.0, 0.0, 0.0, 0.0],
+                [400.0, 100.0, 0.0, 0.0],
+                [0.0; 4],
+                [400.0, 0.0, 0.0, 0.0]
+            ]
+        );
+        // A point without a job count (folded) leaves the count unknown.
+        let folded = serde_json::json!({"series": [{
+            "columns": ["time", "gpu", "cpu", "dram", "other", "fewest", "most"],
+            "values": [[1, 1, 0, 0, 0, null, null]]
+        }]});
+        b.add(&folded, MIN).unwrap();
+        assert_eq!(b.fewest_jobs, Some(None));
+        let negative = serde_json::json!({"series": [{
+            "columns": ["time", "gpu"], "values": [[1, -5]]
+        }]});
+        assert!(b.add(&negative, MIN).unwrap_err().contains("not a count"));
+    }
+
+    #[test]
+    fn time_axis_says_the_date_once_in_utc() {
+        // 2026-11-22T12:00:10.345Z to 12:03:21Z.
+        let t = 1_795_348_800_000;
+        let (ticks, title) = time_axis(t + 10_345, t + 3 * MIN + 21_000);
+        assert_eq!(title, "time (UTC), 2026-11-22");
+        let labels: Vec<&str> = ticks.iter().map(|(_, l)| l.as_str()).collect();
+        assert_eq!(labels, ["12:01", "12:02", "12:03"]);
+        let (ticks, title) = time_axis(t, t + 20_000);
+        assert_eq!(title, "time (UTC), 2026-11-22");
+        assert_eq!(ticks[1].1, "12:00:05");
+        let (ticks, title) = time_axis(t, t + 3 * 86_400_000);
+        assert_eq!(title, "time (UTC), 2026-11-22 to 2026-11-25");
+        assert_eq!(ticks[0].1, "11-22 12:00");
     }
 
     #[test]
@@ -557,33 +1140,92 @@ mod tests {
         );
         assert!(m.contains("| Facility (× PUE 1.2) | 0.960000 |"), "{m}");
         assert!(m.contains("240.000 g CO2e"), "{m}");
-        assert!(m.contains("(1h)"), "{m}");
-        assert!(m.contains("| GPU-hours | 2.000 |"));
-        assert!(m.contains("| GPU models | NVIDIA H100 80GB HBM3 |"));
-        assert!(m.contains("![Power by device class](job-7.svg)"));
-        assert!(m.contains("## How this was measured"));
         assert!(
-            m.contains("| Tensor-active GPU-hours | 0.500 | 25.0 % of GPU-hours |"),
+            m.contains("| Period (UTC) | 1970-01-01T00:00:00Z to 1970-01-01T01:00:00Z (1h) |"),
             "{m}"
         );
-        assert!(m.contains("| GPU kWh per tensor-active hour | 1.400000 | |"));
+        assert!(m.contains("| GPU time | 2.000 GPU-hours |"), "{m}");
+        assert!(m.contains("| CPU time | 0.000 core-hours |"), "{m}");
+        assert!(m.contains("| GPU models | NVIDIA H100 80GB HBM3 |"));
+        assert!(m.contains("![Power by device class](job-7.svg)"));
+        assert!(m.contains("the power attributed to job 7 itself"), "{m}");
+        assert!(m.contains("mean power (W) over each 1m"), "{m}");
+        assert!(m.contains("## How this was measured"));
+        assert!(
+            m.contains("| Tensor-active GPU time | 0.500 | GPU-hours | 25.0 % of GPU time |"),
+            "{m}"
+        );
+        assert!(m.contains("| GPU energy per tensor-active GPU-hour | 1.400000 | kWh/GPU-hour | |"));
         assert!(m.contains(
-            "| GPU energy while the GPU ran nothing (kWh) | 0.070000 | 10.0 % of GPU energy |"
+            "| GPU energy while the GPU ran nothing | 0.070000 | kWh | 10.0 % of GPU energy |"
         ));
         assert!(m.contains(
-            "| GPU energy while power- or thermal-capped (kWh) | 0.000000 | 0.0 % of GPU energy |"
+            "| GPU energy while power- or thermal-capped | 0.000000 | kWh | 0.0 % of GPU energy |"
         ));
         let mut none = data();
         none.efficiency = Efficiency::default();
         none.sums = Sums::default();
         let m = markdown(&none, &p, "c.svg", "nodewatt");
+        assert!(m.contains(
+            "| GPU energy per tensor-active GPU-hour | - (no tensor activity measured) | kWh/GPU-hour | |"
+        ));
         assert!(
-            m.contains("| GPU kWh per tensor-active hour | - (no tensor activity measured) | |")
-        );
-        assert!(
-            m.contains("| Tensor-active GPU-hours | 0.000 | - of GPU-hours |"),
+            m.contains("| Tensor-active GPU time | 0.000 | GPU-hours | - of GPU time |"),
             "{m}"
         );
+        // Every table's header names its columns; a table's unit is in its header or
+        // its own column.
+        for header in m
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| |"))
+        {
+            let next = m.lines().skip_while(|l| *l != header).nth(1).unwrap_or("");
+            if next.starts_with("|---") {
+                assert!(
+                    header.contains('(') || header.contains("unit"),
+                    "no unit: {header}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_shared_or_empty_job_chart_says_so() {
+        let mut d = data();
+        d.series.drawn = Drawn::Owner {
+            job: "7".into(),
+            project: "proj-a".into(),
+            user: "alice".into(),
+            most: Some(3),
+        };
+        let p = Prices {
+            pue: 1.0,
+            price_per_kwh: None,
+            currency: "EUR".into(),
+            co2_g_per_kwh: None,
+        };
+        let m = markdown(&d, &p, "c.svg", "nodewatt");
+        assert!(m.contains("**This chart is not job 7 alone**"), "{m}");
+        assert!(m.contains("(up to 3 at once)"), "{m}");
+        let s = svg(&d.series);
+        assert!(
+            s.contains("not job 7 alone: up to 3 of their jobs at once"),
+            "{s}"
+        );
+        d.series.drawn = Drawn::Owner {
+            job: "7".into(),
+            project: "proj-a".into(),
+            user: "alice".into(),
+            most: None,
+        };
+        assert!(markdown(&d, &p, "c.svg", "db").contains("cannot be told apart"));
+        d.series.drawn = Drawn::NoUsage("7".into());
+        d.series.steps.clear();
+        assert!(markdown(&d, &p, "c.svg", "db").contains("No usage points are stored"));
+        assert!(svg(&d.series).contains("no usage points stored"));
+        // Names from the database stay text.
+        d.series.drawn = Drawn::Project("a<b&c".into());
+        assert!(svg(&d.series).contains("Project a&lt;b&amp;c"));
     }
 
     #[test]
@@ -595,15 +1237,34 @@ mod tests {
     }
 
     #[test]
-    fn svg_draws_every_class() {
-        let s = svg(&data().series);
+    fn svg_draws_every_class_over_the_series_span() {
+        let d = data();
+        let s = svg(&d.series);
         assert!(s.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
         assert_eq!(s.matches("<polyline").count(), 4);
-        for c in CLASSES {
+        for c in ["GPU", "CPU", "DRAM (0 W)", "Other (0 W)"] {
             assert!(s.contains(&format!(">{c}</text>")), "{c}");
         }
+        assert!(s.contains("data-from-ms=\"0\" data-to-ms=\"3600000\" data-max-w=\"1000\""));
+        assert!(s.contains(">Job 7: its attributed power by device class</text>"));
+        assert!(s.contains(">time (UTC), 1970-01-01</text>"), "{s}");
+        assert!(s.contains(">power (W)</text>"));
+        // Steps: level over each span, from the span's start (x 64) on.
+        let plot_w = 800.0 - 64.0 - 130.0;
+        let x = |ms: f64| 64.0 + ms / 3_600_000.0 * plot_w;
+        let gpu = format!(
+            "points=\"64.0,{:.1} {:.1},{:.1} {:.1},{:.1} {:.1},{:.1}\"",
+            52.0 + 252.0 * 0.3,
+            x(60_000.0),
+            52.0 + 252.0 * 0.3,
+            x(60_000.0),
+            52.0 + 252.0 * 0.35,
+            x(120_000.0),
+            52.0 + 252.0 * 0.35
+        );
+        assert!(s.contains(&gpu), "{gpu}\n{s}");
         assert!(s.trim_end().ends_with("</svg>"));
         // An empty series still renders.
-        assert!(svg(&[]).contains("</svg>"));
+        assert!(svg(&Series::default()).contains("</svg>"));
     }
 }

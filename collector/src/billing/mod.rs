@@ -502,24 +502,28 @@ pub fn render(rows: &[Row], by: By, format: Format, p: &Prices) -> String {
             String::from_utf8(w.into_inner().expect("writing to memory")).expect("UTF-8 fields")
         }
         Format::Table => {
-            let head = match by {
-                By::Project => "project",
-                By::User => "user",
-                By::Node => "node",
-                By::Job => "job",
-            };
-            let mut out = format!(
-                "{head:<16} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10}\n",
-                "energy_kWh",
-                "gpu_kWh",
-                "cpu_kWh",
-                "dram_kWh",
-                "other_kWh",
-                "GPU_h",
-                "core_h",
-                format!("cost_{}", p.currency),
-                "CO2e_kg"
-            );
+            // Two header lines, names then units, so every column says what it counts in.
+            let cost_unit = format!("({})", p.currency);
+            let head: [(&str, &str, usize); 9] = [
+                ("IT energy", "(kWh)", 12),
+                ("GPU", "(kWh)", 10),
+                ("CPU", "(kWh)", 10),
+                ("DRAM", "(kWh)", 10),
+                ("other", "(kWh)", 10),
+                ("GPU time", "(h)", 10),
+                ("CPU time", "(core-h)", 10),
+                ("cost", &cost_unit, 12),
+                ("CO2e", "(kg)", 10),
+            ];
+            let mut out = String::new();
+            for line in 0..2 {
+                let first = if line == 0 { key_name(by) } else { "" };
+                let _ = write!(out, "{first:<16}");
+                for (name, unit, width) in head {
+                    let _ = write!(out, " {:>width$}", if line == 0 { name } else { unit });
+                }
+                out.push('\n');
+            }
             let mut total = Sums::default();
             let total_add = |t: &mut Sums, o: &Sums| *t = t.checked_add(o).unwrap_or(*t);
             let mut line = |name: &str, r: &Row| {
@@ -551,6 +555,243 @@ pub fn render(rows: &[Row], by: By, format: Format, p: &Prices) -> String {
             out
         }
     }
+}
+
+fn key_name(by: By) -> &'static str {
+    match by {
+        By::Project => "project",
+        By::User => "user",
+        By::Node => "node",
+        By::Job => "job",
+    }
+}
+
+/// What a bill covers: printed with it, and all that an empty bill can say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub by: By,
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// `--project`.
+    pub project: Option<Project>,
+}
+
+impl Scope {
+    pub fn new(by: By, from_ms: u64, to_ms: u64, project: Option<Project>) -> Scope {
+        Scope {
+            by,
+            from_ms,
+            to_ms,
+            project,
+        }
+    }
+
+    /// `(from, to] (UTC)`, and the filter.
+    fn period(&self) -> String {
+        let mut s = format!(
+            "({}, {}] (UTC)",
+            crate::report::fmt_time(self.from_ms),
+            crate::report::fmt_time(self.to_ms)
+        );
+        if let Some(p) = &self.project {
+            let _ = write!(s, " for project {p}");
+        }
+        s
+    }
+}
+
+/// A bill as printed: `out` for stdout (the table, CSV or JSON), `note` for stderr (what
+/// a person should read beside machine output; empty when there is nothing to say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Printed {
+    pub out: String,
+    pub note: String,
+}
+
+/// The bill of `rows`: an empty one says so and what to check (in the table, or on
+/// stderr beside a CSV header or `[]`, which scripts read as an empty bill); a table
+/// ends with its period, how cost and CO2e are reckoned, and why a class is 0 for every
+/// row charged.
+pub fn present(rows: &[Row], format: Format, p: &Prices, scope: &Scope) -> Printed {
+    let out = render(rows, scope.by, format, p);
+    match (rows.is_empty(), format) {
+        (true, Format::Table) => Printed {
+            out: empty_hint(scope),
+            note: String::new(),
+        },
+        (true, _) => Printed {
+            out,
+            note: empty_hint(scope),
+        },
+        (false, Format::Table) => Printed {
+            out: out + &footnotes(rows, p, scope),
+            note: String::new(),
+        },
+        (false, _) => Printed {
+            out,
+            note: String::new(),
+        },
+    }
+}
+
+/// [`present`] to stdout and stderr.
+pub fn print(rows: &[Row], format: Format, p: &Prices, scope: &Scope) {
+    let b = present(rows, format, p, scope);
+    print!("{}", b.out);
+    eprint!("{}", b.note);
+}
+
+/// What an empty bill says: nothing recorded, for which period and filter, and where to
+/// look. An empty period is a valid bill (a month nothing ran), not an error.
+fn empty_hint(scope: &Scope) -> String {
+    let what = match scope.by {
+        By::Job => "No job totals of jobs that ran in",
+        _ => "No usage recorded in",
+    };
+    let mut s = format!("{what} {}.\nCheck:\n", scope.period());
+    s.push_str(
+        "- the period: FROM is excluded and TO included, both in UTC (a date is its UTC \
+         midnight);\n",
+    );
+    if scope.project.is_some() {
+        s.push_str(
+            "- the project's name: `nodewatt-collector usage --by project` over the period \
+             lists every project billed;\n",
+        );
+    }
+    if scope.by == By::Job {
+        s.push_str(
+            "- jobs that started more than [billing] max_job_length before FROM are not \
+             found (docs/billing.md);\n",
+        );
+    }
+    s.push_str(
+        "- whether any node reported in it: `nodewatt-collector usage --by node` over the \
+         period (an empty answer: no agent's usage reached this database).\n",
+    );
+    s
+}
+
+/// The table's footer: the period, how cost and CO2e follow from the energy, and
+/// [`zero_notes`].
+fn footnotes(rows: &[Row], p: &Prices, scope: &Scope) -> String {
+    let mut s = format!("\nPeriod {}", scope.period());
+    if scope.by == By::Job {
+        s.push_str(": whole-job totals of the jobs that ran in it");
+    }
+    let _ = write!(
+        s,
+        ".\nIT energy is measured; facility energy = IT energy x PUE {}",
+        p.pue
+    );
+    match p.price_per_kwh {
+        Some(price) => {
+            let _ = write!(s, "; cost = facility kWh x {price} {}/kWh", p.currency);
+        }
+        None => s.push_str("; no price set (--price-per-kwh, [billing] price_per_kwh)"),
+    }
+    match p.co2_g_per_kwh {
+        Some(g) => {
+            let _ = write!(s, "; CO2e = facility kWh x {g} g/kWh");
+        }
+        None => s.push_str("; no grid intensity set (--co2-g-per-kwh)"),
+    }
+    s.push_str(".\n");
+    for note in zero_notes(rows, scope) {
+        let _ = writeln!(s, "* {note}");
+    }
+    s
+}
+
+/// Rows that bill nobody: what no job used (`_idle`) or no known job (`_unattributed`);
+/// by user both are `_none`.
+fn charges_nobody(r: &Row, by: By) -> bool {
+    match by {
+        By::Project => {
+            r.key == nodewatt_wire::IDLE_PROJECT || r.key == nodewatt_wire::UNATTRIBUTED_PROJECT
+        }
+        By::User => r.key == crate::lineproto::NO_USER,
+        By::Job | By::Node => false,
+    }
+}
+
+/// Why an energy class is 0 for every row that bills someone, as the agent attributes
+/// it (docs/billing.md): a GPU's energy goes to the job holding it; CPU package, DRAM and
+/// other energy are shared by the jobs' cgroup CPU time (`cpu_us`, 0 for `_idle`), so
+/// without any job's CPU time no job gets any.
+pub fn zero_notes(rows: &[Row], scope: &Scope) -> Vec<String> {
+    let by = scope.by;
+    let charged: Vec<&Row> = rows.iter().filter(|r| !charges_nobody(r, by)).collect();
+    if charged.is_empty() {
+        return Vec::new();
+    }
+    // Only then is a class 0 in every row 0 on the nodes: nothing was measured.
+    let whole = scope.project.is_none() && by != By::Job;
+    let class = |r: &Row, c: usize| [r.gpu_kwh, r.cpu_kwh, r.dram_kwh, r.other_kwh][c];
+    let zero = |rows: &[&Row], c: usize| rows.iter().all(|r| class(r, c) == 0.0);
+    let all: Vec<&Row> = rows.iter().collect();
+    let mut others: Vec<&str> = rows
+        .iter()
+        .filter(|r| charges_nobody(r, by))
+        .map(|r| r.key.as_str())
+        .collect();
+    others.dedup();
+    let every = match others.is_empty() {
+        true => format!("every {}", key_name(by)),
+        false => format!("every {} but {}", key_name(by), others.join(" and ")),
+    };
+    let mut notes = Vec::new();
+    if zero(&charged, 0) {
+        let why = if whole && zero(&all, 0) && all.iter().all(|r| r.gpu_hours == 0.0) {
+            "no GPU was reported on these nodes (no NVIDIA GPU, or [nvml] off)"
+        } else if charged.iter().all(|r| r.gpu_hours == 0.0) {
+            "no job held a GPU (no GPUs in the jobs' registry files)"
+        } else {
+            "the jobs' GPUs gave no energy readings (NVML's energy counter needs Volta or \
+             later; `nodewatt-agent check` says why)"
+        };
+        notes.push(format!("GPU energy is 0 for {every}: {why}."));
+    }
+    // CPU, DRAM and other: unmeasured where 0 on every node, else unshared for want of
+    // CPU time.
+    let names = ["", "CPU", "DRAM", "other"];
+    let unmeasured = [
+        "",
+        "no CPU package energy was read (no RAPL counters: none in most virtual machines, \
+         and energy_uj is readable by root only since Linux 5.10)",
+        "no RAPL dram domain was read (many AMD CPUs and virtual machines have none)",
+        "no node power meter reported (an ACPI power_meter in hwmon), so the rest of the \
+         node is not measured",
+    ];
+    let no_cpu_time = charged.iter().all(|r| r.cpu_core_hours == 0.0);
+    let mut unshared = Vec::new();
+    for c in 1..4 {
+        if !zero(&charged, c) {
+            continue;
+        }
+        if (whole && zero(&all, c)) || !no_cpu_time {
+            notes.push(format!(
+                "{} energy is 0 for {every}: {}.",
+                names[c], unmeasured[c]
+            ));
+        } else {
+            unshared.push(names[c]);
+        }
+    }
+    if !unshared.is_empty() {
+        let list = match unshared.as_slice() {
+            [a] => a.to_string(),
+            [a, b] => format!("{a} and {b}"),
+            [a, b, c] => format!("{a}, {b} and {c}"),
+            _ => unreachable!("three classes at most"),
+        };
+        notes.push(format!(
+            "{list} energy is 0 for {every}: it is shared among jobs by their cgroup CPU \
+             time, and no job's CPU time was measured (the agent found no cgroup of these \
+             jobs: [cpu] job_cgroups, docs/sources.md), so all of it went to _idle."
+        ));
+    }
+    notes
 }
 
 pub async fn usage(
@@ -1003,5 +1244,155 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("4.000000"), "total energy in kWh:\n{table}");
+    }
+
+    fn scope(by: By, project: Option<&str>) -> Scope {
+        let p = project.map(|p| p.parse().unwrap());
+        Scope::new(by, 1_793_491_200_000, 1_796_083_200_000, p)
+    }
+
+    /// A row of `kwh` of GPU, CPU, DRAM, other, with GPU and CPU time.
+    fn kwh_row(key: &str, kwh: [f64; 4], gpu_h: f64, core_h: f64) -> Row {
+        let uj = kwh.map(|k| (k * UJ_PER_KWH) as u64);
+        let s = Sums {
+            gpu_uj: uj[0],
+            cpu_uj: uj[1],
+            dram_uj: uj[2],
+            other_uj: uj[3],
+            gpu_ms: (gpu_h * 3.6e6) as u64,
+            cpu_us: (core_h * 3.6e9) as u64,
+        };
+        row(key.into(), key.into(), String::new(), &s, &prices())
+    }
+
+    #[test]
+    fn every_table_column_has_its_unit_and_the_footer_how_it_was_reckoned() {
+        let rows = [kwh_row("a", [1.0, 1.0, 1.0, 1.0], 1.0, 1.0)];
+        let b = present(&rows, Format::Table, &prices(), &scope(By::Project, None));
+        let mut lines = b.out.lines();
+        let names = lines.next().unwrap();
+        let units = lines.next().unwrap();
+        assert_eq!(
+            names.split_whitespace().collect::<Vec<_>>(),
+            [
+                "project", "IT", "energy", "GPU", "CPU", "DRAM", "other", "GPU", "time", "CPU",
+                "time", "cost", "CO2e"
+            ]
+        );
+        assert_eq!(
+            units.split_whitespace().collect::<Vec<_>>(),
+            ["(kWh)", "(kWh)", "(kWh)", "(kWh)", "(kWh)", "(h)", "(core-h)", "(EUR)", "(kg)"]
+        );
+        // Each unit sits under its column's name.
+        for unit in ["(h)", "(EUR)", "(kg)"] {
+            let name = ["GPU time", "cost", "CO2e"][["(h)", "(EUR)", "(kg)"]
+                .iter()
+                .position(|u| *u == unit)
+                .unwrap()];
+            assert_eq!(
+                units.find(unit).unwrap() + unit.len(),
+                names.find(name).unwrap() + name.len(),
+                "{names}\n{units}"
+            );
+        }
+        assert!(b.out.contains(
+            "\nPeriod (2026-11-01T00:00:00Z, 2026-12-01T00:00:00Z] (UTC).\nIT energy is measured; facility energy = IT energy x PUE 1.25; cost = facility kWh x 0.2 EUR/kWh; CO2e = facility kWh x 400 g/kWh.\n"
+        ), "{}", b.out);
+        assert_eq!(b.note, "");
+        // CSV and JSON stay as they were: no footer.
+        let csv = present(&rows, Format::Csv, &prices(), &scope(By::Project, None));
+        assert_eq!(csv.out, render(&rows, By::Project, Format::Csv, &prices()));
+        assert_eq!(csv.note, "");
+    }
+
+    #[test]
+    fn an_empty_bill_says_what_was_empty_and_what_to_check() {
+        let s = scope(By::Project, Some("proj-x"));
+        let t = present(&[], Format::Table, &prices(), &s);
+        assert!(t.out.starts_with(
+            "No usage recorded in (2026-11-01T00:00:00Z, 2026-12-01T00:00:00Z] (UTC) for project proj-x.\n"
+        ), "{}", t.out);
+        assert!(t
+            .out
+            .contains("FROM is excluded and TO included, both in UTC"));
+        assert!(t.out.contains("`nodewatt-collector usage --by project`"));
+        assert!(t.out.contains("`nodewatt-collector usage --by node`"));
+        assert!(!t.out.contains("TOTAL") && t.note.is_empty());
+        // Machine formats stay valid (a header, `[]`); the hint goes to stderr.
+        let csv = present(&[], Format::Csv, &prices(), &s);
+        assert_eq!(csv.out, format!("{CSV_HEADER}\n"));
+        assert_eq!(csv.note, t.out);
+        let json = present(&[], Format::Json, &prices(), &s);
+        assert_eq!(json.out, "[]\n");
+        assert_eq!(json.note, t.out);
+        let jobs = present(&[], Format::Table, &prices(), &scope(By::Job, None));
+        assert!(jobs
+            .out
+            .starts_with("No job totals of jobs that ran in (2026-11-01T00:00:00Z"));
+        assert!(jobs.out.contains("max_job_length"));
+        assert!(!jobs.out.contains("--by project"), "no project given");
+    }
+
+    #[test]
+    fn a_class_zero_for_every_charged_row_says_why() {
+        let notes = |rows: &[Row], s: &Scope| zero_notes(rows, s);
+        let whole = scope(By::Project, None);
+        // The demo: jobs hold GPUs, no job cgroup found, no power meter.
+        let demo = [
+            kwh_row("climate", [2.0, 0.0, 0.0, 0.0], 4.0, 0.0),
+            kwh_row("_idle", [1.0, 3.0, 0.5, 0.0], 4.0, 0.0),
+        ];
+        assert_eq!(
+            notes(&demo, &whole),
+            [
+                "other energy is 0 for every project but _idle: no node power meter reported (an ACPI power_meter in hwmon), so the rest of the node is not measured.",
+                "CPU and DRAM energy is 0 for every project but _idle: it is shared among jobs by their cgroup CPU time, and no job's CPU time was measured (the agent found no cgroup of these jobs: [cpu] job_cgroups, docs/sources.md), so all of it went to _idle."
+            ]
+        );
+        let table = present(&demo, Format::Table, &prices(), &whole).out;
+        assert!(
+            table.ends_with(&format!("* {}\n", notes(&demo, &whole)[1])),
+            "{table}"
+        );
+        // Jobs with CPU time and no CPU energy: no RAPL; no GPU anywhere.
+        let no_rapl = [
+            kwh_row("a", [0.0, 0.0, 0.0, 0.0], 0.0, 2.0),
+            kwh_row("_idle", [0.0, 0.0, 0.0, 0.0], 0.0, 0.0),
+        ];
+        let n = notes(&no_rapl, &whole);
+        assert!(
+            n[0].starts_with("GPU energy is 0 for every project but _idle: no GPU was reported"),
+            "{n:?}"
+        );
+        assert!(n[1].starts_with("CPU energy is 0 for every project but _idle: no CPU package energy was read (no RAPL"), "{n:?}");
+        assert!(n[2].starts_with("DRAM energy is 0"), "{n:?}");
+        assert_eq!(n.len(), 4);
+        // GPUs idle all along: measured, held by no job.
+        let idle_gpus = [
+            kwh_row("a", [0.0, 1.0, 0.0, 0.0], 0.0, 2.0),
+            kwh_row("_idle", [5.0, 1.0, 0.0, 0.0], 8.0, 0.0),
+        ];
+        assert!(notes(&idle_gpus, &whole)[0].contains("no job held a GPU"));
+        // By job there is no _idle row: whatever it measured is not known there, so a
+        // job bill with no CPU time says that, not "no RAPL".
+        let jobs = [kwh_row("7", [1.0, 0.0, 0.0, 0.0], 1.0, 0.0)];
+        let n = notes(&jobs, &scope(By::Job, None));
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert!(
+            n[0].starts_with("CPU, DRAM and other energy is 0 for every job: it is shared"),
+            "{n:?}"
+        );
+        // By node every row charges someone; nothing to say when all was measured.
+        let nodes = [kwh_row("n1", [1.0, 1.0, 1.0, 1.0], 1.0, 0.0)];
+        assert!(notes(&nodes, &scope(By::Node, None)).is_empty());
+        // Only _idle: nobody to explain a zero to.
+        assert!(notes(&demo[1..], &whole).is_empty());
+        // By user, _idle and _unattributed are `_none`.
+        let users = [
+            kwh_row("alice", [1.0, 0.0, 0.0, 0.0], 1.0, 0.0),
+            kwh_row("_none", [1.0, 1.0, 1.0, 1.0], 1.0, 0.0),
+        ];
+        assert!(notes(&users, &scope(By::User, None))[0]
+            .starts_with("CPU, DRAM and other energy is 0 for every user but _none:"));
     }
 }
