@@ -88,17 +88,35 @@ fn checks_find_each_server_and_name_the_missing_ones() {
     }
     let agent_cfg = config_file(
         "agent.toml",
-        &agent_config("c1", "n1", "1s", mq.port, &[300.0]),
+        // A node of its own: the other tests' agents must not count as this one's.
+        &agent_config("c1", "n-check", "1s", mq.port, &[300.0]),
     );
     let out = agent(&["check"], &agent_cfg);
     assert!(
         text(&out).contains(&format!(
-            "broker     ok           mqtt://127.0.0.1:{} accepted the connection",
+            "broker     ok           mqtt://127.0.0.1:{} accepted the login",
             mq.port
         )),
         "{}",
         text(&out)
     );
+
+    // With this node's agent running, a login as it would take over its session.
+    let mut running = start_agent(&agent_cfg, 1_000_000);
+    assert!(wait_until(Duration::from_secs(20), || running
+        .log()
+        .contains("connected to the MQTT broker")));
+    let said = text(&agent(&["check"], &agent_cfg));
+    assert!(
+        said.contains("accepts connections (login not tried: the agent runs, pid"),
+        "{said}"
+    );
+    assert!(
+        !running.log().contains("again"),
+        "the check took over the agent's session:\n{}",
+        running.log()
+    );
+    running.stop();
 
     // Both servers at wrong ports: named, with what to check, and --strict fails.
     let (mqtt_port, influx_port) = (free_port(), free_port());

@@ -427,7 +427,7 @@ impl Config {
             duration_in("nvml.timeout", t, Duration::from_millis(1), MAX_INTERVAL)?;
         }
         if let Some(m) = &self.mqtt {
-            m.validate().map_err(|e| e.to_string())?;
+            m.validate_agent().map_err(|e| e.to_string())?;
         }
         let t = self.jobs.totals_interval;
         duration_in(
@@ -745,7 +745,6 @@ mod tests {
         let c = Config::parse(&format!("{MIN}[mqtt]\nhost = \"broker\"\n")).unwrap();
         assert_eq!(c.mqtt.unwrap().port(), 1883);
         for bad in [
-            "[mqtt]\npassword_file = \"p\"\n",
             "[mqtt]\nprot = 1\n",
             "[outbox]\ncapacity = 8\n",
             "[outbox]\ncapacity = 64\nmax_in_flight = 40\n",

@@ -235,6 +235,24 @@ fn save_state(sampler: &Sampler, cfg: &Config, boot_id: Option<String>) {
     }
 }
 
+/// The agent's MQTT client id: the broker's login for a node may be pinned to it.
+fn agent_client_id(cfg: &Config, node: &nodewatt_wire::NodeName) -> String {
+    format!("nodewatt-agent-{}-{node}", cfg.agent.cluster)
+}
+
+/// The broker, with the user the agent logs in as (the node name when only
+/// `password_file` is given).
+fn peer_of(
+    mqtt: &nodewatt_common::mqtt::MqttConfig,
+    node: &nodewatt_wire::NodeName,
+) -> nodewatt_common::connection::Peer {
+    let mut peer = nodewatt_common::connection::Peer::of(mqtt);
+    if peer.username.is_none() && mqtt.password_file.is_some() {
+        peer.username = Some(node.to_string());
+    }
+    peer
+}
+
 fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitCode> {
     let (cfg, mut sampler) = load(path, &Clock::Real)?;
     let interval = cfg.agent.interval.as_millis() as u64;
@@ -298,8 +316,8 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
 
     nodewatt_common::install_tls_provider();
     let settings = PublisherSettings {
-        options: mqtt.options(&format!("nodewatt-agent-{}-{node}", cfg.agent.cluster))?,
-        peer: nodewatt_common::connection::Peer::of(mqtt),
+        options: mqtt.options_as(&agent_client_id(&cfg, &node), &node)?,
+        peer: peer_of(mqtt, &node),
         cluster: cfg.agent.cluster.clone(),
         node,
         outbox_capacity: cfg.outbox.capacity,
@@ -494,19 +512,31 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
     }
     if let Some(mqtt) = &cfg.mqtt {
         nodewatt_common::install_tls_provider();
-        let peer = nodewatt_common::connection::Peer::of(mqtt);
-        let id = format!("nodewatt-check-{}-{}", cfg.agent.cluster, cfg.node_name()?);
-        let user = match &mqtt.username {
+        let node = cfg.node_name()?;
+        let peer = peer_of(mqtt, &node);
+        let user = match &peer.username {
             Some(u) => format!(" as user {u}"),
             None => " without a user name".into(),
         };
-        line(
-            "broker",
-            try_connect(mqtt, &id, &peer)
-                .err()
-                .map(|e| format!("{e:#}")),
-            format!("{peer} accepted the connection{user}"),
-        );
+        // The broker may pin a node's login to the agent's client id (config/mosquitto.conf),
+        // so the probe logs in as the agent. While the agent runs that would take over its
+        // session (and fire its last will): then only the connection is tried.
+        match running_agent(&agent_client_id(&cfg, &node)) {
+            Some(pid) => line(
+                "broker",
+                try_reach(mqtt, &peer).err().map(|e| format!("{e:#}")),
+                format!(
+                    "{peer} accepts connections (login not tried: the agent runs, pid {pid}, and a second login as it would take over its session)"
+                ),
+            ),
+            None => line(
+                "broker",
+                try_connect(mqtt, &agent_client_id(&cfg, &node), &node, &peer)
+                    .err()
+                    .map(|e| format!("{e:#}")),
+                format!("{peer} accepted the login{user}"),
+            ),
+        }
     }
     Ok(if strict && bad > 0 {
         ExitCode::from(1)
@@ -524,16 +554,69 @@ fn writable_dir(file: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Connects to the broker as the agent would (TLS, credentials) and disconnects.
+/// A `nodewatt-agent run` on this host with the same client id (cluster and node), if
+/// any: its pid. One whose config cannot be read counts too.
+fn running_agent(client_id: &str) -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&str> = cmd
+            .split(|b| *b == 0)
+            .filter_map(|a| std::str::from_utf8(a).ok())
+            .collect();
+        let is_agent = args.first()?.ends_with("nodewatt-agent") && args.contains(&"run");
+        if !is_agent || pid == me {
+            return None;
+        }
+        let config = args
+            .iter()
+            .position(|a| *a == "--config" || *a == "-c")
+            .and_then(|i| args.get(i + 1))
+            .map(|c| e.path().join("cwd").join(c))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        let same = Config::load(&config)
+            .ok()
+            .and_then(|c| Some(agent_client_id(&c, &c.node_name().ok()?)))
+            .is_none_or(|id| id == client_id);
+        same.then_some(pid)
+    })
+}
+
+/// Opens a TCP connection to the broker (the files TLS needs are read first).
+fn try_reach(
+    mqtt: &nodewatt_common::mqtt::MqttConfig,
+    peer: &nodewatt_common::connection::Peer,
+) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    mqtt.options("probe")?;
+    let addrs = (mqtt.host.as_str(), mqtt.port())
+        .to_socket_addrs()
+        .map_err(|e| anyhow::anyhow!("MQTT broker {peer}: {e}; check [mqtt] host"))?;
+    let mut last = None;
+    for a in addrs {
+        match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.map_or("no address".to_string(), |e| e.to_string());
+    Err(anyhow::anyhow!(
+        "MQTT broker {peer}: {e}; is the broker running, and are [mqtt] host and port right?"
+    ))
+}
+
+/// Logs in to the broker as the agent would (client id, TLS, credentials), with a clean
+/// session and no last will, and disconnects.
 fn try_connect(
     mqtt: &nodewatt_common::mqtt::MqttConfig,
     client_id: &str,
+    node: &nodewatt_wire::NodeName,
     peer: &nodewatt_common::connection::Peer,
 ) -> anyhow::Result<()> {
     use rumqttc::{AsyncClient, Event, Packet};
-    // Its own client id, so a check never takes over the running agent's session.
-    let mut options = mqtt.options(client_id)?;
-    options.set_client_id(client_id.to_string());
+    let mut options = mqtt.options_as(client_id, node)?;
+    options.set_clean_session(true);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -548,10 +631,21 @@ fn try_connect(
                 }
             }
         };
-        let r = tokio::time::timeout(Duration::from_secs(5), connack)
+        let r = tokio::time::timeout(Duration::from_secs(10), connack)
             .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("MQTT broker {peer}: no answer within 5 s")));
-        let _ = client.try_disconnect();
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("MQTT broker {peer}: no answer within 10 s")));
+        if r.is_ok() {
+            // A clean DISCONNECT, so the broker sends no will and drops the session.
+            let _ = client.disconnect().await;
+            let flush = async {
+                while let Ok(ev) = eventloop.poll().await {
+                    if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
+        }
         r
     })
 }

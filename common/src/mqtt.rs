@@ -19,6 +19,9 @@ pub struct MqttConfig {
     /// Stable client id; a default is derived from the node or collector name.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// With `password_file` and no `username`, an agent logs in as its node name
+    /// ([`MqttConfig::options_as`]), so one config serves a fleet whose per-node password
+    /// files differ; other clients must name it.
     #[serde(default)]
     pub username: Option<String>,
     /// File holding the password (trailing newline ignored).
@@ -78,11 +81,12 @@ fn default_reconnect_max() -> Duration {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttConfigError {
-    #[error("cannot read {what} {path}: {source}")]
+    // The cause is in the message, not a `source`: anyhow's `{:#}` would print it twice.
+    #[error("cannot read {what} {path}: {err}")]
     Read {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// Names the option (`mqtt.…`).
     #[error("{0}")]
@@ -90,10 +94,10 @@ pub enum MqttConfigError {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, MqttConfigError> {
-    std::fs::read(path).map_err(|source| MqttConfigError::Read {
+    std::fs::read(path).map_err(|err| MqttConfigError::Read {
         what,
         path: path.to_owned(),
-        source,
+        err,
     })
 }
 
@@ -105,12 +109,20 @@ impl MqttConfig {
 
     /// Checks what can be checked without connecting.
     pub fn validate(&self) -> Result<(), MqttConfigError> {
+        if self.password_file.is_some() && self.username.is_none() {
+            return Err(MqttConfigError::Invalid(
+                "mqtt.password_file needs a username".into(),
+            ));
+        }
+        self.validate_agent()
+    }
+
+    /// [`MqttConfig::validate`] for an agent, which may leave `username` out: with
+    /// `password_file` it logs in as its node name ([`MqttConfig::options_as`]).
+    pub fn validate_agent(&self) -> Result<(), MqttConfigError> {
         let bad = |m: &str| Err(MqttConfigError::Invalid(m.to_string()));
         if self.host.is_empty() {
             return bad("mqtt.host is empty");
-        }
-        if self.password_file.is_some() && self.username.is_none() {
-            return bad("mqtt.password_file needs a username");
         }
         let s = Duration::from_secs;
         // MQTT carries the keep-alive as 16-bit seconds.
@@ -165,11 +177,37 @@ impl MqttConfig {
     }
 
     /// rumqttc options with credentials and TLS; reads the password and certificate files.
+    /// `password_file` needs a `username` here.
     pub fn options(&self, default_client_id: &str) -> Result<MqttOptions, MqttConfigError> {
+        self.login(default_client_id, None)
+    }
+
+    /// Like [`MqttConfig::options`], logging in as `default_username` (an agent's node
+    /// name) when `password_file` is set and `username` is not.
+    pub fn options_as(
+        &self,
+        default_client_id: &str,
+        default_username: &str,
+    ) -> Result<MqttOptions, MqttConfigError> {
+        self.login(default_client_id, Some(default_username))
+    }
+
+    fn login(
+        &self,
+        default_client_id: &str,
+        default_username: Option<&str>,
+    ) -> Result<MqttOptions, MqttConfigError> {
         let id = self.client_id.as_deref().unwrap_or(default_client_id);
         let mut o = MqttOptions::new(id, self.host.clone(), self.port());
         o.set_keep_alive(self.keep_alive);
-        if let Some(user) = &self.username {
+        let user = match (&self.username, &self.password_file) {
+            (Some(u), _) => Some(u.as_str()),
+            (None, Some(_)) => Some(default_username.ok_or_else(|| {
+                MqttConfigError::Invalid("mqtt.password_file needs a username".into())
+            })?),
+            (None, None) => None,
+        };
+        if let Some(user) = user {
             let password = match &self.password_file {
                 Some(p) => {
                     let raw = read("mqtt password file", p)?;
@@ -180,7 +218,7 @@ impl MqttConfig {
                 }
                 None => String::new(),
             };
-            o.set_credentials(user.clone(), password);
+            o.set_credentials(user, password);
         }
         if let Some(t) = &self.tls {
             let ca = read("mqtt CA file", &t.ca_file)?;
@@ -222,10 +260,9 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert!(parse("password_file = \"p\"\n")
-            .unwrap()
-            .validate()
-            .is_err());
+        let c = parse("password_file = \"p\"\n").unwrap();
+        assert!(c.validate().is_err());
+        c.validate_agent().unwrap();
         let t = "[tls]\nca_file = \"ca\"\nclient_cert_file = \"c\"\n";
         assert!(parse(t).unwrap().validate().is_err());
         assert!(parse("keep_alive = \"100ms\"\n")
@@ -255,5 +292,29 @@ mod tests {
             err.contains("mqtt password file") && err.contains("missing"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_agent_logs_in_as_its_node_name_unless_a_username_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+        let mut c = parse("password_file = \"pw\"\n").unwrap();
+        c.resolve_paths(dir.path());
+        let login = |o: MqttOptions| {
+            let l = o.credentials().unwrap();
+            (l.username.clone(), l.password.clone())
+        };
+        let o = c.options_as("id", "gpu001").unwrap();
+        assert_eq!(login(o), ("gpu001".into(), "s3cret".into()));
+        // Without a node name (the collector) the user name must be configured.
+        let err = c.options("id").unwrap_err().to_string();
+        assert!(err.contains("mqtt.password_file needs a username"), "{err}");
+
+        c.username = Some("agent".into());
+        let o = c.options_as("id", "gpu001").unwrap();
+        assert_eq!(login(o), ("agent".into(), "s3cret".into()));
+        // No password file: no login, whatever the node.
+        let o = parse("").unwrap().options_as("id", "gpu001").unwrap();
+        assert!(o.credentials().is_none());
     }
 }

@@ -1126,3 +1126,25 @@ pub fn continuous_query_body(create: &str, from_ms: u64, to_ms: u64) -> String {
         None => format!("{head} WHERE {window}{tail}"),
     }
 }
+
+/// mosquitto run from a complete configuration (e.g. the shipped one with its paths and
+/// ports adapted), written to `dir`; waits until `port`, one of its listeners, accepts.
+/// Runs as root when the tests do (mosquitto would drop to its own user otherwise).
+pub fn start_mosquitto_config(dir: &Path, conf: &str, port: u16) -> Proc {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let conf = format!("{conf}\n{}", if root { "user root\n" } else { "" });
+    let path = dir.join("mosquitto.conf");
+    std::fs::write(&path, conf).unwrap();
+    let proc = Proc::spawn(
+        "mosquitto",
+        Command::new(require("mosquitto")).arg("-c").arg(&path),
+        dir.join("mosquitto.log"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || port_open(port)),
+        "mosquitto did not open port {port}: {}",
+        proc.log()
+    );
+    proc
+}

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Broker logins for a fleet: from a list of node names, one random password per node and
+# per collector login, and the dynamic-security file that makes mosquitto accept them
+# (config/mosquitto.conf; docs/deployment.md, "Broker logins").
+#
+#   scripts/broker-users.sh --cluster NAME [--collector USER]... [--out DIR] NODES
+#
+# NODES      a file with one node name per line (`#` comments and blank lines skipped),
+#            or `-` for stdin; the agents' node names, 1-64 of A-Z a-z 0-9 . _ -
+# --cluster  the agents' [agent] cluster: each node may log in only with its agent's
+#            client id, nodewatt-agent-<cluster>-<node>
+# --collector a collector login (default: collector, as in config/mosquitto.acl); repeat
+#            for more. Not pinned to a client id: collectors sharing one login keep their
+#            own ids and persistent sessions in one share group.
+# --out      output directory (default: broker-users), private to its owner:
+#   passwords/<user>        the password alone: install on that node at the agent's
+#                           [mqtt] password_file (root:nodewatt 0640)
+#   dynamic-security.json   install on the broker as /etc/mosquitto/nodewatt-dynsec.json
+#                           (root:mosquitto 0640), then restart mosquitto
+#
+# An existing passwords/<user> is kept, so adding nodes changes no other password; delete
+# it to rotate that one. A user left out of the list cannot log in once the new file is
+# installed. Needs mosquitto_passwd (package mosquitto), which hashes from a private file:
+# no password ever appears on a command line.
+set -euo pipefail
+umask 077
+export LC_ALL=C
+
+die() {
+  echo "broker-users: $*" >&2
+  exit 1
+}
+usage() {
+  echo "usage: $0 --cluster NAME [--collector USER]... [--out DIR] NODES" >&2
+  exit 2
+}
+
+cluster='' out=broker-users list=''
+collectors=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --cluster) [ $# -ge 2 ] || usage; cluster=$2; shift 2 ;;
+    --collector) [ $# -ge 2 ] || usage; collectors+=("$2"); shift 2 ;;
+    --out) [ $# -ge 2 ] || usage; out=$2; shift 2 ;;
+    -h | --help) usage ;;
+    -) [ -z "$list" ] || usage; list=-; shift ;;
+    -*) die "unknown option $1" ;;
+    *) [ -z "$list" ] || usage; list=$1; shift ;;
+  esac
+done
+if [ -z "$cluster" ] || [ -z "$list" ]; then usage; fi
+[ ${#collectors[@]} -gt 0 ] || collectors=(collector)
+
+# The agents' rule for names (nodewatt_wire::NodeName): also a safe MQTT topic level and
+# file name, and nothing in it needs quoting in JSON.
+valid() { [[ $1 =~ ^[A-Za-z0-9._-]{1,64}$ ]]; }
+valid "$cluster" || die "cluster $cluster: must be 1-64 of A-Z a-z 0-9 . _ -"
+passwd_bin=$(command -v mosquitto_passwd || true)
+[ -n "$passwd_bin" ] || passwd_bin=/usr/bin/mosquitto_passwd
+[ -x "$passwd_bin" ] || die "mosquitto_passwd not found (apt install mosquitto)"
+
+declare -A seen=()
+nodes=()
+n=0
+while IFS= read -r line || [ -n "$line" ]; do
+  n=$((n + 1))
+  line=${line%%#*}
+  line=${line#"${line%%[![:space:]]*}"}
+  line=${line%"${line##*[![:space:]]}"}
+  [ -n "$line" ] || continue
+  valid "$line" || die "$list:$n: node $line: must be 1-64 of A-Z a-z 0-9 . _ -"
+  [ -z "${seen[$line]:-}" ] || die "$list:$n: node $line listed twice"
+  seen[$line]=node
+  nodes+=("$line")
+done < <(if [ "$list" = - ]; then cat; else cat -- "$list"; fi)
+[ ${#nodes[@]} -gt 0 ] || die "no node names in $list"
+for c in "${collectors[@]}"; do
+  valid "$c" || die "collector $c: must be 1-64 of A-Z a-z 0-9 . _ -"
+  # A node with a collector's name would log in as that collector.
+  [ -z "${seen[$c]:-}" ] || die "collector $c is also listed as a node, or twice"
+  seen[$c]=collector
+done
+
+mkdir -p "$out/passwords"
+chmod 700 "$out"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# 24 random bytes (192 bits: hashing iterations add nothing to that) per user, 32
+# characters of base64url each, drawn at once: a fleet takes seconds.
+users=("${nodes[@]}" "${collectors[@]}")
+mapfile -t fresh < <(head -c $((24 * ${#users[@]})) /dev/urandom | base64 -w 32 | tr '+/' '-_')
+# user:password lines for mosquitto_passwd -U, which splits at ':' and trims blanks.
+created=0
+for i in "${!users[@]}"; do
+  user=${users[$i]}
+  f=$out/passwords/$user
+  if [ -e "$f" ]; then
+    IFS= read -r pw <"$f" || true
+    [[ -n $pw && $pw != *[![:graph:]]* && $pw != *:* ]] ||
+      die "$f: not one line of printable ASCII without blanks or ':'"
+  else
+    pw=${fresh[$i]}
+    [ ${#pw} -eq 32 ] || die "short read from /dev/urandom"
+    printf '%s\n' "$pw" >"$f"
+    created=$((created + 1))
+  fi
+  printf '%s:%s\n' "$user" "$pw"
+done >"$tmp/passwd"
+"$passwd_bin" -U "$tmp/passwd"
+
+# mosquitto_passwd writes PBKDF2-SHA512 as $7$<iterations>$<salt>$<hash>: the same
+# scheme, salt and hash sizes as the plugin's own, so both fields carry over as they are.
+declare -A hashed=()
+while IFS= read -r line; do
+  hashed[${line%%:*}]=${line#*:}
+done <"$tmp/passwd"
+client() {
+  local user=$1 extra=$2 iter salt hash
+  [[ ${hashed[$user]:-} == "\$7\$"* ]] || die "mosquitto_passwd did not hash $user"
+  IFS='$' read -r _ _ iter salt hash <<<"${hashed[$user]}"
+  printf '    {"username": "%s", %s"password": "%s", "salt": "%s", "iterations": %s}' \
+    "$user" "$extra" "$hash" "$salt" "$iter"
+}
+{
+  # Defaults deny, which makes the plugin defer publish and read decisions to the ACL
+  # file; that file allows every SUBSCRIBE, so the node role must refuse them itself.
+  printf '{\n  "defaultACLAccess": {"publishClientSend": false, "publishClientReceive": false, "subscribe": false, "unsubscribe": true},\n'
+  printf '  "roles": [\n    {"rolename": "nodewatt-node", "acls": [{"acltype": "subscribePattern", "topic": "#", "allow": false}]}\n  ],\n'
+  printf '  "clients": [\n'
+  sep=
+  for node in "${nodes[@]}"; do
+    printf '%s' "$sep"
+    client "$node" "\"clientid\": \"nodewatt-agent-$cluster-$node\", \"roles\": [{\"rolename\": \"nodewatt-node\"}], "
+    sep=$',\n'
+  done
+  for c in "${collectors[@]}"; do
+    printf '%s' "$sep"
+    client "$c" ""
+  done
+  printf '\n  ]\n}\n'
+} >"$out/dynamic-security.json.new"
+mv "$out/dynamic-security.json.new" "$out/dynamic-security.json"
+
+echo "broker-users: ${#nodes[@]} nodes, ${#collectors[@]} collector logins ($created new passwords) in $out" >&2
+for c in "${collectors[@]}"; do
+  [ "$c" = collector ] || echo "broker-users: the ACL needs 'user $c' / 'topic read nodewatt/v1/#'" >&2
+done

@@ -1,0 +1,410 @@
+//! The shipped broker configuration (config/mosquitto.conf and config/mosquitto.acl, only
+//! its paths and ports changed) with logins made by scripts/broker-users.sh, against the
+//! real mosquitto: who may log in, with which client id, and publish or subscribe where.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use nodewatt_tests::*;
+use nodewatt_wire::{Gpu, Sample};
+use rumqttc::{
+    Client, Connection, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode,
+};
+use tempfile::TempDir;
+
+/// The cluster named in config/mosquitto.acl.
+const CLUSTER: &str = "mycluster";
+const DB: &str = "nodewatt_broker_auth";
+const GROUP: &str = "ingest";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// mosquitto running the shipped config, with the logins broker-users.sh made for these
+/// nodes and the default collector login.
+struct Broker {
+    /// First, so that mosquitto stops before its directory goes.
+    proc: Proc,
+    dir: TempDir,
+    certs: Certs,
+    /// The loopback listener (plain), for the collectors and raw clients.
+    port: u16,
+    /// The TLS listener, for the agents.
+    tls_port: u16,
+}
+
+impl Broker {
+    fn start(nodes: &[&str]) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("nodes"), nodes.join("\n") + "\n").unwrap();
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/broker-users.sh"))
+            .args(["--cluster", CLUSTER, "--out"])
+            .arg(d.join("users"))
+            .arg(d.join("nodes"))
+            .output()
+            .expect("bash runs");
+        assert!(
+            out.status.success(),
+            "broker-users.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let certs = Certs::new();
+        let (port, tls_port) = (free_port(), free_port());
+        let path = |p: PathBuf| p.display().to_string();
+        // The plugin's directory is the architecture's.
+        let shipped_plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
+        let plugin = std::fs::read_dir("/usr/lib")
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("mosquitto_dynamic_security.so"))
+            .find(|p| p.exists())
+            .expect("mosquitto's dynamic-security plugin is installed");
+        let mut conf = std::fs::read_to_string(repo().join("config/mosquitto.conf")).unwrap();
+        for (from, to) in [
+            (
+                "listener 8883\n",
+                format!("listener {tls_port} 127.0.0.1\n"),
+            ),
+            (
+                "listener 1883 127.0.0.1\n",
+                format!("listener {port} 127.0.0.1\n"),
+            ),
+            ("/var/lib/mosquitto/", format!("{}/", d.display())),
+            (shipped_plugin, path(plugin)),
+            (
+                "/etc/mosquitto/nodewatt-dynsec.json",
+                path(d.join("users/dynamic-security.json")),
+            ),
+            (
+                "/etc/mosquitto/nodewatt.acl",
+                path(repo().join("config/mosquitto.acl")),
+            ),
+            ("/etc/mosquitto/certs/ca.pem", path(certs.path("ca.pem"))),
+            (
+                "/etc/mosquitto/certs/broker.pem",
+                path(certs.path("server.pem")),
+            ),
+            (
+                "/etc/mosquitto/certs/broker.key",
+                path(certs.path("server.key")),
+            ),
+        ] {
+            // Each exactly once: a changed shipped file fails here, not silently.
+            assert_eq!(conf.matches(from).count(), 1, "{from} in mosquitto.conf");
+            conf = conf.replace(from, &to);
+        }
+        let proc = start_mosquitto_config(d, &conf, port);
+        assert!(
+            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                tls_port
+            ))
+            .is_ok()),
+            "no TLS listener: {}",
+            proc.log()
+        );
+        Broker {
+            proc,
+            dir,
+            certs,
+            port,
+            tls_port,
+        }
+    }
+
+    fn password_file(&self, user: &str) -> PathBuf {
+        self.dir.path().join("users/passwords").join(user)
+    }
+
+    fn password(&self, user: &str) -> String {
+        std::fs::read_to_string(self.password_file(user))
+            .unwrap()
+            .trim_end()
+            .to_string()
+    }
+
+    /// A collector logged in as `collector`, in the share group, subscribed.
+    fn collector(&self, id: &str, db: &Influxd) -> (ConfigFile, Proc) {
+        let login = format!(
+            "[mqtt]\nusername = \"collector\"\npassword_file = {:?}\n",
+            self.password_file("collector")
+        );
+        let text = collector_config(id, self.port, &db.url(), DB)
+            .replace(
+                "[collector]\n",
+                &format!("[collector]\nshare_group = \"{GROUP}\"\n"),
+            )
+            .replace("[mqtt]\n", &login);
+        let cfg = config_file("collector.toml", &text);
+        let c = start_collector(&cfg);
+        wait_subscribed(&c);
+        (cfg, c)
+    }
+}
+
+fn agent_id(node: &str) -> String {
+    format!("nodewatt-agent-{CLUSTER}-{node}")
+}
+
+/// A valid sample, `seq` seconds before a second fixed for the whole run: samples with
+/// different `seq` never share a timestamp (InfluxDB would keep one of them).
+fn sample(node: &str, seq: u64) -> (String, Vec<u8>) {
+    static NOW: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let now = *NOW.get_or_init(|| {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        ms - ms % 1000
+    });
+    let mut s = Sample::new(
+        "raw-test",
+        CLUSTER.parse().unwrap(),
+        node.parse().unwrap(),
+        1000,
+        now - 600_000,
+    );
+    s.ts_ms = now - seq * 1000;
+    s.seq = seq;
+    s.gpus.push(Gpu {
+        index: 0,
+        uuid: "GPU-raw".into(),
+        pci_bus_id: "0".into(),
+        model: "H100".into(),
+        power_w: Some(100.0),
+        ..Gpu::default()
+    });
+    (
+        format!("nodewatt/v1/{CLUSTER}/{node}/sample"),
+        s.to_json().into_bytes(),
+    )
+}
+
+/// Logs in with this client id; the connection once the broker accepted, or how it refused.
+fn login(
+    port: u16,
+    id: &str,
+    user: Option<(&str, &str)>,
+    clean: bool,
+) -> Result<(Client, Connection), String> {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_clean_session(clean);
+    if let Some((u, p)) = user {
+        opts.set_credentials(u, p);
+    }
+    let (client, mut conn) = Client::new(opts, 100);
+    loop {
+        match conn.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok((client, conn)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("no answer".into()),
+        }
+    }
+}
+
+/// The next packet of a kind `f` picks, within 10 s.
+fn next<T>(conn: &mut Connection, mut f: impl FnMut(Packet) -> Option<T>) -> T {
+    loop {
+        match conn.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(Event::Incoming(p))) => {
+                if let Some(t) = f(p) {
+                    return t;
+                }
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("connection: {other:?}"),
+        }
+    }
+}
+
+/// Publishes with QoS 1 as `id`, waiting for the broker's acknowledgements (mosquitto
+/// acknowledges what the ACL refuses, and drops it).
+fn publish_as(port: u16, id: &str, user: (&str, &str), messages: &[(String, Vec<u8>)]) {
+    let (client, mut conn) = login(port, id, Some(user), true).unwrap();
+    for (topic, payload) in messages {
+        client
+            .publish(topic.as_str(), QoS::AtLeastOnce, false, payload.clone())
+            .unwrap();
+    }
+    for _ in messages {
+        next(&mut conn, |p| matches!(p, Packet::PubAck(_)).then_some(()));
+    }
+    let _ = client.disconnect();
+}
+
+fn count(db: &Influxd, node: &str) -> f64 {
+    db.scalar(
+        DB,
+        &format!("SELECT COUNT(seq) FROM agent WHERE node = '{node}'"),
+    )
+}
+
+/// How often a collector has connected to the broker (1: it was never pushed off).
+fn connects(c: &Proc) -> usize {
+    c.log().matches("connected to the MQTT broker").count()
+}
+
+#[test]
+fn the_shipped_broker_refuses_anonymous_logins_node_subscriptions_and_forged_topics() {
+    let mq = Broker::start(&["node-a", "node-b"]);
+    let db = Influxd::start();
+    let (_cfg, collector) = mq.collector("c1", &db);
+    let (a, b) = (mq.password("node-a"), mq.password("node-b"));
+    let node_a = ("node-a", a.as_str());
+
+    let refused = |id: &str, user: Option<(&str, &str)>| {
+        let r = login(mq.port, id, user, true).map(|_| ());
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("NotAuthorized")),
+            "{id} {user:?}: {r:?}"
+        );
+    };
+    refused("anonymous", None);
+    // Another node's password.
+    refused(&agent_id("node-a"), Some(("node-a", &b)));
+    // A node's login is pinned to its agent's client id: it cannot end another node's
+    // session, and `nodewatt-agent check` cannot use an id of its own.
+    refused(&agent_id("node-b"), Some(node_a));
+    refused(&format!("nodewatt-check-{CLUSTER}-node-a"), Some(node_a));
+
+    // No subscription at all, so none in the collectors' share group, where a member
+    // that may not read the topic would swallow its share of the messages.
+    let (client, mut conn) = login(mq.port, &agent_id("node-a"), Some(node_a), true).unwrap();
+    let filters = [
+        format!("$share/{GROUP}/nodewatt/v1/+/+/sample"),
+        "nodewatt/v1/#".to_string(),
+        "#".to_string(),
+    ];
+    client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        )
+        .unwrap();
+    let codes = next(&mut conn, |p| match p {
+        Packet::SubAck(s) => Some(s.return_codes),
+        _ => None,
+    });
+    assert_eq!(codes, vec![SubscribeReasonCode::Failure; 3], "{filters:?}");
+    // Stay in the group if it got in: every sample must still reach the collector.
+    let own: Vec<_> = (0..20).map(|i| sample("node-b", i)).collect();
+    publish_as(mq.port, &agent_id("node-b"), ("node-b", &b), &own);
+
+    // node-a writes its own sample, one as node-b, and a request to the plugin's control
+    // topic to create a login for itself.
+    let intruder =
+        br#"{"commands":[{"command":"createClient","username":"intruder","password":"pw"}]}"#;
+    publish_as(
+        mq.port,
+        &agent_id("node-a"),
+        node_a,
+        &[
+            sample("node-a", 100),
+            sample("node-b", 100),
+            (
+                "$CONTROL/dynamic-security/v1".to_string(),
+                intruder.to_vec(),
+            ),
+        ],
+    );
+    let arrived = wait_until(Duration::from_secs(20), || {
+        count(&db, "node-b") >= 20.0 && count(&db, "node-a") >= 1.0
+    });
+    assert!(arrived, "{}", collector.log());
+    drop(client);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!((count(&db, "node-a"), count(&db, "node-b")), (1.0, 20.0));
+    assert!(db
+        .rows(
+            DB,
+            "SELECT seq FROM agent WHERE node = 'node-b' AND seq = 100"
+        )
+        .is_empty());
+    refused("intruder", Some(("intruder", "pw")));
+    assert_eq!(connects(&collector), 1, "{}", collector.log());
+}
+
+#[test]
+fn a_node_cannot_take_the_collectors_client_id_nor_its_queued_messages() {
+    let mq = Broker::start(&["node-a"]);
+    let db = Influxd::start();
+    let (cfg, mut collector) = mq.collector("c1", &db);
+    let a = mq.password("node-a");
+    let node_a = ("node-a", a.as_str());
+    let take_over = || {
+        for clean in [true, false] {
+            let r = login(mq.port, "nodewatt-collector-c1", Some(node_a), clean).map(|_| ());
+            assert!(
+                r.as_ref().is_err_and(|e| e.contains("NotAuthorized")),
+                "clean session {clean}: {r:?}"
+            );
+        }
+    };
+
+    // While the collector is connected: it stays connected and keeps receiving.
+    take_over();
+    let first: Vec<_> = (0..5).map(|i| sample("node-a", i)).collect();
+    publish_as(mq.port, &agent_id("node-a"), node_a, &first);
+    let arrived = wait_until(Duration::from_secs(20), || count(&db, "node-a") == 5.0);
+    assert!(arrived, "{}", collector.log());
+    assert_eq!(connects(&collector), 1, "{}", collector.log());
+
+    // While it is away: what the broker queues for its session is all delivered later.
+    collector.stop_cleanly();
+    let queued: Vec<_> = (5..15).map(|i| sample("node-a", i)).collect();
+    publish_as(mq.port, &agent_id("node-a"), node_a, &queued);
+    take_over();
+    let collector = start_collector(&cfg);
+    wait_subscribed(&collector);
+    let arrived = wait_until(Duration::from_secs(20), || count(&db, "node-a") == 15.0);
+    assert!(
+        arrived,
+        "{} of 15: {}",
+        count(&db, "node-a"),
+        collector.log()
+    );
+}
+
+#[test]
+fn agents_publish_with_logins_from_the_script_to_collectors_sharing_a_group() {
+    let nodes = ["gpu001", "gpu002"];
+    let mq = Broker::start(&nodes);
+    let db = Influxd::start();
+    // Two collectors share the one collector login and the group, each with its own id
+    // and persistent session.
+    let (_c1cfg, c1) = mq.collector("c1", &db);
+    let (_c2cfg, c2) = mq.collector("c2", &db);
+
+    let agents: Vec<_> = nodes
+        .iter()
+        .map(|node| {
+            let text = agent_config(CLUSTER, node, "50ms", mq.tls_port, &[200.0])
+                + &format!(
+                    "username = \"{node}\"\npassword_file = {:?}\n[mqtt.tls]\nca_file = {:?}\n",
+                    mq.password_file(node),
+                    mq.certs.path("ca.pem")
+                );
+            let cfg = config_file("agent.toml", &text);
+            let agent = start_agent(&cfg, 20);
+            (cfg, agent)
+        })
+        .collect();
+    for (_cfg, mut agent) in agents {
+        agent.wait_success(Duration::from_secs(60));
+    }
+    let arrived = wait_until(Duration::from_secs(30), || {
+        nodes.iter().all(|n| count(&db, n) == 20.0)
+    });
+    assert!(arrived, "{}\n{}\n{}", c1.log(), c2.log(), mq.proc.log());
+    assert_eq!((connects(&c1), connects(&c2)), (1, 1));
+}
