@@ -614,38 +614,17 @@ fn try_connect(
     node: &nodewatt_wire::NodeName,
     peer: &nodewatt_common::connection::Peer,
 ) -> anyhow::Result<()> {
-    use rumqttc::{AsyncClient, Event, Packet};
+    use nodewatt_common::connection::{login, logout};
     let mut options = mqtt.options_as(client_id, node)?;
     options.set_clean_session(true);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let (client, mut eventloop) = AsyncClient::new(options, 4);
-        let connack = async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => return Err(anyhow::anyhow!(peer.explain(&e))),
-                }
-            }
-        };
-        let r = tokio::time::timeout(Duration::from_secs(10), connack)
+        let (client, mut eventloop) = login(options, peer, Duration::from_secs(10))
             .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("MQTT broker {peer}: no answer within 10 s")));
-        if r.is_ok() {
-            // A clean DISCONNECT, so the broker sends no will and drops the session.
-            let _ = client.disconnect().await;
-            let flush = async {
-                while let Ok(ev) = eventloop.poll().await {
-                    if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
-        }
-        r
+            .map_err(anyhow::Error::msg)?;
+        logout(&client, &mut eventloop).await;
+        Ok(())
     })
 }

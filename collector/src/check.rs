@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use nodewatt_common::connection::Peer;
+use nodewatt_common::connection::{login, logout, Peer};
 use nodewatt_common::mqtt::MqttConfig;
-use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+use rumqttc::{Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 
 use crate::influx::Influx;
 
@@ -98,43 +98,38 @@ pub async fn broker(mqtt: &MqttConfig, client_id: &str, topics: &[String]) -> Fi
         let mut options = mqtt.options(client_id).map_err(|e| e.to_string())?;
         options.set_client_id(client_id.to_string());
         options.set_clean_session(true);
-        let (client, mut eventloop) = AsyncClient::new(options, 8);
-        let probe = async {
+        let (client, mut eventloop) = login(options, &peer, Duration::from_secs(10)).await?;
+        let filters = topics
+            .iter()
+            .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+        client
+            .try_subscribe_many(filters)
+            .map_err(|e| e.to_string())?;
+        let suback = async {
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let filters = topics
-                            .iter()
-                            .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-                        client
-                            .try_subscribe_many(filters)
-                            .map_err(|e| e.to_string())?;
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        let refused: Vec<&String> = topics
-                            .iter()
-                            .zip(&ack.return_codes)
-                            .filter(|(_, c)| matches!(c, SubscribeReasonCode::Failure))
-                            .map(|(t, _)| t)
-                            .collect();
-                        return if refused.is_empty() {
-                            Ok(())
-                        } else {
-                            Err(format!(
-                                "MQTT broker {peer} refused the subscription to {refused:?}: the broker's ACL must let this user read nodewatt/v1/#"
-                            ))
-                        };
-                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => return Ok(ack.return_codes),
                     Ok(_) => {}
                     Err(e) => return Err(peer.explain(&e)),
                 }
             }
         };
-        let r = tokio::time::timeout(Duration::from_secs(10), probe)
+        let codes = tokio::time::timeout(Duration::from_secs(10), suback)
             .await
-            .unwrap_or_else(|_| Err(format!("MQTT broker {peer}: no answer within 10 s")));
-        let _ = client.try_disconnect();
-        r
+            .unwrap_or_else(|_| Err(format!("MQTT broker {peer}: no SUBACK within 10 s")));
+        logout(&client, &mut eventloop).await;
+        let refused: Vec<&String> = topics
+            .iter()
+            .zip(&codes?)
+            .filter(|(_, c)| matches!(c, SubscribeReasonCode::Failure))
+            .map(|(t, _)| t)
+            .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "MQTT broker {peer} refused the subscription to {refused:?}: the broker must let this user read nodewatt/v1/#"
+        ))
     }
     .await;
     let user = match &mqtt.username {

@@ -11,7 +11,12 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use rumqttc::{ConnectReturnCode, ConnectionError, Event, EventLoop};
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
+    Packet,
+};
 
 type Connecting = Pin<Box<dyn Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>>;
 
@@ -54,6 +59,49 @@ impl Connection {
     pub fn eventloop(&mut self) -> Option<&mut EventLoop> {
         self.idle.as_mut()
     }
+}
+
+/// A preflight login: connects with `options` and waits for the CONNACK, at most
+/// `within`. The caller goes on with the client (to subscribe, say), then [`logout`].
+pub async fn login(
+    options: MqttOptions,
+    peer: &Peer,
+    within: Duration,
+) -> Result<(AsyncClient, EventLoop), String> {
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    let connack = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(peer.explain(&e)),
+            }
+        }
+    };
+    match tokio::time::timeout(within, connack).await {
+        Ok(Ok(())) => Ok((client, eventloop)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!(
+            "MQTT broker {peer}: no answer within {} s",
+            within.as_secs()
+        )),
+    }
+}
+
+/// A clean DISCONNECT, so the broker sends no will and drops a clean session; waits at
+/// most 2 s for it to go out.
+pub async fn logout(client: &AsyncClient, eventloop: &mut EventLoop) {
+    if client.try_disconnect().is_err() {
+        return;
+    }
+    let flush = async {
+        while let Ok(ev) = eventloop.poll().await {
+            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
 }
 
 /// Where a connection goes: for messages.
