@@ -382,19 +382,37 @@ fn agents_publish_with_logins_from_the_script_to_collectors_sharing_a_group() {
     let db = Influxd::start();
     // Two collectors share the one collector login and the group, each with its own id
     // and persistent session.
-    let (_c1cfg, c1) = mq.collector("c1", &db);
+    let (c1cfg, c1) = mq.collector("c1", &db);
     let (_c2cfg, c2) = mq.collector("c2", &db);
+    // The collector's preflight logs in and is allowed its subscriptions.
+    let said = collector_cli(&c1cfg, &["check", "--strict"]);
+    assert!(
+        said.contains("accepted the login as user collector and the subscriptions"),
+        "{said}"
+    );
 
     let agents: Vec<_> = nodes
         .iter()
         .map(|node| {
             let text = agent_config(CLUSTER, node, "50ms", mq.tls_port, &[200.0])
+                // No username: with a password file the agent logs in as its node name.
                 + &format!(
-                    "username = \"{node}\"\npassword_file = {:?}\n[mqtt.tls]\nca_file = {:?}\n",
+                    "password_file = {:?}\n[mqtt.tls]\nca_file = {:?}\n",
                     mq.password_file(node),
                     mq.certs.path("ca.pem")
                 );
             let cfg = config_file("agent.toml", &text);
+            // The preflight logs in as the agent: the only client id its login may use.
+            let out = std::process::Command::new(bin("nodewatt-agent"))
+                .args(["check", "--config"])
+                .arg(&cfg.path)
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                said.contains(&format!("accepted the login as user {node}")),
+                "{said}"
+            );
             let agent = start_agent(&cfg, 20);
             (cfg, agent)
         })
