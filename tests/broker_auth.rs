@@ -7,7 +7,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use nodewatt_tests::*;
-use nodewatt_wire::{Gpu, Sample};
 use rumqttc::{
     Client, Connection, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode,
 };
@@ -154,37 +153,11 @@ fn agent_id(node: &str) -> String {
     format!("nodewatt-agent-{CLUSTER}-{node}")
 }
 
-/// A valid sample, `seq` seconds before a second fixed for the whole run: samples with
-/// different `seq` never share a timestamp (InfluxDB would keep one of them).
+/// [`valid_sample`] of this cluster, with its topic.
 fn sample(node: &str, seq: u64) -> (String, Vec<u8>) {
-    static NOW: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let now = *NOW.get_or_init(|| {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        ms - ms % 1000
-    });
-    let mut s = Sample::new(
-        "raw-test",
-        CLUSTER.parse().unwrap(),
-        node.parse().unwrap(),
-        1000,
-        now - 600_000,
-    );
-    s.ts_ms = now - seq * 1000;
-    s.seq = seq;
-    s.gpus.push(Gpu {
-        index: 0,
-        uuid: "GPU-raw".into(),
-        pci_bus_id: "0".into(),
-        model: "H100".into(),
-        power_w: Some(100.0),
-        ..Gpu::default()
-    });
     (
         format!("nodewatt/v1/{CLUSTER}/{node}/sample"),
-        s.to_json().into_bytes(),
+        valid_sample(CLUSTER, node, seq).to_json().into_bytes(),
     )
 }
 

@@ -4,33 +4,12 @@
 use std::time::Duration;
 
 use nodewatt_tests::*;
-use nodewatt_wire::{Gpu, Sample};
+use nodewatt_wire::Sample;
 
 const DB: &str = "nodewatt_safety";
 
 fn good_sample(node: &str, seq: u64) -> Sample {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let mut s = Sample::new(
-        "raw-test",
-        "lab".parse().unwrap(),
-        node.parse().unwrap(),
-        1000,
-        now - 600_000,
-    );
-    s.ts_ms = now - now % 1000 - seq * 1000;
-    s.seq = seq;
-    s.gpus.push(Gpu {
-        index: 0,
-        uuid: "GPU-raw".into(),
-        pci_bus_id: "0".into(),
-        model: "H100".into(),
-        power_w: Some(100.0),
-        ..Gpu::default()
-    });
-    s
+    valid_sample("lab", node, seq)
 }
 
 #[test]

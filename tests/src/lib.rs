@@ -1148,3 +1148,35 @@ pub fn start_mosquitto_config(dir: &Path, conf: &str, port: u16) -> Proc {
     );
     proc
 }
+
+/// A valid sample of `cluster`/`node` with one GPU at 100 W, stamped `seq` seconds before
+/// a second fixed for the whole test binary: samples with different `seq` never share a
+/// timestamp (InfluxDB would keep one of them), even across a second boundary.
+pub fn valid_sample(cluster: &str, node: &str, seq: u64) -> nodewatt_wire::Sample {
+    static NOW: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let now = *NOW.get_or_init(|| {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        ms - ms % 1000
+    });
+    let mut s = nodewatt_wire::Sample::new(
+        "raw-test",
+        cluster.parse().unwrap(),
+        node.parse().unwrap(),
+        1000,
+        now - 600_000,
+    );
+    s.ts_ms = now - seq * 1000;
+    s.seq = seq;
+    s.gpus.push(nodewatt_wire::Gpu {
+        index: 0,
+        uuid: "GPU-raw".into(),
+        pci_bus_id: "0".into(),
+        model: "H100".into(),
+        power_w: Some(100.0),
+        ..Default::default()
+    });
+    s
+}
