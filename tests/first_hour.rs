@@ -65,6 +65,30 @@ fn an_agent_whose_broker_is_down_names_it() {
     assert!(said, "{}", agent.log());
 }
 
+/// `serve` with neither server there: both named in its log, with what to check.
+#[test]
+fn a_collector_whose_servers_are_down_names_both() {
+    let (mqtt_port, influx_port) = (free_port(), free_port());
+    let cfg = config_file(
+        "collector.toml",
+        &collector_config(
+            "down",
+            mqtt_port,
+            &format!("http://127.0.0.1:{influx_port}"),
+            "db",
+        ),
+    );
+    let collector = start_collector(&cfg);
+    let said = wait_until(Duration::from_secs(10), || {
+        let log = collector.log();
+        log.contains(&format!("MQTT broker mqtt://127.0.0.1:{mqtt_port}: "))
+            && log.contains(&format!(
+                "cannot reach InfluxDB at http://127.0.0.1:{influx_port}: "
+            ))
+    });
+    assert!(said, "{}", collector.log());
+}
+
 #[test]
 fn checks_find_each_server_and_name_the_missing_ones() {
     let Stack {
