@@ -1,7 +1,8 @@
 //! What a billing clerk hands to a customer, against a real influxd holding usage and job
 //! totals written exactly as the collector writes them (known instants and energies):
 //! a job report's chart spans the job and draws each usage point over the span it
-//! covers; an empty period and an unknown job say so.
+//! covers, sums a job's nodes, spreads a late long span and leaves lost data a gap; an
+//! empty period and an unknown job say so.
 
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
@@ -236,6 +237,193 @@ fn job_chart_spans_the_job_and_draws_each_point_over_the_span_it_covers() {
     assert!(md9.contains("up to 2 at once"), "{md9}");
     assert!(svg9.contains("not job 9 alone"), "{svg9}");
     assert_eq!(num(&svg9, plot, "data-max-w"), 1000.0, "600 W: {svg9}");
+}
+
+/// Writes job `job`'s report into `out`: its Markdown and its SVG chart.
+fn report(cfg: &ConfigFile, job: &str, out: &Path) -> (String, String) {
+    let md_path = out.join(format!("job-{job}.md"));
+    collector_cli(
+        cfg,
+        &[
+            "report",
+            "--job",
+            job,
+            "--output",
+            md_path.to_str().unwrap(),
+        ],
+    );
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    let svg = std::fs::read_to_string(md_path.with_extension("svg")).unwrap();
+    (md, svg)
+}
+
+/// The points of every polyline of `class`, in order: one per run of drawn steps.
+fn polylines(svg: &str, class: &str) -> Vec<Vec<(f64, f64)>> {
+    let element = format!("<polyline class=\"{class}\"");
+    svg.match_indices(&element)
+        .map(|(at, _)| {
+            attr(&svg[at..], &element, "points")
+                .split(' ')
+                .map(|p| {
+                    let (a, b) = p.split_once(',').unwrap();
+                    (a.parse().unwrap(), b.parse().unwrap())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A job's usage points on one node at `w` W of GPU, one per minute on the grid from
+/// its start `s` (the first covering (s, next minute]) to its end `u` (on the grid).
+fn minutes(node: &str, w: u64, s: u64, u: u64) -> Vec<String> {
+    let mut lines = Vec::new();
+    let (mut from, mut to) = (s, (s / MIN + 1) * MIN);
+    while to <= u {
+        let span = to - from;
+        let uj = w * UJ_PER_MS_AT_1_W * span;
+        lines.push(usage_line(node, ("proj-a", "alice"), uj, 0, 0, span, 1, to));
+        (from, to) = (to, to + MIN);
+    }
+    lines
+}
+
+#[test]
+fn a_job_on_several_nodes_sums_them_in_its_chart_and_its_totals() {
+    let (db, cfg) = setup();
+    let t = hour();
+    // Job 11 on three nodes, each from its own start: n1 at 300 W from t + 5 s, n3 at
+    // 200 W from t + 1 min to t + 4 min, n2 at 500 W from t + 2.5 min; n1 and n2 to
+    // t + 6 min.
+    let u = t + 6 * MIN;
+    let nodes = [
+        ("n1", 300, t + 5_000, u),
+        ("n2", 500, t + 2 * MIN + 30_000, u),
+        ("n3", 200, t + MIN, t + 4 * MIN),
+    ];
+    let mut lines = Vec::new();
+    for (node, w, s, until) in nodes {
+        lines.extend(minutes(node, w, s, until));
+        lines.push(job_total_line(
+            "11",
+            node,
+            w * UJ_PER_MS_AT_1_W * (until - s),
+            s,
+            until,
+        ));
+    }
+    write(&db, &lines);
+    let out = tempfile::tempdir().unwrap();
+    let (md, svg) = report(&cfg, "11", out.path());
+
+    // Totals sum over the nodes: energy and GPU time.
+    let joules: u64 = nodes.iter().map(|(_, w, s, u)| w * (u - s) / 1000).sum();
+    let gpu_ms: u64 = nodes.iter().map(|(_, _, s, u)| u - s).sum();
+    assert!(
+        md.contains(&format!(
+            "| GPU | {:.6} | {:.3} |",
+            joules as f64 / 3.6e6,
+            joules as f64
+        )),
+        "{joules} J: {md}"
+    );
+    assert!(
+        md.contains(&format!(
+            "| GPU time | {:.3} GPU-hours |",
+            gpu_ms as f64 / 3.6e6
+        )),
+        "{md}"
+    );
+    assert!(md.contains("| Nodes | n1, n2, n3 |"), "{md}");
+    assert!(md.contains("| GPUs | n1: 0; n2: 0; n3: 0 |"), "{md}");
+    assert!(md.contains("the power attributed to job 11 itself"), "{md}");
+
+    // The chart spans the earliest start to the latest end and sums the nodes present
+    // in each minute: n2's first half minute adds half its power to that minute.
+    let plot = "<rect class=\"plot\"";
+    let s = t + 5_000;
+    assert_eq!(num(&svg, plot, "data-from-ms") as u64, s, "{svg}");
+    assert_eq!(num(&svg, plot, "data-to-ms") as u64, u, "{svg}");
+    assert_eq!(num(&svg, plot, "data-max-w"), 1000.0, "{svg}");
+    let (x0, y0) = (num(&svg, plot, "x"), num(&svg, plot, "y"));
+    let (pw, ph) = (num(&svg, plot, "width"), num(&svg, plot, "height"));
+    let x = |ms: u64| x0 + (ms - s) as f64 / (u - s) as f64 * pw;
+    let y = |watts: f64| y0 + ph - watts / 1000.0 * ph;
+    let gpu = polylines(&svg, "gpu");
+    assert_eq!(gpu.len(), 1, "no gap: {svg}");
+    let mut want = vec![(x(s), y(300.0)), (x(t + MIN), y(300.0))];
+    for (k, watts) in [(1, 500.0), (2, 750.0), (3, 1000.0), (4, 800.0), (5, 800.0)] {
+        want.push((x(t + k * MIN), y(watts)));
+        want.push((x(t + (k + 1) * MIN), y(watts)));
+    }
+    assert_eq!(gpu[0].len(), want.len(), "{gpu:?}");
+    for (got, want) in gpu[0].iter().zip(&want) {
+        assert!(
+            (got.0 - want.0).abs() <= 0.1 && (got.1 - want.1).abs() <= 0.1,
+            "{got:?} != {want:?}: {gpu:?}"
+        );
+    }
+}
+
+#[test]
+fn a_late_long_span_is_drawn_over_the_time_it_covers_and_lost_data_is_a_gap() {
+    let (db, cfg) = setup();
+    let t = hour();
+    // Job 12 on n1 at 400 W from t to t + 16 min. Its agent stopped from t + 3 to
+    // t + 8 min and resumed: one point at t + 8 min covers those 5 minutes. Then the
+    // node rebooted: nothing measured from t + 10 to t + 13 min, and the next point
+    // covers only the minute before it.
+    let u = t + 16 * MIN;
+    let w = 400 * UJ_PER_MS_AT_1_W;
+    let alice = ("proj-a", "alice");
+    let mut lines = Vec::new();
+    for k in [1, 2, 3, 9, 10, 14, 15, 16] {
+        lines.push(usage_line("n1", alice, w * MIN, 0, 0, MIN, 1, t + k * MIN));
+    }
+    lines.push(usage_line(
+        "n1",
+        alice,
+        w * 5 * MIN,
+        0,
+        0,
+        5 * MIN,
+        1,
+        t + 8 * MIN,
+    ));
+    lines.push(job_total_line("12", "n1", w * 13 * MIN, t, u));
+    write(&db, &lines);
+    let out = tempfile::tempdir().unwrap();
+    let (md, svg) = report(&cfg, "12", out.path());
+
+    // 400 W all along, on an axis to 500 W: neither 0 W while the agent was stopped nor
+    // 2 kW in the minute its five minutes arrived.
+    let plot = "<rect class=\"plot\"";
+    assert_eq!(num(&svg, plot, "data-max-w"), 500.0, "{svg}");
+    let (x0, y0) = (num(&svg, plot, "x"), num(&svg, plot, "y"));
+    let (pw, ph) = (num(&svg, plot, "width"), num(&svg, plot, "height"));
+    let x = |ms: u64| x0 + (ms - t) as f64 / (u - t) as f64 * pw;
+    let y = |watts: f64| y0 + ph - watts / 500.0 * ph;
+    let near =
+        |(a, b): (f64, f64), (c, d): (f64, f64)| (a - c).abs() <= 0.1 && (b - d).abs() <= 0.1;
+    // Two runs of steps around the three minutes no point covers: a gap, not 0 W.
+    let gpu = polylines(&svg, "gpu");
+    assert_eq!(gpu.len(), 2, "{gpu:?}\n{svg}");
+    for (run, (a, z)) in gpu.iter().zip([(t, t + 10 * MIN), (t + 13 * MIN, u)]) {
+        assert!(near(run[0], (x(a), y(400.0))), "{run:?}");
+        assert!(near(run[run.len() - 1], (x(z), y(400.0))), "{run:?}");
+        assert!(run.iter().all(|p| (p.1 - y(400.0)).abs() <= 0.1), "{run:?}");
+    }
+    // The gap is shaded and the legend and the Markdown say what it means.
+    let gap = "<rect class=\"gap\"";
+    assert!(
+        (num(&svg, gap, "x") - x(t + 10 * MIN)).abs() <= 0.1,
+        "{svg}"
+    );
+    assert!(
+        (num(&svg, gap, "width") - (x(t + 13 * MIN) - x(t + 10 * MIN))).abs() <= 0.1,
+        "{svg}"
+    );
+    assert!(svg.contains(">no data</text>"), "{svg}");
+    assert!(md.contains("A gap in the chart"), "{md}");
 }
 
 #[test]

@@ -102,12 +102,13 @@ impl Default for Drawn {
 pub struct Step {
     pub from_ms: u64,
     pub to_ms: u64,
-    /// W of GPU, CPU, DRAM, other.
-    pub w: [f64; 4],
+    /// W of GPU, CPU, DRAM, other; `None` where a job's node has no usage point covering
+    /// the step (unmeasured or lost: drawn as a gap, not as 0 W).
+    pub w: Option<[f64; 4]>,
 }
 
 /// A chart of power by device class: steps over (from, to], each the mean power of the
-/// usage points that end in it (a point covers the span before its timestamp).
+/// usage over it (a point covers the span before its timestamp).
 #[derive(Debug, Clone, Default)]
 pub struct Series {
     pub drawn: Drawn,
@@ -232,60 +233,138 @@ pub fn usage_interval(spans: impl IntoIterator<Item = u64>) -> Option<u64> {
         .map(|(span, _)| span)
 }
 
-/// Energy (µJ of GPU, CPU, DRAM, other) per bucket end, and the fewest and most jobs any
-/// point summed (`None` where a point had no count).
+/// A usage point longer than the usage interval (an agent that was stopped, or could
+/// not publish, sends the time since its last point in one): spread over its span rather
+/// than heaped into the bucket it ends in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Long {
+    pub end_ms: u64,
+    pub span_ms: u64,
+    /// µJ of GPU, CPU, DRAM, other.
+    pub uj: [u64; 4],
+}
+
+/// One node's usage (or a project's, all nodes): energy (µJ of GPU, CPU, DRAM, other)
+/// and the time covered (`span_ms` summed) per bucket end of the points no longer than
+/// the usage interval, the longer points, and the fewest and most jobs any point summed
+/// (`None` where a point had no count).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Buckets {
     pub uj: BTreeMap<u64, [u64; 4]>,
+    pub covered_ms: BTreeMap<u64, u64>,
+    pub long: Vec<Long>,
     pub fewest_jobs: Option<Option<u64>>,
     pub most_jobs: u64,
 }
 
-impl Buckets {
-    /// Adds one statement's answer to `SELECT SUM(..) AS gpu, cpu, dram, other,
-    /// MIN(jobs) AS fewest, MAX(jobs) AS most ... GROUP BY time(b, 1ms)`: InfluxDB dates a
-    /// bucket (k·b, (k+1)·b] at its first instant, k·b + 1 ms.
-    pub fn add(&mut self, result: &serde_json::Value, bucket_ms: u64) -> Result<(), String> {
-        for series in result["series"].as_array().into_iter().flatten() {
-            let cols: Vec<&str> = series["columns"]
-                .as_array()
-                .ok_or("InfluxDB answer without columns")?
-                .iter()
-                .filter_map(|c| c.as_str())
-                .collect();
-            let at = |c: &str| cols.iter().position(|x| *x == c);
-            for row in series["values"].as_array().into_iter().flatten() {
-                let Some(t) = row[0].as_u64() else { continue };
-                let end = t.saturating_sub(1) + bucket_ms;
-                let uj = self.uj.entry(end).or_default();
-                for (i, c) in ["gpu", "cpu", "dram", "other"].iter().enumerate() {
-                    let v = at(c).map_or(&serde_json::Value::Null, |i| &row[i]);
-                    let v = match v {
-                        serde_json::Value::Null => 0,
-                        v => v.as_u64().ok_or(format!(
-                            "the {c} energy at {} is {v}, not a count",
-                            fmt_time(t)
-                        ))?,
-                    };
-                    uj[i] = uj[i].saturating_add(v);
-                }
-                let fewest = at("fewest").and_then(|i| row[i].as_u64());
-                self.fewest_jobs = Some(match self.fewest_jobs {
-                    None => fewest,
-                    Some(f) => f.zip(fewest).map(|(a, b)| a.min(b)),
-                });
-                let most = at("most").and_then(|i| row[i].as_u64()).unwrap_or(0);
-                self.most_jobs = self.most_jobs.max(most);
+/// A row of an answer with its series' column names.
+type Row<'a> = (Vec<&'a str>, &'a Vec<serde_json::Value>);
+
+/// The rows of one statement's answer.
+fn rows(result: &serde_json::Value) -> Result<Vec<Row<'_>>, String> {
+    let mut out = Vec::new();
+    for series in result["series"].as_array().into_iter().flatten() {
+        let cols: Vec<&str> = series["columns"]
+            .as_array()
+            .ok_or("InfluxDB answer without columns")?
+            .iter()
+            .filter_map(|c| c.as_str())
+            .collect();
+        for row in series["values"].as_array().into_iter().flatten() {
+            if let Some(row) = row.as_array() {
+                out.push((cols.clone(), row));
             }
+        }
+    }
+    Ok(out)
+}
+
+/// A row's `gpu`, `cpu`, `dram` and `other` energies (null is 0).
+fn energies(cols: &[&str], row: &[serde_json::Value], t: u64) -> Result<[u64; 4], String> {
+    let mut uj = [0; 4];
+    for (i, c) in ["gpu", "cpu", "dram", "other"].iter().enumerate() {
+        uj[i] = match cols.iter().position(|x| x == c).map(|i| &row[i]) {
+            None | Some(serde_json::Value::Null) => 0,
+            Some(v) => v.as_u64().ok_or(format!(
+                "the {c} energy at {} is {v}, not a count",
+                fmt_time(t)
+            ))?,
+        };
+    }
+    Ok(uj)
+}
+
+impl Buckets {
+    fn count_jobs(&mut self, fewest: Option<u64>, most: Option<u64>) {
+        self.fewest_jobs = Some(match self.fewest_jobs {
+            None => fewest,
+            Some(f) => f.zip(fewest).map(|(a, b)| a.min(b)),
+        });
+        self.most_jobs = self.most_jobs.max(most.unwrap_or(0));
+    }
+
+    /// Adds one statement's answer to `SELECT SUM(..) AS gpu, cpu, dram, other,
+    /// SUM(span_ms) AS covered, MIN(jobs) AS fewest, MAX(jobs) AS most ...
+    /// GROUP BY time(b, 1ms)`: InfluxDB dates a bucket (k·b, (k+1)·b] at its first
+    /// instant, k·b + 1 ms.
+    pub fn add(&mut self, result: &serde_json::Value, bucket_ms: u64) -> Result<(), String> {
+        for (cols, row) in rows(result)? {
+            let Some(t) = row[0].as_u64() else { continue };
+            let at = |c: &str| {
+                cols.iter()
+                    .position(|x| *x == c)
+                    .and_then(|i| row[i].as_u64())
+            };
+            let end = t.saturating_sub(1) + bucket_ms;
+            let e = energies(&cols, row, t)?;
+            let uj = self.uj.entry(end).or_default();
+            for (sum, v) in uj.iter_mut().zip(e) {
+                *sum = sum.saturating_add(v);
+            }
+            let covered = self.covered_ms.entry(end).or_default();
+            *covered = covered.saturating_add(at("covered").unwrap_or(0));
+            self.count_jobs(at("fewest"), at("most"));
+        }
+        Ok(())
+    }
+
+    /// Adds one statement's answer to `SELECT gpu, cpu, dram, other, span_ms, jobs`:
+    /// points to spread over their spans.
+    pub fn add_long(&mut self, result: &serde_json::Value) -> Result<(), String> {
+        for (cols, row) in rows(result)? {
+            let Some(t) = row[0].as_u64() else { continue };
+            let at = |c: &str| {
+                cols.iter()
+                    .position(|x| *x == c)
+                    .and_then(|i| row[i].as_u64())
+            };
+            self.long.push(Long {
+                end_ms: t,
+                span_ms: at("span_ms").unwrap_or(0),
+                uj: energies(&cols, row, t)?,
+            });
+            self.count_jobs(at("jobs"), at("jobs"));
         }
         Ok(())
     }
 }
 
 /// Steps over (from, to]: one per bucket (k·b, (k+1)·b] that meets it, cut to it, with
-/// the mean power of the energy that ended in it over the time it shows (0 where no
-/// point ended).
-pub fn steps(from_ms: u64, to_ms: u64, bucket_ms: u64, uj: &BTreeMap<u64, [u64; 4]>) -> Vec<Step> {
+/// the mean power over the time it shows of `usage` (per node: where the node's usage is
+/// expected, its job's span there; `None` for a project's, expected nowhere).
+///
+/// A point no longer than the usage interval counts whole in the bucket it ends in; a
+/// longer one is spread evenly over the span it covers (cut to the node's job span: its
+/// energy is the job's). Where a node's usage is expected in a step but no point covers
+/// any of it, the step is a gap: the nodes' sum is unknown, and 0 W would say the job drew
+/// nothing. A node covered over part of its time in a step counts at its mean power over
+/// the part covered. Elsewhere (a project's chart) no point means 0 W of it.
+pub fn steps(
+    from_ms: u64,
+    to_ms: u64,
+    bucket_ms: u64,
+    usage: &[(Option<(u64, u64)>, Buckets)],
+) -> Vec<Step> {
     let b = bucket_ms.max(1);
     let mut out = Vec::new();
     if from_ms >= to_ms {
@@ -294,13 +373,54 @@ pub fn steps(from_ms: u64, to_ms: u64, bucket_ms: u64, uj: &BTreeMap<u64, [u64; 
     let mut end = (from_ms / b + 1) * b;
     while end - b < to_ms {
         let (a, z) = ((end - b).max(from_ms), end.min(to_ms));
-        let e = uj.get(&end).copied().unwrap_or_default();
-        // µJ per ms is mW.
-        let w = e.map(|uj| uj as f64 / (z - a) as f64 / 1000.0);
+        let mut uj = Some([0.0f64; 4]);
+        for (expected, bk) in usage {
+            let (na, nz) = expected.unwrap_or((from_ms, to_ms));
+            let (ea, ez) = (a.max(na), z.min(nz));
+            if ea >= ez {
+                continue;
+            }
+            let mut e = bk
+                .uj
+                .get(&end)
+                .copied()
+                .unwrap_or_default()
+                .map(|v| v as f64);
+            let mut covered = bk.covered_ms.get(&end).copied().unwrap_or(0);
+            for p in &bk.long {
+                let mut pa = p.end_ms.saturating_sub(p.span_ms);
+                let mut pz = p.end_ms;
+                if expected.is_some() {
+                    (pa, pz) = (pa.max(na), pz.min(nz));
+                }
+                let o = ez.min(pz).saturating_sub(ea.max(pa));
+                if pa >= pz || o == 0 {
+                    continue;
+                }
+                for (e, v) in e.iter_mut().zip(p.uj) {
+                    *e += v as f64 * o as f64 / (pz - pa) as f64;
+                }
+                covered += o;
+            }
+            if expected.is_some() {
+                let want = ez - ea;
+                match covered {
+                    0 => uj = None,
+                    c if c < want => e = e.map(|v| v * want as f64 / c as f64),
+                    _ => {}
+                }
+            }
+            if let Some(uj) = &mut uj {
+                for (sum, v) in uj.iter_mut().zip(e) {
+                    *sum += v;
+                }
+            }
+        }
         out.push(Step {
             from_ms: a,
             to_ms: z,
-            w,
+            // µJ per ms is mW.
+            w: uj.map(|uj| uj.map(|v| v / (z - a) as f64 / 1000.0)),
         });
         end += b;
     }
@@ -453,7 +573,7 @@ pub fn svg(series: &Series) -> String {
         series
             .steps
             .iter()
-            .flat_map(|s| s.w.iter().copied())
+            .flat_map(|s| s.w.into_iter().flatten())
             .fold(0.0f64, f64::max),
     );
     let x = |t: u64| left + t.clamp(t0, t1).saturating_sub(t0) as f64 / (t1 - t0) as f64 * pw;
@@ -513,23 +633,42 @@ pub fn svg(series: &Series) -> String {
         left + pw / 2.0,
         h - 10.0
     );
-    for (c, (name, colour)) in CLASSES.iter().zip(COLOURS).enumerate() {
-        // Each step is level over the span it covers.
-        let points: Vec<String> = series
+    // Steps without data, shaded behind the lines: a gap, not 0 W.
+    let runs = |known: bool| {
+        series
             .steps
-            .iter()
-            .flat_map(|st| [(st.from_ms, st.w[c]), (st.to_ms, st.w[c])])
-            .map(|(t, v)| format!("{:.1},{:.1}", x(t), y(v)))
-            .collect();
+            .chunk_by(|a, b| a.w.is_some() == b.w.is_some())
+            .filter(move |run| run[0].w.is_some() == known)
+    };
+    for run in runs(false) {
+        let (a, z) = (run[0].from_ms, run[run.len() - 1].to_ms);
         let _ = writeln!(
             s,
-            "<polyline class=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>",
-            name.to_ascii_lowercase(),
-            points.join(" ")
+            "<rect class=\"gap\" x=\"{:.1}\" y=\"{top}\" width=\"{:.1}\" height=\"{ph}\" fill=\"#e8e8e8\"/>",
+            x(a),
+            x(z) - x(a)
         );
+    }
+    let drawn: Vec<[f64; 4]> = series.steps.iter().filter_map(|st| st.w).collect();
+    for (c, (name, colour)) in CLASSES.iter().zip(COLOURS).enumerate() {
+        // Each step is level over the span it covers; one line per run of known steps.
+        for run in runs(true) {
+            let points: Vec<String> = run
+                .iter()
+                .filter_map(|st| Some((st.from_ms, st.to_ms, st.w?[c])))
+                .flat_map(|(a, z, v)| [(a, v), (z, v)])
+                .map(|(t, v)| format!("{:.1},{:.1}", x(t), y(v)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline class=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>",
+                name.to_ascii_lowercase(),
+                points.join(" ")
+            );
+        }
         let ly = top + 10.0 + c as f64 * 18.0;
         // Lines at 0 lie on each other on the axis: the legend says which.
-        let zero = !series.steps.is_empty() && series.steps.iter().all(|st| st.w[c] == 0.0);
+        let zero = !drawn.is_empty() && drawn.iter().all(|w| w[c] == 0.0);
         let label = if zero {
             format!("{name} (0 W)")
         } else {
@@ -540,6 +679,17 @@ pub fn svg(series: &Series) -> String {
             "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{colour}\" stroke-width=\"3\"/><text x=\"{:.1}\" y=\"{:.1}\">{label}</text>",
             left + pw + 10.0,
             left + pw + 30.0,
+            left + pw + 36.0,
+            ly + 4.0
+        );
+    }
+    if runs(false).next().is_some() {
+        let ly = top + 10.0 + CLASSES.len() as f64 * 18.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"20\" height=\"10\" fill=\"#e8e8e8\"/><text x=\"{:.1}\" y=\"{:.1}\">no data</text>",
+            left + pw + 10.0,
+            ly - 5.0,
             left + pw + 36.0,
             ly + 4.0
         );
@@ -559,11 +709,23 @@ pub fn svg(series: &Series) -> String {
 /// What the chart shows, in words, for the Markdown.
 fn chart_text(series: &Series) -> String {
     let every = duration(series.bucket_ms);
-    let how = format!(
+    let mut how = format!(
         "Each step is the mean power (W) over each {every} (on the UTC clock) of the usage \
          points that end in it; a point covers the span before its timestamp, so it is drawn \
-         over that span. Times are UTC."
+         over that span, and a point covering more than the usage interval (sent late, after \
+         its agent was stopped or could not publish) is spread evenly over it. Times are UTC."
     );
+    if series.steps.iter().any(|st| st.w.is_none()) {
+        how.push_str(
+            " A gap in the chart (shaded, \"no data\") is time on the job's nodes that no \
+             usage point covers, on at least one node (e.g. while it rebooted): nothing \
+             measured or stored, so it is not drawn as 0 W, and where nodes run together \
+             their sum is unknown. A step a node's points cover only in part shows that \
+             node's mean power over the part covered.",
+        );
+    } else if let Drawn::Project(_) = series.drawn {
+        how.push_str(" A step with no usage point of the project is drawn at 0 W.");
+    }
     match &series.drawn {
         Drawn::Project(p) => format!(
             "The chart shows the power attributed to project {p}, all its users and nodes, \
@@ -738,7 +900,7 @@ fn strings(v: &serde_json::Value, col: usize) -> Vec<String> {
     out
 }
 
-/// Statements a request carries at most (one per node of a job).
+/// Statements a request carries at most (two per node of a job).
 const STATEMENTS_PER_REQUEST: usize = 50;
 
 /// Whose usage a chart draws.
@@ -780,26 +942,40 @@ async fn chart(
         .flatten()
         .flat_map(|s| s["values"].as_array().cloned().unwrap_or_default())
         .filter_map(|row| row[1].as_u64());
-    let b = chart_bucket_ms(from_ms, to_ms, usage_interval(spans_seen));
-    let select = format!(
-        "SELECT SUM(\"energy_gpu_uj\") AS gpu, SUM(\"energy_cpu_uj\") AS cpu, SUM(\"energy_dram_uj\") AS dram, SUM(\"energy_other_uj\") AS other, MIN(\"jobs\") AS fewest, MAX(\"jobs\") AS most FROM \"usage\" WHERE {filter}"
+    let interval = usage_interval(spans_seen);
+    let b = chart_bucket_ms(from_ms, to_ms, interval);
+    // Points up to the usage interval lie in one bucket and are summed there by InfluxDB;
+    // the few longer ones are read as they are, to be spread over their spans.
+    let whole = interval.unwrap_or(b);
+    let sums = format!(
+        "SELECT SUM(\"energy_gpu_uj\") AS gpu, SUM(\"energy_cpu_uj\") AS cpu, SUM(\"energy_dram_uj\") AS dram, SUM(\"energy_other_uj\") AS other, SUM(\"span_ms\") AS covered, MIN(\"jobs\") AS fewest, MAX(\"jobs\") AS most FROM \"usage\" WHERE {filter} AND \"span_ms\" <= {whole}"
+    );
+    let longer = format!(
+        "SELECT \"energy_gpu_uj\" AS gpu, \"energy_cpu_uj\" AS cpu, \"energy_dram_uj\" AS dram, \"energy_other_uj\" AS other, \"span_ms\", \"jobs\" FROM \"usage\" WHERE {filter} AND \"span_ms\" > {whole}"
     );
     let group = format!("GROUP BY time({b}ms, 1ms) fill(none)");
-    let statements: Vec<String> = match &whose {
+    // Per node where a job's usage is expected (its span there), both statements.
+    let parts: Vec<(Option<(u64, u64)>, String)> = match &whose {
         Whose::Job { spans, .. } => spans
             .iter()
             .map(|(node, (a, z))| {
-                format!(
-                    "{select} AND {} AND time > {a}ms AND time <= {z}ms {group}",
-                    eq("node", node)
+                let node = eq("node", node);
+                (
+                    Some((*a, *z)),
+                    format!("AND {node} AND time > {a}ms AND time <= {z}ms"),
                 )
             })
             .collect(),
-        Whose::Project(_) => vec![format!(
-            "{select} AND time > {from_ms}ms AND time <= {to_ms}ms {group}"
+        Whose::Project(_) => vec![(
+            None,
+            format!("AND time > {from_ms}ms AND time <= {to_ms}ms"),
         )],
     };
-    let mut buckets = Buckets::default();
+    let statements: Vec<String> = parts
+        .iter()
+        .flat_map(|(_, w)| [format!("{sums} {w} {group}"), format!("{longer} {w}")])
+        .collect();
+    let mut results = Vec::new();
     for request in statements.chunks(STATEMENTS_PER_REQUEST) {
         let v = influx.query(&request.join("; ")).await?;
         if crate::influx::has_partial(&v) {
@@ -809,16 +985,26 @@ async fn chart(
                     .into(),
             ));
         }
-        for result in v["results"].as_array().into_iter().flatten() {
-            buckets.add(result, b)?;
+        results.extend(v["results"].as_array().cloned().unwrap_or_default());
+    }
+    let mut usage: Vec<(Option<(u64, u64)>, Buckets)> = Vec::new();
+    let mut all = Buckets::default();
+    for ((expected, _), pair) in parts.iter().zip(results.chunks(2)) {
+        let mut bk = Buckets::default();
+        bk.add(&pair[0], b)?;
+        if let Some(long) = pair.get(1) {
+            bk.add_long(long)?;
         }
+        // A node without points (none read) has no count to give.
+        if let Some(fewest) = bk.fewest_jobs {
+            all.count_jobs(fewest, Some(bk.most_jobs));
+        }
+        usage.push((*expected, bk));
     }
     let drawn = match whose {
         Whose::Project(p) => Drawn::Project(p.to_string()),
-        Whose::Job { job, .. } if buckets.uj.is_empty() => Drawn::NoUsage(job.to_string()),
-        Whose::Job { job, .. }
-            if buckets.fewest_jobs == Some(Some(1)) && buckets.most_jobs == 1 =>
-        {
+        Whose::Job { job, .. } if all.fewest_jobs.is_none() => Drawn::NoUsage(job.to_string()),
+        Whose::Job { job, .. } if all.fewest_jobs == Some(Some(1)) && all.most_jobs == 1 => {
             Drawn::Job(job.to_string())
         }
         Whose::Job {
@@ -827,18 +1013,21 @@ async fn chart(
             job: job.to_string(),
             project: project.to_string(),
             user: user.to_string(),
-            most: match buckets.fewest_jobs {
-                Some(Some(f)) if f >= 1 => Some(buckets.most_jobs),
+            most: match all.fewest_jobs {
+                Some(Some(f)) if f >= 1 => Some(all.most_jobs),
                 _ => None,
             },
         },
     };
     Ok(Series {
-        drawn,
         from_ms,
         to_ms,
         bucket_ms: b,
-        steps: steps(from_ms, to_ms, b, &buckets.uj),
+        steps: match &drawn {
+            Drawn::NoUsage(_) => Vec::new(),
+            _ => steps(from_ms, to_ms, b, &usage),
+        },
+        drawn,
     })
 }
 
@@ -1018,12 +1207,12 @@ mod tests {
                     Step {
                         from_ms: 0,
                         to_ms: 60_000,
-                        w: [700.0, 100.0, 0.0, 0.0],
+                        w: Some([700.0, 100.0, 0.0, 0.0]),
                     },
                     Step {
                         from_ms: 60_000,
                         to_ms: 120_000,
-                        w: [650.0, 90.0, 0.0, 0.0],
+                        w: Some([650.0, 90.0, 0.0, 0.0]),
                     },
                 ],
             },
@@ -1057,13 +1246,13 @@ mod tests {
     fn each_point_is_drawn_over_the_span_it_covers() {
         let answer = serde_json::json!({"statement_id": 0, "series": [{
             "name": "usage",
-            "columns": ["time", "gpu", "cpu", "dram", "other", "fewest", "most"],
+            "columns": ["time", "gpu", "cpu", "dram", "other", "covered", "fewest", "most"],
             "values": [
                 // (0, 1 min]: the job's first points, from its start at 10 s.
-                [1, 20_000_000_000u64, 0, 0, null, 1, 1],
-                [60_001, 24_000_000_000u64, 6_000_000_000u64, 0, 0, 1, 1],
+                [1, 20_000_000_000u64, 0, 0, null, 60_000, 1, 1],
+                [60_001, 24_000_000_000u64, 6_000_000_000u64, 0, 0, 60_000, 1, 1],
                 // Nothing in (2 min, 3 min]; (3 min, 4 min] cut at the job's end.
-                [180_001, 8_000_000_000u64, 0, 0, 0, 1, 1],
+                [180_001, 8_000_000_000u64, 0, 0, 0, 20_000, 1, 1],
             ]
         }]});
         let mut b = Buckets::default();
@@ -1073,7 +1262,9 @@ mod tests {
             [MIN, 2 * MIN, 4 * MIN]
         );
         assert_eq!((b.fewest_jobs, b.most_jobs), (Some(Some(1)), 1));
-        let s = steps(10_000, 3 * MIN + 20_000, MIN, &b.uj);
+        assert_eq!(b.covered_ms[&(4 * MIN)], 20_000);
+        // A project's: no point in a step is 0 W of it.
+        let s = steps(10_000, 3 * MIN + 20_000, MIN, &[(None, b.clone())]);
         let spans: Vec<(u64, u64)> = s.iter().map(|s| (s.from_ms, s.to_ms)).collect();
         assert_eq!(
             spans,
@@ -1084,16 +1275,26 @@ mod tests {
                 (3 * MIN, 3 * MIN + 20_000)
             ]
         );
-        let w: Vec<[f64; 4]> = s.iter().map(|s| s.w).collect();
+        let w: Vec<Option<[f64; 4]>> = s.iter().map(|s| s.w).collect();
         assert_eq!(
             w,
             [
-                [400.0, 0.0, 0.0, 0.0],
-                [400.0, 100.0, 0.0, 0.0],
-                [0.0; 4],
-                [400.0, 0.0, 0.0, 0.0]
+                Some([400.0, 0.0, 0.0, 0.0]),
+                Some([400.0, 100.0, 0.0, 0.0]),
+                Some([0.0; 4]),
+                Some([400.0, 0.0, 0.0, 0.0])
             ]
         );
+        // A job's, expected there: the same, but the step no point covers is a gap.
+        let job = steps(
+            10_000,
+            3 * MIN + 20_000,
+            MIN,
+            &[(Some((10_000, 3 * MIN + 20_000)), b.clone())],
+        );
+        assert_eq!(job[2].w, None);
+        assert_eq!(job[0].w, w[0]);
+        assert_eq!(job[3].w, w[3]);
         // A point without a job count (folded) leaves the count unknown.
         let folded = serde_json::json!({"series": [{
             "columns": ["time", "gpu", "cpu", "dram", "other", "fewest", "most"],
@@ -1105,6 +1306,100 @@ mod tests {
             "columns": ["time", "gpu"], "values": [[1, -5]]
         }]});
         assert!(b.add(&negative, MIN).unwrap_err().contains("not a count"));
+    }
+
+    /// A node's points at `w` W over the minutes ending at `ends` (short), as summed by
+    /// InfluxDB per minute bucket.
+    fn minutes(w: u64, ends: &[u64]) -> Buckets {
+        let mut b = Buckets::default();
+        for end in ends {
+            b.uj.insert(end * MIN, [w * 1000 * MIN, 0, 0, 0]);
+            b.covered_ms.insert(end * MIN, MIN);
+        }
+        b.fewest_jobs = Some(Some(1));
+        b.most_jobs = 1;
+        b
+    }
+
+    fn gpu(s: &[Step]) -> Vec<Option<f64>> {
+        s.iter().map(|s| s.w.map(|w| w[0])).collect()
+    }
+
+    /// An agent stopped from 3 to 8 min sends those five minutes in one point at 8 min;
+    /// a reboot loses 10 to 13 min. Before, the chart showed 0 W from 3 to 7 min, 2 kW
+    /// from 7 to 8 min, and 0 W from 10 to 13 min.
+    #[test]
+    fn a_late_long_point_is_spread_and_time_no_point_covers_is_a_gap() {
+        let mut n1 = minutes(400, &[1, 2, 3, 9, 10, 14, 15, 16]);
+        let late = serde_json::json!({"series": [{
+            "columns": ["time", "gpu", "cpu", "dram", "other", "span_ms", "jobs"],
+            "values": [[8 * MIN, 400_000 * 5 * MIN, 0, 0, null, 5 * MIN, 1]]
+        }]});
+        n1.add_long(&late).unwrap();
+        assert_eq!(
+            n1.long,
+            [Long {
+                end_ms: 8 * MIN,
+                span_ms: 5 * MIN,
+                uj: [400_000 * 5 * MIN, 0, 0, 0]
+            }]
+        );
+        let job = [(Some((0, 16 * MIN)), n1.clone())];
+        let mut want = vec![Some(400.0); 16];
+        want[10..13].fill(None);
+        assert_eq!(gpu(&steps(0, 16 * MIN, MIN, &job)), want);
+        // Two-minute steps: (10, 12] no point covers; (12, 14] covered half, at its
+        // mean over that half.
+        let two = steps(0, 16 * MIN, 2 * MIN, &job);
+        let mut want = vec![Some(400.0); 8];
+        want[5] = None;
+        assert_eq!(gpu(&two), want);
+        // A project's chart expects nothing: the lost minutes are 0 W of it, the late
+        // point is still spread.
+        let project = steps(0, 16 * MIN, MIN, &[(None, n1)]);
+        let mut want = vec![Some(400.0); 16];
+        want[10..13].fill(Some(0.0));
+        assert_eq!(gpu(&project), want);
+    }
+
+    #[test]
+    fn a_job_on_several_nodes_sums_them_and_a_gap_on_one_is_a_gap() {
+        // n1 at 300 W all along; n2 at 500 W from 90 s, its (2, 3 min] lost.
+        let n1 = minutes(300, &[1, 2, 3, 4]);
+        let mut n2 = minutes(500, &[3, 4]);
+        n2.uj.insert(2 * MIN, [500 * 1000 * 30_000, 0, 0, 0]);
+        n2.covered_ms.insert(2 * MIN, 30_000);
+        let usage = [(Some((0, 4 * MIN)), n1), (Some((90_000, 4 * MIN)), n2)];
+        assert_eq!(
+            gpu(&steps(0, 4 * MIN, MIN, &usage)),
+            [Some(300.0), Some(550.0), Some(800.0), Some(800.0)]
+        );
+        let mut lost = usage.clone();
+        lost[1].1.uj.remove(&(3 * MIN));
+        lost[1].1.covered_ms.remove(&(3 * MIN));
+        assert_eq!(
+            gpu(&steps(0, 4 * MIN, MIN, &lost)),
+            [Some(300.0), Some(550.0), None, Some(800.0)]
+        );
+    }
+
+    /// A long point reaching back before the job's start on the node holds only the
+    /// job's energy: it is spread over the job's part of its span.
+    #[test]
+    fn a_long_point_is_spread_over_the_job_part_of_its_span() {
+        let t = 10 * MIN;
+        let mut n1 = Buckets::default();
+        n1.long.push(Long {
+            end_ms: t + 2 * MIN,
+            span_ms: 3 * MIN,
+            uj: [400_000 * MIN, 0, 0, 0],
+        });
+        let job = Some((t + MIN, t + 2 * MIN));
+        let s = steps(t + MIN, t + 2 * MIN, MIN, &[(job, n1.clone())]);
+        assert_eq!(gpu(&s), [Some(400.0)]);
+        // A project's point is spread over its whole span, a third of it before the period.
+        let s = steps(t, t + 2 * MIN, MIN, &[(None, n1)]);
+        assert_eq!(gpu(&s), [Some(400.0 / 3.0), Some(400.0 / 3.0)]);
     }
 
     #[test]
@@ -1266,5 +1561,42 @@ mod tests {
         assert!(s.trim_end().ends_with("</svg>"));
         // An empty series still renders.
         assert!(svg(&Series::default()).contains("</svg>"));
+        // A step without data is a shaded gap between two lines per class, said in the
+        // legend, and sets no scale.
+        let mut gap = d.series.clone();
+        gap.steps.insert(
+            1,
+            Step {
+                from_ms: 60_000,
+                to_ms: 90_000,
+                w: None,
+            },
+        );
+        gap.steps[2].from_ms = 90_000;
+        let s = svg(&gap);
+        assert_eq!(s.matches("<polyline").count(), 8, "{s}");
+        assert_eq!(s.matches("<rect class=\"gap\"").count(), 1, "{s}");
+        assert!(
+            s.contains(&format!(
+                "<rect class=\"gap\" x=\"{:.1}\" y=\"52\" width=\"{:.1}\"",
+                x(60_000.0),
+                x(90_000.0) - x(60_000.0)
+            )),
+            "{s}"
+        );
+        assert!(s.contains(">no data</text>"), "{s}");
+        assert!(s.contains("data-max-w=\"1000\""), "{s}");
+        assert!(!svg(&d.series).contains("no data"));
+        let p = Prices {
+            pue: 1.0,
+            price_per_kwh: None,
+            currency: "EUR".into(),
+            co2_g_per_kwh: None,
+        };
+        let m = markdown(&ReportData { series: gap, ..d }, &p, "c.svg", "db");
+        assert!(
+            m.contains("A gap in the chart (shaded, \"no data\")"),
+            "{m}"
+        );
     }
 }
