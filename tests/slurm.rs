@@ -25,6 +25,35 @@ fn prolog_and_epilog_feed_the_registry_and_the_agent_bills_the_job() {
         &[400.0, 400.0, 400.0, 400.0],
     ) + &format!("[jobs]\ndir = {:?}\ntotals_interval = \"1s\"\n", slurm.jobs);
     let a = config_file("agent.toml", &text);
+
+    // Before any job: the registry does not exist yet, and check follows slurm.conf's
+    // Prolog (a wrapper that sets NODEWATT_JOBS_DIR) to the shipped script.
+    let check = std::process::Command::new(bin("nodewatt-agent"))
+        .args(["check", "--strict", "--config"])
+        .arg(&a.path)
+        .env("SLURM_CONF", slurm.dir.path().join("slurm.conf"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{said}");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/slurm");
+    for want in [
+        format!(
+            "prolog     ok           {} writes to {}",
+            shipped.join("prolog").canonicalize().unwrap().display(),
+            slurm.jobs.display()
+        ),
+        format!(
+            "epilog     ok           {}",
+            shipped.join("epilog").canonicalize().unwrap().display()
+        ),
+        format!(
+            "jobs       ok           no jobs yet: the prolog creates {} at the first job",
+            slurm.jobs.display()
+        ),
+    ] {
+        assert!(said.contains(&want), "missing {want:?} in:\n{said}");
+    }
     let mut agent = start_agent(&a, 1_000_000);
 
     // Slurm lowercases account names; two of the four fake GPUs.

@@ -457,7 +457,35 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
         );
     }
     if let Some(dir) = sampler.registry_dir() {
+        use nodewatt_agent::accounting::prolog::{self, Hook};
         use nodewatt_agent::accounting::registry::{ReadError, Registry};
+        // Whether Slurm's prolog and epilog write where the agent reads.
+        let mut prolog_ok = false;
+        let slurm_conf = std::env::var_os("SLURM_CONF").map(PathBuf::from);
+        match prolog::find_conf(slurm_conf.as_deref()) {
+            Ok(conf) => {
+                for hook in [Hook::Prolog, Hook::Epilog] {
+                    let said = prolog::entries(&conf, hook)
+                        .and_then(|e| prolog::verdict(hook, &conf, &e, dir));
+                    if hook == Hook::Prolog {
+                        prolog_ok = said.is_ok();
+                    }
+                    let name = hook.parameter().to_lowercase();
+                    match said {
+                        Ok(ok) => line(&name, None, ok),
+                        Err(problem) => line(&name, Some(problem), String::new()),
+                    }
+                }
+            }
+            Err(e) => line(
+                "prolog",
+                Some(format!(
+                    "{e}: cannot tell whether Slurm's prolog writes to {}; set SLURM_CONF to slurm.conf's path, or [jobs] enabled = false without Slurm",
+                    dir.display()
+                )),
+                String::new(),
+            ),
+        }
         let mut registry = Registry::new(dir.to_owned(), cfg.jobs.owner_uid);
         match registry.read() {
             Ok(listing) => {
@@ -475,6 +503,12 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
                     format!("{} jobs in {}", listing.jobs.len(), dir.display()),
                 );
             }
+            // Created by the prolog at the first job (and again after a reboot: /run).
+            Err(ReadError::Missing(_)) if prolog_ok => line(
+                "jobs",
+                None,
+                format!("no jobs yet: the prolog creates {} at the first job", dir.display()),
+            ),
             Err(e @ ReadError::Missing(_)) => line(
                 "jobs",
                 Some(format!("{e}: install the prolog and epilog (docs/slurm.md), or set [jobs] enabled = false")),

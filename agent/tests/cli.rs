@@ -127,12 +127,54 @@ fn once_is_one_json_line_by_default() {
     Sample::from_json(text.as_bytes()).unwrap();
 }
 
+/// A slurm.conf in `dir` whose Prolog and Epilog are wrappers that run the shipped
+/// scripts (config/slurm/) with NODEWATT_JOBS_DIR=`jobs`, as docs/slurm.md shows.
+fn slurm_conf(dir: &Path, jobs: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/slurm");
+    for hook in ["prolog", "epilog"] {
+        let wrapper = dir.join(format!("site-{hook}"));
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nNODEWATT_JOBS_DIR={} exec {}\n",
+                jobs.display(),
+                shipped.join(hook).display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let conf = dir.join("slurm.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "ClusterName=fixture\nProlog={}\nEpilog={}\n",
+            dir.join("site-prolog").display(),
+            dir.join("site-epilog").display()
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+fn check_with_slurm(config: &Path, slurm_conf: &Path) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(["check", "--strict", "--config"])
+        .arg(config)
+        .env("SLURM_CONF", slurm_conf)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8(out.stdout).unwrap())
+}
+
 #[test]
 fn check_lists_sources_devices_and_reasons() {
-    let (_dir, config) = golden_config();
-    let out = agent(&["check", "--config", config.to_str().unwrap(), "--strict"]);
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{text}");
+    let (dir, config) = golden_config();
+    let jobs = fixtures().join("node/run/nodewatt/jobs");
+    let (code, text) = check_with_slurm(&config, &slurm_conf(dir.path(), &jobs));
+    assert_eq!(code, Some(0), "{text}");
     for want in [
         "cluster fixture, node fixture-node, interval 1s",
         "simulated  ok           SIMULATED: 2 GPUs, 0 RAPL domains (not real hardware)",
@@ -145,6 +187,39 @@ fn check_lists_sources_devices_and_reasons() {
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/slurm");
+    for hook in ["prolog", "epilog"] {
+        let want = format!(
+            "{hook:<10} ok           {} writes to {}",
+            shipped.join(hook).display(),
+            jobs.display()
+        );
+        assert!(text.contains(&want), "missing {want:?} in:\n{text}");
+    }
+}
+
+/// The prolog writes one directory, the agent reads another: nothing would ever be
+/// billed to a job, so --strict fails and says which to change.
+#[test]
+fn check_fails_when_the_prolog_writes_elsewhere_or_slurm_is_not_found() {
+    let (dir, config) = golden_config();
+    let elsewhere = dir.path().join("other-jobs");
+    let (code, text) = check_with_slurm(&config, &slurm_conf(dir.path(), &elsewhere));
+    assert_eq!(code, Some(1), "{text}");
+    let want = format!(
+        "writes to {}, but [jobs] dir is {}: set [jobs] dir, or NODEWATT_JOBS_DIR in a wrapper",
+        elsewhere.display(),
+        fixtures().join("node/run/nodewatt/jobs").display()
+    );
+    assert!(text.contains(&want), "missing {want:?} in:\n{text}");
+
+    let (code, text) = check_with_slurm(&config, &dir.path().join("no-slurm.conf"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("prolog     PROBLEM      SLURM_CONF names ")
+            && text.contains("which is not a file"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@ use ledger::Ledger;
 use registry::Registry;
 
 pub mod ledger;
+pub mod prolog;
 pub mod registry;
 
 pub struct Accountant {
