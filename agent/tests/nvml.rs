@@ -257,12 +257,14 @@ fn a_driver_reload_restarts_the_counter_and_no_delta_spans_it() {
     let n = node(
         &format!(
             "[[gpu]]\nuuid = \"{GPU0}\"\npower_w = 400.0\nenergy_start_mj = 900000000\n\
-             reload_at_ms = 1000\n"
+             reload_at_ms = 2000\n"
         ),
         "100ms",
         "",
     );
-    let samples = n.run(20);
+    // 2 s after the library loads: past a start-up slowed by a loaded machine, and well
+    // inside the 3.5 s the samples span.
+    let samples = n.run(35);
     let e: Vec<u64> = samples
         .iter()
         .map(|s| s.gpus[0].energy_mj.unwrap())
