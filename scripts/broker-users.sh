@@ -3,7 +3,8 @@
 # per collector login, and the dynamic-security file that makes mosquitto accept them
 # (config/mosquitto.conf; docs/deployment.md, "Broker logins").
 #
-#   scripts/broker-users.sh --cluster NAME [--collector USER]... [--out DIR] NODES
+#   scripts/broker-users.sh --cluster NAME [--collector USER]... [--admin USER [--add]]
+#                           [--out DIR] NODES
 #
 # NODES      a file with one node name per line (`#` comments and blank lines skipped),
 #            or `-` for stdin; the agents' node names, 1-64 of A-Z a-z 0-9 . _ -
@@ -12,11 +13,18 @@
 # --collector a collector login (default: collector, as in config/mosquitto.acl); repeat
 #            for more. Not pinned to a client id: collectors sharing one login keep their
 #            own ids and persistent sessions in one share group.
+# --admin    also a login that may change the plugin's logins on the running broker (its
+#            $CONTROL/dynamic-security topics) and nothing else
+# --add      the broker runs the previous file: also write add/mosquitto_rr, the options
+#            with which mosquitto_rr (package mosquitto-clients) logs in as the --admin
+#            user and creates the nodes that got a new password in this run, no restart
+#            (docs/deployment.md, "Broker logins")
 # --out      output directory (default: broker-users), private to its owner:
 #   passwords/<user>        the password alone: install on that node at the agent's
 #                           [mqtt] password_file (root:nodewatt 0640)
 #   dynamic-security.json   install on the broker as /etc/mosquitto/nodewatt-dynsec.json
-#                           (root:mosquitto 0640), then restart mosquitto
+#                           (root:mosquitto 0640), then restart mosquitto (only new
+#                           nodes: or run add/mosquitto_rr, see --add)
 #
 # An existing passwords/<user> is kept, so adding nodes changes no other password; delete
 # it to rotate that one. A user left out of the list cannot log in once the new file is
@@ -31,17 +39,19 @@ die() {
   exit 1
 }
 usage() {
-  echo "usage: $0 --cluster NAME [--collector USER]... [--out DIR] NODES" >&2
+  echo "usage: $0 --cluster NAME [--collector USER]... [--admin USER [--add]] [--out DIR] NODES" >&2
   exit 2
 }
 
-cluster='' out=broker-users list=''
+cluster='' out=broker-users list='' admin='' add=''
 collectors=()
 while [ $# -gt 0 ]; do
   case $1 in
     --cluster) [ $# -ge 2 ] || usage; cluster=$2; shift 2 ;;
     --collector) [ $# -ge 2 ] || usage; collectors+=("$2"); shift 2 ;;
     --out) [ $# -ge 2 ] || usage; out=$2; shift 2 ;;
+    --admin) [ $# -ge 2 ] || usage; admin=$2; shift 2 ;;
+    --add) add=1; shift ;;
     -h | --help) usage ;;
     -) [ -z "$list" ] || usage; list=-; shift ;;
     -*) die "unknown option $1" ;;
@@ -49,6 +59,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -z "$cluster" ] || [ -z "$list" ]; then usage; fi
+[ -z "$add" ] || [ -n "$admin" ] || die "--add needs --admin: the login that adds them"
 [ ${#collectors[@]} -gt 0 ] || collectors=(collector)
 
 # The agents' rule for names (nodewatt_wire::NodeName): also a safe MQTT topic level and
@@ -80,6 +91,11 @@ for c in "${collectors[@]}"; do
   [ -z "${seen[$c]:-}" ] || die "collector $c is also listed as a node, or twice"
   seen[$c]=collector
 done
+if [ -n "$admin" ]; then
+  valid "$admin" || die "admin $admin: must be 1-64 of A-Z a-z 0-9 . _ -"
+  [ -z "${seen[$admin]:-}" ] || die "admin $admin is also a node or collector login"
+  seen[$admin]='admin'
+fi
 
 mkdir -p "$out/passwords"
 chmod 700 "$out"
@@ -88,10 +104,11 @@ trap 'rm -rf "$tmp"' EXIT
 
 # 24 random bytes (192 bits: hashing iterations add nothing to that) per user, 32
 # characters of base64url each, drawn at once: a fleet takes seconds.
-users=("${nodes[@]}" "${collectors[@]}")
+users=("${nodes[@]}" "${collectors[@]}" ${admin:+"$admin"})
 mapfile -t fresh < <(head -c $((24 * ${#users[@]})) /dev/urandom | base64 -w 32 | tr '+/' '-_')
 # user:password lines for mosquitto_passwd -U, which splits at ':' and trims blanks.
 created=0
+added=()
 for i in "${!users[@]}"; do
   user=${users[$i]}
   f=$out/passwords/$user
@@ -104,6 +121,9 @@ for i in "${!users[@]}"; do
     [ ${#pw} -eq 32 ] || die "short read from /dev/urandom"
     printf '%s\n' "$pw" >"$f"
     created=$((created + 1))
+    # createClient takes the password itself; base64url needs no quoting in JSON.
+    [ "${seen[$user]}" != node ] ||
+      added+=("{\"command\": \"createClient\", \"username\": \"$user\", \"password\": \"$pw\", \"clientid\": \"nodewatt-agent-$cluster-$user\", \"roles\": [{\"rolename\": \"nodewatt-node\"}]}")
   fi
   printf '%s:%s\n' "$user" "$pw"
 done >"$tmp/passwd"
@@ -126,7 +146,16 @@ client() {
   # Defaults deny, which makes the plugin defer publish and read decisions to the ACL
   # file; that file allows every SUBSCRIBE, so the node role must refuse them itself.
   printf '{\n  "defaultACLAccess": {"publishClientSend": false, "publishClientReceive": false, "subscribe": false, "unsubscribe": true},\n'
-  printf '  "roles": [\n    {"rolename": "nodewatt-node", "acls": [{"acltype": "subscribePattern", "topic": "#", "allow": false}]}\n  ],\n'
+  printf '  "roles": [\n    {"rolename": "nodewatt-node", "acls": [{"acltype": "subscribePattern", "topic": "#", "allow": false}]}'
+  # The plugin's control topics only; "#" does not match them ($), so the admin, too,
+  # can join no share group.
+  ctl="\$CONTROL/dynamic-security/#"
+  [ -z "$admin" ] || printf ',\n    {"rolename": "nodewatt-admin", "acls": [%s, %s, %s, %s]}' \
+    "{\"acltype\": \"publishClientSend\", \"topic\": \"$ctl\", \"allow\": true}" \
+    "{\"acltype\": \"publishClientReceive\", \"topic\": \"$ctl\", \"allow\": true}" \
+    "{\"acltype\": \"subscribePattern\", \"topic\": \"$ctl\", \"allow\": true}" \
+    '{"acltype": "subscribePattern", "topic": "#", "allow": false}'
+  printf '\n  ],\n'
   printf '  "clients": [\n'
   sep=
   for node in "${nodes[@]}"; do
@@ -138,9 +167,27 @@ client() {
     printf '%s' "$sep"
     client "$c" ""
   done
+  if [ -n "$admin" ]; then
+    printf '%s' "$sep"
+    client "$admin" '"roles": [{"rolename": "nodewatt-admin"}], '
+  fi
   printf '\n  ]\n}\n'
 } >"$out/dynamic-security.json.new"
 mv "$out/dynamic-security.json.new" "$out/dynamic-security.json"
+
+# mosquitto_rr reads options from $XDG_CONFIG_HOME/mosquitto_rr, one a line, the rest of
+# the line its value: so no password appears on a command line. Its -f sends nothing in
+# mosquitto 2.0, hence -m.
+rm -rf "$out/add"
+if [ -n "$add" ] && [ ${#added[@]} -gt 0 ]; then
+  mkdir "$out/add"
+  IFS= read -r admin_pw <"$out/passwords/$admin"
+  payload=$(IFS=,; printf '{"commands": [%s]}' "${added[*]}")
+  ctl="\$CONTROL/dynamic-security/v1"
+  printf -- '-u %s\n-P %s\n-t %s\n-e %s/response\n-m %s\n' \
+    "$admin" "$admin_pw" "$ctl" "$ctl" "$payload" >"$out/add/mosquitto_rr"
+  echo "broker-users: add/mosquitto_rr creates ${#added[@]} new nodes on the running broker" >&2
+fi
 
 echo "broker-users: ${#nodes[@]} nodes, ${#collectors[@]} collector logins ($created new passwords) in $out" >&2
 for c in "${collectors[@]}"; do

@@ -1,5 +1,5 @@
 //! The shipped broker configuration (config/mosquitto.conf and config/mosquitto.acl, only
-//! its paths and ports changed) with logins made by scripts/broker-users.sh, against the
+//! its file paths and ports changed) with logins made by scripts/broker-users.sh, against the
 //! real mosquitto: who may log in, with which client id, and publish or subscribe where.
 
 use std::path::{Path, PathBuf};
@@ -37,35 +37,48 @@ struct Broker {
     tls_port: u16,
 }
 
+/// Runs broker-users.sh for these nodes with these options, its output in `dir`/users.
+fn broker_users(dir: &Path, nodes: &[&str], args: &[&str]) {
+    std::fs::write(dir.join("nodes"), nodes.join("\n") + "\n").unwrap();
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/broker-users.sh"))
+        .args(["--cluster", CLUSTER])
+        .args(args)
+        .arg("--out")
+        .arg(dir.join("users"))
+        .arg(dir.join("nodes"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "broker-users.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Broker {
     fn start(nodes: &[&str]) -> Broker {
+        Broker::start_with(nodes, &[], |_| {})
+    }
+
+    /// broker-users.sh with `args`; `edit` changes the plugin's file it made, before
+    /// mosquitto reads it.
+    fn start_with(
+        nodes: &[&str],
+        args: &[&str],
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        std::fs::write(d.join("nodes"), nodes.join("\n") + "\n").unwrap();
-        let out = Command::new("bash")
-            .arg(repo().join("scripts/broker-users.sh"))
-            .args(["--cluster", CLUSTER, "--out"])
-            .arg(d.join("users"))
-            .arg(d.join("nodes"))
-            .output()
-            .expect("bash runs");
-        assert!(
-            out.status.success(),
-            "broker-users.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        broker_users(d, nodes, args);
+        let json = d.join("users/dynamic-security.json");
+        let mut dynsec = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        edit(&mut dynsec);
+        std::fs::write(&json, dynsec.to_string()).unwrap();
 
         let certs = Certs::new();
         let (port, tls_port) = (free_port(), free_port());
         let path = |p: PathBuf| p.display().to_string();
-        // The plugin's directory is the architecture's.
-        let shipped_plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
-        let plugin = std::fs::read_dir("/usr/lib")
-            .unwrap()
-            .flatten()
-            .map(|e| e.path().join("mosquitto_dynamic_security.so"))
-            .find(|p| p.exists())
-            .expect("mosquitto's dynamic-security plugin is installed");
         let mut conf = std::fs::read_to_string(repo().join("config/mosquitto.conf")).unwrap();
         for (from, to) in [
             (
@@ -77,7 +90,6 @@ impl Broker {
                 format!("listener {port} 127.0.0.1\n"),
             ),
             ("/var/lib/mosquitto/", format!("{}/", d.display())),
-            (shipped_plugin, path(plugin)),
             (
                 "/etc/mosquitto/nodewatt-dynsec.json",
                 path(d.join("users/dynamic-security.json")),
@@ -96,7 +108,8 @@ impl Broker {
                 path(certs.path("server.key")),
             ),
         ] {
-            // Each exactly once: a changed shipped file fails here, not silently.
+            // Each exactly once: a changed shipped file fails here, not silently. The
+            // `plugin` line stays as shipped, so these tests prove that mosquitto finds it.
             assert_eq!(conf.matches(from).count(), 1, "{from} in mosquitto.conf");
             conf = conf.replace(from, &to);
         }
@@ -398,4 +411,141 @@ fn agents_publish_with_logins_from_the_script_to_collectors_sharing_a_group() {
     });
     assert!(arrived, "{}\n{}\n{}", c1.log(), c2.log(), mq.proc.log());
     assert_eq!((connects(&c1), connects(&c2)), (1, 1));
+}
+
+#[test]
+fn the_collectors_check_names_the_subscriptions_the_broker_refuses() {
+    let sample_topic = "nodewatt/v1/+/+/sample";
+    let status_topic = "nodewatt/v1/+/+/status";
+    // The collector's login may connect with any client id, but a role of its own denies
+    // these subscriptions: first all of nodewatt's, then only the status topics.
+    for (deny, refused) in [
+        ("nodewatt/v1/#", vec![sample_topic, status_topic]),
+        (status_topic, vec![status_topic]),
+    ] {
+        let mq = Broker::start_with(&["node-a"], &[], |j| {
+            j["roles"].as_array_mut().unwrap().push(serde_json::json!({
+                "rolename": "collector-no-read",
+                "acls": [{"acltype": "subscribePattern", "topic": deny, "allow": false}],
+            }));
+            let collector = j["clients"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|c| c["username"] == "collector")
+                .unwrap();
+            collector["roles"] = serde_json::json!([{"rolename": "collector-no-read"}]);
+        });
+        let db = Influxd::start();
+        let text = collector_config("c1", mq.port, &db.url(), DB).replace(
+            "[mqtt]\n",
+            &format!(
+                "[mqtt]\nusername = \"collector\"\npassword_file = {:?}\n",
+                mq.password_file("collector")
+            ),
+        );
+        let cfg = config_file("collector.toml", &text);
+        let out = collector_run(&cfg, &["check", "--strict"]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{deny}: {said}");
+        let want = format!(
+            "broker     PROBLEM      MQTT broker mqtt://127.0.0.1:{} refused the subscription to {refused:?}:",
+            mq.port
+        );
+        assert!(said.contains(&want), "{deny}: {want:?} in\n{said}");
+        // The only problem: InfluxDB is there, and a SUBACK comes only after a login.
+        assert_eq!(said.matches("PROBLEM").count(), 1, "{deny}: {said}");
+    }
+}
+
+#[test]
+fn a_node_added_with_the_admin_login_can_publish_without_a_broker_restart() {
+    let admin = "nodewatt-admin";
+    let mq = Broker::start_with(&["node-a"], &["--admin", admin], |_| {});
+    let db = Influxd::start();
+    let (_cfg, collector) = mq.collector("c1", &db);
+
+    // The admin login changes logins and nothing else: no share group, no samples.
+    let pw = mq.password(admin);
+    let (client, mut conn) = login(mq.port, "any-admin-id", Some((admin, &pw)), true).unwrap();
+    let filters = [
+        format!("$share/{GROUP}/nodewatt/v1/+/+/sample"),
+        "nodewatt/v1/#".to_string(),
+    ];
+    client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        )
+        .unwrap();
+    let codes = next(&mut conn, |p| match p {
+        Packet::SubAck(s) => Some(s.return_codes),
+        _ => None,
+    });
+    assert_eq!(codes, vec![SubscribeReasonCode::Failure; 2], "{filters:?}");
+    drop(client);
+    publish_as(
+        mq.port,
+        "any-admin-id",
+        (admin, &pw),
+        &[sample("node-a", 7)],
+    );
+
+    let a = mq.password("node-a");
+    broker_users(
+        mq.dir.path(),
+        &["node-a", "node-b"],
+        &["--admin", admin, "--add"],
+    );
+    assert_eq!(mq.password("node-a"), a, "an existing password is kept");
+    let out = Command::new("mosquitto_rr")
+        .args(["-p", &mq.port.to_string(), "-W", "10"])
+        .env("XDG_CONFIG_HOME", mq.dir.path().join("users/add"))
+        .output()
+        .expect("mosquitto_rr (package mosquitto-clients) runs");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said.trim(), r#"{"responses":[{"command":"createClient"}]}"#);
+
+    // node-b, like a node from the file: its agent's client id only, no subscriptions,
+    // its own topics.
+    let b = mq.password("node-b");
+    let node_b = ("node-b", b.as_str());
+    let r = login(mq.port, "nodewatt-check-node-b", Some(node_b), true).map(|_| ());
+    assert!(
+        r.as_ref().is_err_and(|e| e.contains("NotAuthorized")),
+        "{r:?}"
+    );
+    let (client, mut conn) = login(mq.port, &agent_id("node-b"), Some(node_b), true).unwrap();
+    client.subscribe("nodewatt/v1/#", QoS::AtLeastOnce).unwrap();
+    let codes = next(&mut conn, |p| match p {
+        Packet::SubAck(s) => Some(s.return_codes),
+        _ => None,
+    });
+    assert_eq!(codes, vec![SubscribeReasonCode::Failure]);
+    drop(client);
+    publish_as(
+        mq.port,
+        &agent_id("node-b"),
+        node_b,
+        &[sample("node-b", 1), sample("node-a", 1)],
+    );
+    publish_as(
+        mq.port,
+        &agent_id("node-a"),
+        ("node-a", &a),
+        &[sample("node-a", 2)],
+    );
+    let arrived = wait_until(Duration::from_secs(20), || {
+        count(&db, "node-b") == 1.0 && count(&db, "node-a") == 1.0
+    });
+    assert!(arrived, "{}", collector.log());
+    std::thread::sleep(Duration::from_millis(500));
+    // Neither node-b's forged sample nor the admin's.
+    assert_eq!((count(&db, "node-a"), count(&db, "node-b")), (1.0, 1.0));
 }
