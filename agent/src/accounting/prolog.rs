@@ -4,21 +4,23 @@
 //! `${NODEWATT_JOBS_DIR:-/run/nodewatt/jobs}`; a site's own prolog may set that variable
 //! and call them, directly, through a wrapper, or from a directory of scripts.
 //!
-//! This reads shell without running it, so it knows the forms docs/slurm.md shows
-//! (`NODEWATT_JOBS_DIR=/x exec /etc/nodewatt/slurm/prolog`, `export NODEWATT_JOBS_DIR=/x`,
-//! `run-parts /etc/slurm/prolog.d`, `for f in /etc/slurm/prolog.d/*`), and says so when
-//! a value comes from something only the shell knows.
+//! Shell is read without running it, statement by statement: sourced files
+//! (`. /etc/default/x`), `V=x cmd` (for `cmd` only), `export`/`declare -x`/`set -a`,
+//! `${V:-x}`, `case` branches, `run-parts` directories and globs. What only the shell
+//! could resolve (`$BASE/jobs`, different values in different branches) is said to be
+//! unknown rather than guessed: a wrong "ok" would hide unbilled jobs.
 
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
-/// Where slurm.conf is looked for when `SLURM_CONF` is not set: Debian's path, older
-/// packages' path, and the copies slurmd keeps in configless mode.
+/// Where slurm.conf is looked for when `SLURM_CONF` is not set: the copies slurmd keeps
+/// in configless mode, Debian's path, older packages' path.
 pub const CONF_PATHS: &[&str] = &[
-    "/etc/slurm/slurm.conf",
-    "/etc/slurm-llnl/slurm.conf",
+    // Where slurmd keeps a configless cluster's config: the one in use when there.
     "/run/slurm/conf/slurm.conf",
     "/var/spool/slurmd/conf-cache/slurm.conf",
+    "/etc/slurm/slurm.conf",
+    "/etc/slurm-llnl/slurm.conf",
 ];
 
 const VAR: &str = "NODEWATT_JOBS_DIR";
@@ -28,6 +30,7 @@ const MAX_READ: u64 = 256 * 1024;
 const MAX_DEPTH: usize = 4;
 const MAX_NAMED: usize = 64;
 const MAX_FILES: usize = 256;
+const MAX_LISTED: usize = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
@@ -87,84 +90,198 @@ fn unquote(s: &str) -> &str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Script {
     /// nodewatt's own prolog or epilog: it writes to `$NODEWATT_JOBS_DIR`, or this.
-    Ours { default: String },
-    /// Another script: the NODEWATT_JOBS_DIR it sets, if any, and the absolute paths it
-    /// names (what it may run).
-    Other {
-        sets: Option<Assignment>,
-        paths: Vec<String>,
+    Ours {
+        hook: Hook,
+        default: String,
     },
+    Other(Wrapper),
 }
 
-/// A script's last assignment of NODEWATT_JOBS_DIR.
+/// A script that is not ours: a site's prolog, or a wrapper around ours.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wrapper {
+    /// Its assignments of NODEWATT_JOBS_DIR, in text order.
+    pub sets: Vec<Assignment>,
+    /// `export V`, `declare -x V` or `set -a`: its assignments reach what it runs.
+    pub exports: bool,
+    /// The files it sources (`. f`, `source f`): their assignments are its own.
+    pub sources: Vec<String>,
+    /// The absolute paths it names otherwise: what it may run.
+    pub paths: Vec<String>,
+}
+
+/// One assignment of NODEWATT_JOBS_DIR.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
     pub value: String,
-    /// `export V=x`, `V=x command`, `env V=x command`, or `V=x` with `export V` or
-    /// `set -a`: the commands it runs see it. A bare `V=x` stays in the shell.
-    pub exported: bool,
+    pub scope: Scope,
 }
 
-impl Assignment {
-    /// The value, when the text alone says it (no `$var`, `$(...)` or backquotes).
-    pub fn literal(&self) -> Option<&str> {
-        (!self.value.contains(['$', '`'])).then_some(self.value.as_str())
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// `export V=x`, `declare -x V=x`: what the script runs sees it.
+    Exported,
+    /// `V=x` alone: it stays in the shell unless the script exports V.
+    Shell,
+    /// `V=x command`, `env V=x command`: only that command (the paths it names) sees it.
+    Prefix(Vec<String>),
+}
+
+/// The value NODEWATT_JOBS_DIR has for a script or what it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Env {
+    Unset,
+    Dir(String),
+    /// Only the shell could say (why).
+    Unknown(String),
+}
+
+impl Env {
+    /// `value` assigned where the variable was `self`: a literal, or `$V`, `${V}`,
+    /// `${V:-x}`, `${V-x}`; anything else only the shell knows.
+    fn assign(&self, value: &str) -> Env {
+        let value = unquote(value);
+        if !value.contains(['$', '`']) {
+            return Env::Dir(value.to_owned());
+        }
+        let inner = value
+            .strip_prefix("${")
+            .and_then(|v| v.strip_suffix('}'))
+            .or_else(|| value.strip_prefix('$'))
+            .and_then(|v| v.strip_prefix(VAR));
+        match inner {
+            Some("") => self.clone(),
+            Some(rest) => match rest.strip_prefix(":-").or_else(|| rest.strip_prefix('-')) {
+                Some(default) if !default.contains(['$', '`']) => match self {
+                    Env::Unset => Env::Dir(default.to_owned()),
+                    // `:-` also takes the default for an empty value: never ours.
+                    other => other.clone(),
+                },
+                _ => Env::Unknown(format!("{VAR}={value}, which only the shell knows")),
+            },
+            None => Env::Unknown(format!("{VAR}={value}, which only the shell knows")),
+        }
     }
 }
 
 /// Reads a script's text (without running it).
 pub fn script(text: &str) -> Script {
     let code: Vec<&str> = text.lines().map(without_comment).collect();
-    let ours = code.iter().find_map(|l| {
+    let ours_default = code.iter().find_map(|l| {
         l.trim()
             .strip_prefix("dir=${NODEWATT_JOBS_DIR:-")
             .and_then(|rest| rest.split_once('}'))
             .map(|(default, _)| default.to_owned())
     });
-    if let Some(default) = ours {
-        return Script::Ours { default };
+    if let Some(default) = ours_default {
+        // The prolog takes the start instant, the epilog the end.
+        let takes = |v: &str| code.iter().any(|l| l.trim().starts_with(v));
+        if takes("start_ms=$(date") != takes("end_ms=$(date") {
+            let hook = if takes("start_ms=$(date") {
+                Hook::Prolog
+            } else {
+                Hook::Epilog
+            };
+            return Script::Ours { hook, default };
+        }
     }
-    let exports_all = code.iter().any(|l| {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        w.windows(2)
-            .any(|p| p[0] == "set" && p[1].starts_with('-') && p[1].contains('a'))
-            || w.windows(2).any(|p| p[0] == "export" && p[1] == VAR)
-    });
-    let mut sets = None;
+    let mut w = Wrapper::default();
+    let named = |list: &mut Vec<String>, token: &str| {
+        if token.starts_with('/')
+            && !["/dev/", "/proc/", "/sys/"]
+                .iter()
+                .any(|p| token.starts_with(p))
+            && !list.iter().any(|p| p == token)
+            && list.len() < MAX_NAMED
+        {
+            list.push(token.to_owned());
+        }
+    };
     for line in &code {
-        // One statement at a time: `a; b`, `a && b`.
+        // One statement at a time: `a; b`, `a && b`, `a | b`.
         for statement in line.split([';', '&', '|']) {
-            let words: Vec<&str> = statement.split_whitespace().collect();
-            for (i, w) in words.iter().enumerate() {
-                let Some(value) = w.strip_prefix(VAR).and_then(|r| r.strip_prefix('=')) else {
+            let words = command(statement);
+            let first = words.first().copied().unwrap_or("");
+            let declares_export = matches!(first, "export" | "declare" | "typeset" | "local")
+                && (first == "export"
+                    || words.iter().any(|w| w.starts_with('-') && w.contains('x')));
+            if declares_export && words.contains(&VAR) {
+                w.exports = true;
+            }
+            if first == "set" && words.iter().any(|w| w.starts_with('-') && w.contains('a')) {
+                w.exports = true;
+            }
+            // Paths the statement names, as `word` tokens.
+            let paths: Vec<String> = words
+                .iter()
+                .flat_map(|w| w.split(['=', '(', ')', '<', '>', '"', '\'', '`', '{', '}', ',']))
+                .filter(|t| t.starts_with('/'))
+                .map(str::to_owned)
+                .collect();
+            if matches!(first, "." | "source") {
+                if let Some(f) = words.get(1) {
+                    named(&mut w.sources, unquote(f));
+                }
+                continue;
+            }
+            // Assignments before the command word (`V=x cmd`, `env V=x cmd`), or after
+            // `export` / `declare -x`.
+            for (i, word) in words.iter().enumerate() {
+                let Some(value) = word.strip_prefix(VAR).and_then(|r| r.strip_prefix('=')) else {
                     continue;
                 };
-                let before = i.checked_sub(1).map(|j| words[j]);
-                let prefix = i + 1 < words.len();
-                sets = Some(Assignment {
-                    value: unquote(value).to_owned(),
-                    exported: exports_all || before == Some("export") || prefix,
+                let scope = if declares_export {
+                    Scope::Exported
+                } else if words[i + 1..].iter().any(|w| !w.contains('=')) {
+                    Scope::Prefix(
+                        paths
+                            .iter()
+                            .filter(|p| *p != unquote(value))
+                            .cloned()
+                            .collect(),
+                    )
+                } else {
+                    Scope::Shell
+                };
+                w.sets.push(Assignment {
+                    value: value.to_owned(),
+                    scope,
                 });
             }
-        }
-    }
-    let mut paths: Vec<String> = Vec::new();
-    for line in &code {
-        for token in line.split(|c: char| c.is_whitespace() || "=;&|()<>\"'`".contains(c)) {
-            let token = token.trim_end_matches(['}', ',']);
-            if token.starts_with('/')
-                && !["/dev/", "/proc/", "/sys/"]
-                    .iter()
-                    .any(|p| token.starts_with(p))
-                && sets.as_ref().is_none_or(|a| a.value != token)
-                && !paths.iter().any(|p| p == token)
-                && paths.len() < MAX_NAMED
-            {
-                paths.push(token.to_owned());
+            for p in &paths {
+                if !w.sets.iter().any(|a| unquote(&a.value) == p) {
+                    named(&mut w.paths, p);
+                }
             }
         }
     }
-    Script::Other { sets, paths }
+    Script::Other(w)
+}
+
+/// A statement's words from its command on: shell keywords and `case` patterns
+/// before it (`then`, `do`, `gpu*)`) are not the command.
+fn command(statement: &str) -> Vec<&str> {
+    let mut words: Vec<&str> = statement.split_whitespace().collect();
+    if words.first() == Some(&"case") {
+        let after_in = words
+            .iter()
+            .position(|w| *w == "in")
+            .map_or(words.len(), |i| i + 1);
+        words.drain(..after_in);
+    }
+    let start = words
+        .iter()
+        .position(|w| {
+            let keyword = matches!(
+                *w,
+                "then" | "do" | "else" | "elif" | "if" | "while" | "until" | "!" | "{" | "(" | "in"
+            );
+            // A `case` pattern such as `gpu*)`.
+            let pattern = w.ends_with(')') && !w.contains(['$', '(']);
+            !keyword && !pattern
+        })
+        .unwrap_or(words.len());
+    words[start..].to_vec()
 }
 
 /// The line up to a `#` that starts a word (`${#x}` and `a#b` are not comments).
@@ -183,6 +300,8 @@ fn without_comment(line: &str) -> &str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reached {
     pub script: PathBuf,
+    /// Our prolog or our epilog.
+    pub hook: Hook,
     /// Where it writes, or why the text alone cannot tell.
     pub writes: Result<PathBuf, String>,
 }
@@ -191,9 +310,11 @@ pub struct Reached {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub value: String,
-    /// Why slurmd cannot run it (missing, not executable).
+    /// Why slurmd cannot run it (missing, not executable, a directory).
     pub broken: Option<String>,
     pub reached: Vec<Reached>,
+    /// Files on the way that could not be read (check not run as root?).
+    pub unreadable: Vec<String>,
 }
 
 /// The slurm.conf this node's Slurm reads: `SLURM_CONF` if set, else the first of
@@ -221,12 +342,21 @@ pub fn find_conf(slurm_conf: Option<&Path>) -> Result<PathBuf, String> {
 pub fn entries(conf: &Path, hook: Hook) -> Result<Vec<Entry>, String> {
     let mut values = Vec::new();
     conf_tree(conf, hook, &mut values, 0)?;
-    // Values are fully qualified paths; Slurm 21.08 and later also take globs.
     Ok(values
         .into_iter()
         .map(|value| {
-            let files = expand(Path::new(&value));
-            let broken = if files.is_empty() {
+            // A fully qualified program; Slurm 21.08 and later also take a glob.
+            let path = Path::new(&value);
+            let files = if path.is_dir() {
+                Vec::new()
+            } else {
+                expand(path, Listing::Glob)
+            };
+            let broken = if path.is_dir() {
+                Some(format!(
+                    "{value} is a directory: slurmd runs a program (or a glob's)"
+                ))
+            } else if files.is_empty() {
                 Some(format!("{value} does not exist"))
             } else {
                 files
@@ -236,12 +366,13 @@ pub fn entries(conf: &Path, hook: Hook) -> Result<Vec<Entry>, String> {
             };
             let mut walk = Walk::default();
             for f in &files {
-                walk.follow(f, None, 0);
+                walk.follow(f, &Env::Unset, 0);
             }
             Entry {
                 value,
                 broken,
                 reached: walk.reached,
+                unreadable: walk.unreadable,
             }
         })
         .collect())
@@ -260,7 +391,7 @@ fn conf_tree(
         for inc in includes {
             // Relative includes are relative to slurm.conf's directory.
             let base = conf.parent().unwrap_or(Path::new("/"));
-            for f in expand(&base.join(inc)) {
+            for f in expand(&base.join(inc), Listing::Glob) {
                 conf_tree(&f, hook, values, depth + 1)?;
             }
         }
@@ -271,67 +402,112 @@ fn conf_tree(
 /// A walk from one Prolog or Epilog value through the scripts it names.
 #[derive(Default)]
 struct Walk {
-    /// Wrappers already read: each once, so cycles end and a wide tree stays bounded.
+    /// Files already read: each once, so cycles end and a wide tree stays bounded.
     seen: std::collections::HashSet<PathBuf>,
     reached: Vec<Reached>,
+    unreadable: Vec<String>,
 }
 
 impl Walk {
-    /// Follows `file` to nodewatt's scripts it runs; `inherited` is the
-    /// NODEWATT_JOBS_DIR its caller exported to it.
-    fn follow(&mut self, file: &Path, inherited: Option<&Assignment>, depth: usize) {
-        if depth > MAX_DEPTH || self.seen.len() >= MAX_FILES {
+    /// Reads a file once; `None` if read before, unreadable, untrusted or a program.
+    fn read(&mut self, file: &Path) -> Option<String> {
+        if self.seen.len() >= MAX_FILES || !self.seen.insert(file.to_owned()) {
+            return None;
+        }
+        if !trusted(file) {
+            return None;
+        }
+        match read_capped(file) {
+            Ok(text) if !text.contains('\0') => Some(text),
+            Ok(_) => None, // a program, not a script
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    self.unreadable.push(format!("{}: {e}", file.display()));
+                }
+                None
+            }
+        }
+    }
+
+    /// Follows `file` to nodewatt's scripts it runs, with NODEWATT_JOBS_DIR as `env`.
+    fn follow(&mut self, file: &Path, env: &Env, depth: usize) {
+        if depth > MAX_DEPTH {
             return;
         }
-        let Ok(text) = read_capped(file) else { return };
-        if text.contains('\0') {
-            return; // a program, not a script
-        }
-        match script(&text) {
-            Script::Ours { default } => {
-                let writes = match inherited {
-                    None => Ok(PathBuf::from(default)),
-                    Some(a) => a.literal().map(PathBuf::from).ok_or_else(|| {
-                        format!(
-                            "{VAR} is set from {:?}, which only the shell knows",
-                            a.value
-                        )
-                    }),
+        let Some(text) = self.read(file) else { return };
+        let w = match script(&text) {
+            Script::Ours { hook, default } => {
+                let writes = match env {
+                    Env::Unset => Ok(PathBuf::from(default)),
+                    Env::Dir(d) => Ok(PathBuf::from(d)),
+                    Env::Unknown(why) => Err(format!("{} sets {why}", file.display())),
                 };
-                let r = Reached {
+                self.reached.push(Reached {
                     script: file.to_owned(),
+                    hook,
                     writes,
-                };
-                if !self.reached.contains(&r) {
-                    self.reached.push(r);
+                });
+                return;
+            }
+            Script::Other(w) => w,
+        };
+        // What it sources sets its variables: those assignments come first.
+        let mut sets = Vec::new();
+        let mut exports = w.exports;
+        for f in &w.sources {
+            for f in expand(Path::new(f), Listing::Glob) {
+                if let Some(Script::Other(s)) = self.read(&f).map(|t| script(&t)) {
+                    exports |= s.exports;
+                    sets.extend(s.sets);
                 }
             }
-            Script::Other { sets, paths } => {
-                if !self.seen.insert(file.to_owned()) {
-                    return;
-                }
-                let hands_on = match &sets {
-                    Some(a) if a.exported => Some(a),
-                    _ => inherited,
-                };
-                let before = self.reached.len();
-                for p in paths {
-                    for f in expand(Path::new(&p)) {
-                        self.follow(&f, hands_on, depth + 1);
-                    }
-                }
-                // A bare assignment never reaches what the script runs.
-                if let Some(a) = sets.filter(|a| !a.exported) {
-                    for r in &mut self.reached[before..] {
-                        if let Ok(w) = &r.writes {
-                            r.writes = Err(format!(
-                                "{} sets {VAR}={} but does not export it, so {} writes to {}",
-                                file.display(),
-                                a.value,
-                                r.script.display(),
-                                w.display()
-                            ));
-                        }
+        }
+        sets.extend(w.sets.iter().cloned());
+        // The shell's own value, and whether what it runs gets it.
+        let mut own = env.clone();
+        let mut values = Vec::new();
+        let mut exported = false;
+        for a in sets.iter().filter(|a| !matches!(a.scope, Scope::Prefix(_))) {
+            own = own.assign(&a.value);
+            exported |= exports || a.scope == Scope::Exported;
+            if !values.contains(&own) {
+                values.push(own.clone());
+            }
+        }
+        if values.len() > 1 {
+            // Set to different values (in branches, say): only running it would tell.
+            let said: Vec<String> = sets.iter().map(|a| a.value.clone()).collect();
+            own = Env::Unknown(format!(
+                "{VAR} to {}, and which one holds only the shell knows",
+                said.join(" or ")
+            ));
+        }
+        let handed = if exported || values.is_empty() {
+            own.clone()
+        } else {
+            env.clone()
+        };
+        let before = self.reached.len();
+        for p in &w.paths {
+            let prefixed = sets.iter().rev().find_map(|a| match &a.scope {
+                Scope::Prefix(to) if to.iter().any(|t| t == p) => Some(own.assign(&a.value)),
+                _ => None,
+            });
+            for f in expand(Path::new(p), Listing::RunParts) {
+                self.follow(&f, prefixed.as_ref().unwrap_or(&handed), depth + 1);
+            }
+        }
+        // A bare assignment never reaches what the script runs.
+        if let (false, Env::Dir(d)) = (exported, &own) {
+            if own != *env {
+                for r in &mut self.reached[before..] {
+                    if let Ok(w) = &r.writes {
+                        r.writes = Err(format!(
+                            "{} sets {VAR}={d} but does not export it, so {} writes to {}",
+                            file.display(),
+                            r.script.display(),
+                            w.display()
+                        ));
                     }
                 }
             }
@@ -339,38 +515,66 @@ impl Walk {
     }
 }
 
-/// The files a named path stands for: itself, a directory's files (run-parts), or a
-/// glob's matches in its last component.
-fn expand(path: &Path) -> Vec<PathBuf> {
+/// How a named directory is read: as slurm.conf's glob, or as `run-parts` runs one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    Glob,
+    RunParts,
+}
+
+/// The files a named path stands for: itself, a glob's matches in its last component,
+/// or (in a script) a directory's scripts as Debian's `run-parts` picks them: names of
+/// letters, digits, `_` and `-` only (no `.dpkg-old`, `~` or `.sh`), executable.
+fn expand(path: &Path, listing: Listing) -> Vec<PathBuf> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let listed = |dir: &Path, keep: &dyn Fn(&str) -> bool| -> Vec<PathBuf> {
+    let listed = |dir: &Path, keep: &dyn Fn(&str, &Path) -> bool| -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .into_iter()
             .flatten()
+            // Entries looked at, not matches: a named /home must not walk a filesystem.
+            .take(MAX_LISTED)
             .flatten()
-            .filter(|e| {
-                e.file_name()
-                    .to_str()
-                    .is_some_and(|n| !n.starts_with('.') && keep(n))
-            })
             .map(|e| e.path())
-            .filter(|p| p.is_file())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| !n.starts_with('.') && keep(n, p))
+                    && p.is_file()
+            })
             .take(MAX_NAMED)
             .collect();
         files.sort();
         files
     };
     if name.contains(['*', '?']) {
-        return listed(path.parent().unwrap_or(Path::new("/")), &|n| glob(name, n));
+        return listed(path.parent().unwrap_or(Path::new("/")), &|n, _| {
+            glob(name, n)
+        });
     }
     if path.is_dir() {
-        return listed(path, &|_| true);
+        return match listing {
+            Listing::Glob => Vec::new(),
+            Listing::RunParts => listed(path, &|n, p| {
+                n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    && executable(p)
+            }),
+        };
     }
     if path.is_file() {
         vec![path.to_owned()]
     } else {
         Vec::new()
     }
+}
+
+/// Only files root (or whoever runs check) owns are followed: slurmd runs the prolog as
+/// root, so a file another user could have planted says nothing about it.
+fn trusted(file: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    std::fs::metadata(file).is_ok_and(|m| m.uid() == 0 || m.uid() == me)
 }
 
 /// `*` and `?` matching, as the shell does within one path component.
@@ -461,7 +665,8 @@ pub fn verdict(
     if let Some(why) = entries.iter().find_map(|e| e.broken.as_ref()) {
         return Err(format!("{param} in {}: {why}", conf.display()));
     }
-    let reached: Vec<&Reached> = entries.iter().flat_map(|e| &e.reached).collect();
+    let all: Vec<&Reached> = entries.iter().flat_map(|e| &e.reached).collect();
+    let reached: Vec<&Reached> = all.iter().copied().filter(|r| r.hook == hook).collect();
     let values = entries
         .iter()
         .map(|e| e.value.as_str())
@@ -479,6 +684,21 @@ pub fn verdict(
         ));
     }
     let Some(first) = reached.first() else {
+        if let Some(other) = all.first() {
+            return Err(format!(
+                "{param}={values} in {} runs {}, nodewatt's {}, not its {}: see docs/slurm.md",
+                conf.display(),
+                other.script.display(),
+                other.hook.parameter().to_lowercase(),
+                param.to_lowercase()
+            ));
+        }
+        if let Some(why) = entries.iter().flat_map(|e| &e.unreadable).next() {
+            return Err(format!(
+                "{param}={values} in {}: cannot read {why}; run check as root",
+                conf.display()
+            ));
+        }
         return Err(format!(
             "{param}={values} in {} does not run nodewatt's {} ({ours}): no job reaches the registry; see docs/slurm.md",
             conf.display(),
@@ -520,74 +740,100 @@ mod tests {
     }
 
     #[test]
-    fn our_scripts_are_known_by_their_registry_line() {
-        for text in [OURS, OURS_EPILOG] {
+    fn our_scripts_are_known_by_their_registry_line_and_what_they_record() {
+        for (text, hook) in [(OURS, Hook::Prolog), (OURS_EPILOG, Hook::Epilog)] {
             assert_eq!(
                 script(text),
                 Script::Ours {
+                    hook,
                     default: "/run/nodewatt/jobs".into()
                 }
             );
         }
     }
 
-    #[test]
-    fn a_wrapper_hands_its_exported_directory_on() {
-        let cases = [
-            (
-                "NODEWATT_JOBS_DIR=/x exec /etc/nodewatt/slurm/prolog\n",
-                true,
-            ),
-            (
-                "export NODEWATT_JOBS_DIR=/x\n/etc/nodewatt/slurm/prolog \"$@\"\n",
-                true,
-            ),
-            (
-                "NODEWATT_JOBS_DIR='/x'\nexport NODEWATT_JOBS_DIR\n/etc/nodewatt/slurm/prolog\n",
-                true,
-            ),
-            (
-                "set -a\nNODEWATT_JOBS_DIR=/x\n/etc/nodewatt/slurm/prolog\n",
-                true,
-            ),
-            (
-                "env NODEWATT_JOBS_DIR=/x /etc/nodewatt/slurm/prolog || true\n",
-                true,
-            ),
-            ("NODEWATT_JOBS_DIR=/x\n/etc/nodewatt/slurm/prolog\n", false),
-            ("NODEWATT_JOBS_DIR=/x; /etc/nodewatt/slurm/prolog\n", false),
-        ];
-        for (text, exported) in cases {
-            let Script::Other { sets, paths } = script(text) else {
-                panic!("{text}")
-            };
-            assert_eq!(
-                sets,
-                Some(Assignment {
-                    value: "/x".into(),
-                    exported
-                }),
-                "{text}"
-            );
-            assert!(
-                paths.contains(&"/etc/nodewatt/slurm/prolog".to_owned()),
-                "{text}"
-            );
-            assert!(!paths.contains(&"/x".to_owned()), "{text}");
+    fn wrapper(text: &str) -> Wrapper {
+        match script(text) {
+            Script::Other(w) => w,
+            ours => panic!("{ours:?}"),
         }
     }
 
     #[test]
-    fn comments_and_computed_values_are_not_taken_for_paths() {
-        let Script::Other { sets, paths } =
-            script("#!/bin/sh\n# NODEWATT_JOBS_DIR=/old /opt/old/prolog\nexport NODEWATT_JOBS_DIR=$BASE/jobs\nrun-parts /etc/slurm/prolog.d >/dev/null 2>&1\n")
-        else {
-            panic!()
+    fn assignments_are_read_with_what_they_reach() {
+        let prolog = "/etc/nodewatt/slurm/prolog".to_owned();
+        let at = |v: &str, scope| Assignment {
+            value: v.into(),
+            scope,
         };
-        assert_eq!(paths, ["/etc/slurm/prolog.d"]);
-        let sets = sets.unwrap();
-        assert_eq!(sets.literal(), None);
-        assert!(sets.exported);
+        let cases = [
+            (
+                "NODEWATT_JOBS_DIR=/x exec /etc/nodewatt/slurm/prolog\n",
+                at("/x", Scope::Prefix(vec![prolog.clone()])),
+            ),
+            (
+                "env NODEWATT_JOBS_DIR=/x /etc/nodewatt/slurm/prolog || true\n",
+                at("/x", Scope::Prefix(vec![prolog.clone()])),
+            ),
+            (
+                "export NODEWATT_JOBS_DIR=/x\n/etc/nodewatt/slurm/prolog \"$@\"\n",
+                at("/x", Scope::Exported),
+            ),
+            (
+                "export A=1 NODEWATT_JOBS_DIR=/x\n/etc/nodewatt/slurm/prolog\n",
+                at("/x", Scope::Exported),
+            ),
+            (
+                "declare -x NODEWATT_JOBS_DIR=\"/x\"\n/etc/nodewatt/slurm/prolog\n",
+                at("\"/x\"", Scope::Exported),
+            ),
+            (
+                "NODEWATT_JOBS_DIR=/x\n/etc/nodewatt/slurm/prolog\n",
+                at("/x", Scope::Shell),
+            ),
+            (
+                "NODEWATT_JOBS_DIR=/x; /etc/nodewatt/slurm/prolog\n",
+                at("/x", Scope::Shell),
+            ),
+        ];
+        for (text, want) in cases {
+            let w = wrapper(text);
+            assert_eq!(w.sets, [want], "{text}");
+            assert_eq!(w.paths, std::slice::from_ref(&prolog), "{text}");
+        }
+        assert!(wrapper("NODEWATT_JOBS_DIR='/x'\nexport NODEWATT_JOBS_DIR\n").exports);
+        assert!(wrapper("set -a\nNODEWATT_JOBS_DIR=/x\n").exports);
+        assert!(!wrapper("NODEWATT_JOBS_DIR=/x\n").exports);
+    }
+
+    #[test]
+    fn values_resolve_from_the_text_or_say_the_shell_knows() {
+        let unset = Env::Unset;
+        let set = Env::Dir("/outer".into());
+        assert_eq!(unset.assign("'/x'"), Env::Dir("/x".into()));
+        assert_eq!(
+            unset.assign("${NODEWATT_JOBS_DIR:-/x}"),
+            Env::Dir("/x".into())
+        );
+        assert_eq!(set.assign("${NODEWATT_JOBS_DIR:-/x}"), set);
+        assert_eq!(set.assign("\"$NODEWATT_JOBS_DIR\""), set);
+        assert!(matches!(unset.assign("$BASE/jobs"), Env::Unknown(_)));
+        assert!(matches!(unset.assign("$(cat /etc/x)"), Env::Unknown(_)));
+        assert!(matches!(
+            unset.assign("${NODEWATT_JOBS_DIR:-$B}"),
+            Env::Unknown(_)
+        ));
+    }
+
+    #[test]
+    fn comments_and_sourced_files_are_not_taken_for_what_it_runs() {
+        let w = wrapper(
+            "#!/bin/sh\n# NODEWATT_JOBS_DIR=/old /opt/old/prolog\n. /etc/default/nodewatt\n\
+             source \"/etc/site/env\"\nrun-parts /etc/slurm/prolog.d >/dev/null 2>&1\n",
+        );
+        assert_eq!(w.paths, ["/etc/slurm/prolog.d"]);
+        assert_eq!(w.sources, ["/etc/default/nodewatt", "/etc/site/env"]);
+        assert!(w.sets.is_empty());
     }
 
     #[test]
@@ -638,7 +884,12 @@ mod tests {
             "slurm.conf",
             &format!("Prolog={}\nInclude more.conf\n", site.display()),
         );
-        install(root, "more.conf", &format!("Epilog={}\n", ours.display()));
+        let ours_epilog = install(root, "nodewatt/epilog", OURS_EPILOG);
+        install(
+            root,
+            "more.conf",
+            &format!("Epilog={}\n", ours_epilog.display()),
+        );
 
         let prolog = entries(&conf, Hook::Prolog).unwrap();
         assert_eq!(prolog.len(), 1);
@@ -647,6 +898,7 @@ mod tests {
             prolog[0].reached,
             [Reached {
                 script: ours.clone(),
+                hook: Hook::Prolog,
                 writes: Ok(root.join("jobs")),
             }]
         );
@@ -727,6 +979,146 @@ mod tests {
         );
     }
 
+    /// The forms a site's prolog takes that once gave a wrong verdict.
+    #[test]
+    fn site_prologs_are_read_as_the_shell_would_run_them() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let ours = install(root, "nodewatt/prolog", OURS);
+        let epilog = install(root, "nodewatt/epilog", OURS_EPILOG);
+        let conf = root.join("slurm.conf");
+        let verdict_of = |prolog: &str| {
+            std::fs::write(&conf, format!("Prolog={prolog}\n")).unwrap();
+            let e = entries(&conf, Hook::Prolog).unwrap();
+            verdict(Hook::Prolog, &conf, &e, Path::new("/scratch/jobs"))
+        };
+        let site = |name: &str, body: &str| {
+            install(root, name, &format!("#!/bin/sh\n{body}"))
+                .display()
+                .to_string()
+        };
+
+        // Its variables in a sourced file.
+        install(root, "default", "export NODEWATT_JOBS_DIR=/scratch/jobs\n");
+        let p = site(
+            "sourcing",
+            &format!(". {}/default\nexec {}\n", root.display(), ours.display()),
+        );
+        assert!(verdict_of(&p).is_ok(), "{:?}", verdict_of(&p));
+
+        // Ours, but the epilog: swapped in slurm.conf.
+        let why = verdict_of(&epilog.display().to_string()).unwrap_err();
+        assert!(why.contains("nodewatt's epilog, not its prolog"), "{why}");
+
+        // run-parts skips names with dots and files not executable: a stale copy that
+        // would say the right directory does not count.
+        let dir = root.join("prolog.d");
+        install(
+            root,
+            "prolog.d/50-nodewatt.dpkg-old",
+            &format!("NODEWATT_JOBS_DIR=/scratch/jobs exec {}\n", ours.display()),
+        );
+        let live = install(
+            root,
+            "prolog.d/50-nodewatt",
+            &format!("exec {}\n", ours.display()),
+        );
+        let p = site("parts", &format!("run-parts {}\n", dir.display()));
+        let why = verdict_of(&p).unwrap_err();
+        assert!(
+            why.contains("writes to /run/nodewatt/jobs, but [jobs] dir is /scratch/jobs"),
+            "{why}"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let why = verdict_of(&p).unwrap_err();
+        assert!(why.contains("does not run nodewatt's prolog"), "{why}");
+
+        // slurmd runs a program, not a directory.
+        let why = verdict_of(&dir.display().to_string()).unwrap_err();
+        assert!(why.contains("is a directory"), "{why}");
+
+        // Set in branches: only running it would tell.
+        let p = site(
+            "branches",
+            &format!(
+                "case $(hostname) in gpu*) export NODEWATT_JOBS_DIR=/scratch/jobs ;; *) export NODEWATT_JOBS_DIR=/other ;; esac\nexec {}\n",
+                ours.display()
+            ),
+        );
+        let why = verdict_of(&p).unwrap_err();
+        assert!(why.contains("/scratch/jobs or /other"), "{why}");
+
+        // A prefix belongs to its own command only.
+        let p = site(
+            "prefix",
+            &format!(
+                "NODEWATT_JOBS_DIR=/scratch/jobs /usr/bin/logger started\nexec {}\n",
+                ours.display()
+            ),
+        );
+        assert!(verdict_of(&p)
+            .unwrap_err()
+            .contains("writes to /run/nodewatt/jobs"));
+
+        // A default in the wrapper's own expansion.
+        let p = site(
+            "defaulted",
+            &format!(
+                "export NODEWATT_JOBS_DIR=${{NODEWATT_JOBS_DIR:-/scratch/jobs}}\nexec {}\n",
+                ours.display()
+            ),
+        );
+        assert!(verdict_of(&p).is_ok(), "{:?}", verdict_of(&p));
+    }
+
+    /// A file another user owns says nothing of what root runs.
+    #[test]
+    fn files_others_could_have_planted_are_not_followed() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to give a file to another user");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let ours = install(d.path(), "prolog", OURS);
+        let planted = install(d.path(), "planted", &format!("exec {}\n", ours.display()));
+        std::os::unix::fs::chown(&planted, Some(65534), None).unwrap();
+        let mut walk = Walk::default();
+        walk.follow(&planted, &Env::Unset, 0);
+        assert!(walk.reached.is_empty());
+        std::os::unix::fs::chown(&planted, Some(0), None).unwrap();
+        let mut walk = Walk::default();
+        walk.follow(&planted, &Env::Unset, 0);
+        assert_eq!(walk.reached.len(), 1);
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any text, shell-like or not, reads without a panic.
+        #[test]
+        fn any_text_reads_without_a_panic(
+            words in proptest::collection::vec(
+                prop_oneof![
+                    proptest::string::string_regex("[ -~\t\n]{0,12}").unwrap(),
+                    proptest::sample::select(vec![
+                        "NODEWATT_JOBS_DIR=", "export", ";", "&&", "|", "\n", "#", ". ", "case",
+                        "in", "x)", "${NODEWATT_JOBS_DIR:-", "}", "$", "/", "dir=${NODEWATT_JOBS_DIR:-",
+                        "start_ms=$(date", "Prolog=", "Include", "\\\n", "é", "\u{0}",
+                    ]).prop_map(str::to_owned),
+                ],
+                0..40,
+            )
+        ) {
+            let text = words.concat();
+            let _ = script(&text);
+            let _ = conf_values(&text, Hook::Prolog);
+            let _ = Env::Dir("/d".into()).assign(&text);
+            let _ = without_comment(&text);
+        }
+    }
+
     #[test]
     fn a_cycle_of_scripts_ends() {
         let d = tempfile::tempdir().unwrap();
@@ -735,7 +1127,7 @@ mod tests {
         install(d.path(), "a", &format!("#!/bin/sh\n{}\n", b.display()));
         install(d.path(), "b", &format!("#!/bin/sh\n{}\n", a.display()));
         let mut walk = Walk::default();
-        walk.follow(&a, None, 0);
+        walk.follow(&a, &Env::Unset, 0);
         assert!(walk.reached.is_empty());
         assert_eq!(walk.seen.len(), 2);
     }
