@@ -13,18 +13,24 @@
 # --collector a collector login (default: collector, as in config/mosquitto.acl); repeat
 #            for more. Not pinned to a client id: collectors sharing one login keep their
 #            own ids and persistent sessions in one share group.
-# --admin    also a login that may change the plugin's logins on the running broker (its
-#            $CONTROL/dynamic-security topics) and nothing else
-# --add      the broker runs the previous file: also write add/mosquitto_rr, the options
-#            with which mosquitto_rr (package mosquitto-clients) logs in as the --admin
-#            user and creates the nodes that got a new password in this run, no restart
-#            (docs/deployment.md, "Broker logins")
+# --admin    also a login that may use the plugin's $CONTROL/dynamic-security topics on
+#            the running broker and publish nothing else: it can change every login and
+#            role there, so its password is as good as full control of the broker
+# --add      the broker runs the previous file: also write add/node-<node>/mosquitto_rr
+#            for each node that got a new password in this run, the options with which
+#            mosquitto_rr (package mosquitto-clients) logs in as the --admin user and
+#            creates that node, no restart (docs/deployment.md, "Broker logins"). One
+#            stays until deleted, as the recipe there does once the broker accepted it, and
+#            later runs with --add rewrite it with the current passwords; one for a node no
+#            longer listed is deleted by every run.
 # --out      output directory (default: broker-users), private to its owner:
 #   passwords/<user>        the password alone: install on that node at the agent's
 #                           [mqtt] password_file (root:nodewatt 0640)
 #   dynamic-security.json   install on the broker as /etc/mosquitto/nodewatt-dynsec.json
 #                           (root:mosquitto 0640), then restart mosquitto (only new
-#                           nodes: or run add/mosquitto_rr, see --add)
+#                           nodes: or run add/*/mosquitto_rr, see --add)
+#   add/node-<node>/mosquitto_rr  with --add, see there
+# All files 0600 whatever the caller's umask: they hold passwords.
 #
 # An existing passwords/<user> is kept, so adding nodes changes no other password; delete
 # it to rotate that one. A user left out of the list cannot log in once the new file is
@@ -64,8 +70,9 @@ if [ -z "$cluster" ] || [ -z "$list" ]; then usage; fi
 
 # The agents' rule for names (nodewatt_wire::NodeName): also a safe MQTT topic level and
 # file name, and nothing in it needs quoting in JSON.
-valid() { [[ $1 =~ ^[A-Za-z0-9._-]{1,64}$ ]]; }
-valid "$cluster" || die "cluster $cluster: must be 1-64 of A-Z a-z 0-9 . _ -"
+# `.` and `..` would be directories, not files, under passwords/.
+valid() { [[ $1 =~ ^[A-Za-z0-9._-]{1,64}$ && $1 != . && $1 != .. ]]; }
+valid "$cluster" || die "cluster $cluster: must be 1-64 of A-Z a-z 0-9 . _ - (not . or ..)"
 passwd_bin=$(command -v mosquitto_passwd || true)
 [ -n "$passwd_bin" ] || passwd_bin=/usr/bin/mosquitto_passwd
 [ -x "$passwd_bin" ] || die "mosquitto_passwd not found (apt install mosquitto)"
@@ -79,20 +86,20 @@ while IFS= read -r line || [ -n "$line" ]; do
   line=${line#"${line%%[![:space:]]*}"}
   line=${line%"${line##*[![:space:]]}"}
   [ -n "$line" ] || continue
-  valid "$line" || die "$list:$n: node $line: must be 1-64 of A-Z a-z 0-9 . _ -"
+  valid "$line" || die "$list:$n: node $line: must be 1-64 of A-Z a-z 0-9 . _ - (not . or ..)"
   [ -z "${seen[$line]:-}" ] || die "$list:$n: node $line listed twice"
   seen[$line]=node
   nodes+=("$line")
 done < <(if [ "$list" = - ]; then cat; else cat -- "$list"; fi)
 [ ${#nodes[@]} -gt 0 ] || die "no node names in $list"
 for c in "${collectors[@]}"; do
-  valid "$c" || die "collector $c: must be 1-64 of A-Z a-z 0-9 . _ -"
+  valid "$c" || die "collector $c: must be 1-64 of A-Z a-z 0-9 . _ - (not . or ..)"
   # A node with a collector's name would log in as that collector.
   [ -z "${seen[$c]:-}" ] || die "collector $c is also listed as a node, or twice"
   seen[$c]=collector
 done
 if [ -n "$admin" ]; then
-  valid "$admin" || die "admin $admin: must be 1-64 of A-Z a-z 0-9 . _ -"
+  valid "$admin" || die "admin $admin: must be 1-64 of A-Z a-z 0-9 . _ - (not . or ..)"
   [ -z "${seen[$admin]:-}" ] || die "admin $admin is also a node or collector login"
   seen[$admin]='admin'
 fi
@@ -108,7 +115,7 @@ users=("${nodes[@]}" "${collectors[@]}" ${admin:+"$admin"})
 mapfile -t fresh < <(head -c $((24 * ${#users[@]})) /dev/urandom | base64 -w 32 | tr '+/' '-_')
 # user:password lines for mosquitto_passwd -U, which splits at ':' and trims blanks.
 created=0
-added=()
+declare -A pws=() new=()
 for i in "${!users[@]}"; do
   user=${users[$i]}
   f=$out/passwords/$user
@@ -121,10 +128,9 @@ for i in "${!users[@]}"; do
     [ ${#pw} -eq 32 ] || die "short read from /dev/urandom"
     printf '%s\n' "$pw" >"$f"
     created=$((created + 1))
-    # createClient takes the password itself; base64url needs no quoting in JSON.
-    [ "${seen[$user]}" != node ] ||
-      added+=("{\"command\": \"createClient\", \"username\": \"$user\", \"password\": \"$pw\", \"clientid\": \"nodewatt-agent-$cluster-$user\", \"roles\": [{\"rolename\": \"nodewatt-node\"}]}")
+    new[$user]=1
   fi
+  pws[$user]=$pw
   printf '%s:%s\n' "$user" "$pw"
 done >"$tmp/passwd"
 "$passwd_bin" -U "$tmp/passwd"
@@ -147,13 +153,17 @@ client() {
   # file; that file allows every SUBSCRIBE, so the node role must refuse them itself.
   printf '{\n  "defaultACLAccess": {"publishClientSend": false, "publishClientReceive": false, "subscribe": false, "unsubscribe": true},\n'
   printf '  "roles": [\n    {"rolename": "nodewatt-node", "acls": [{"acltype": "subscribePattern", "topic": "#", "allow": false}]}'
-  # The plugin's control topics only; "#" does not match them ($), so the admin, too,
-  # can join no share group.
+  # The ACL file's `pattern write` lines serve every login, so one that is no node would
+  # publish samples as a node named after it: collectors and the admin publish nothing.
+  printf ',\n    {"rolename": "nodewatt-collector", "acls": [{"acltype": "publishClientSend", "topic": "#", "allow": false}]}'
+  # The admin: the plugin's control topics only. "#" does not match them ($), so the admin,
+  # too, can join no share group, and the denials below leave its control topics alone.
   ctl="\$CONTROL/dynamic-security/#"
-  [ -z "$admin" ] || printf ',\n    {"rolename": "nodewatt-admin", "acls": [%s, %s, %s, %s]}' \
+  [ -z "$admin" ] || printf ',\n    {"rolename": "nodewatt-admin", "acls": [%s, %s, %s, %s, %s]}' \
     "{\"acltype\": \"publishClientSend\", \"topic\": \"$ctl\", \"allow\": true}" \
     "{\"acltype\": \"publishClientReceive\", \"topic\": \"$ctl\", \"allow\": true}" \
     "{\"acltype\": \"subscribePattern\", \"topic\": \"$ctl\", \"allow\": true}" \
+    '{"acltype": "publishClientSend", "topic": "#", "allow": false}' \
     '{"acltype": "subscribePattern", "topic": "#", "allow": false}'
   printf '\n  ],\n'
   printf '  "clients": [\n'
@@ -165,7 +175,7 @@ client() {
   done
   for c in "${collectors[@]}"; do
     printf '%s' "$sep"
-    client "$c" ""
+    client "$c" '"roles": [{"rolename": "nodewatt-collector"}], '
   done
   if [ -n "$admin" ]; then
     printf '%s' "$sep"
@@ -177,16 +187,40 @@ mv "$out/dynamic-security.json.new" "$out/dynamic-security.json"
 
 # mosquitto_rr reads options from $XDG_CONFIG_HOME/mosquitto_rr, one a line, the rest of
 # the line its value: so no password appears on a command line. Its -f sends nothing in
-# mosquitto 2.0, hence -m.
-rm -rf "$out/add"
-if [ -n "$add" ] && [ ${#added[@]} -gt 0 ]; then
-  mkdir "$out/add"
-  IFS= read -r admin_pw <"$out/passwords/$admin"
-  payload=$(IFS=,; printf '{"commands": [%s]}' "${added[*]}")
+# mosquitto 2.0, hence -m. It reads each line into 1024 bytes and takes the rest of a
+# longer one for options: so one node a file, under 600 bytes with 64-character names.
+# The directories are node-<node>, as a node's name may start with a dot, which `*`
+# skips. A pending one for a node no longer listed would let it back in: deleted.
+if [ -d "$out/add" ]; then
+  for d in "$out/add"/node-*/; do
+    [ -d "$d" ] || continue
+    node=${d%/}
+    node=${node##*/node-}
+    if [ "${seen[$node]:-}" != node ]; then
+      rm -rf -- "$d"
+      echo "broker-users: deleted add/node-$node: no longer listed" >&2
+    fi
+  done
+fi
+if [ -n "$add" ]; then
   ctl="\$CONTROL/dynamic-security/v1"
-  printf -- '-u %s\n-P %s\n-t %s\n-e %s/response\n-m %s\n' \
-    "$admin" "$admin_pw" "$ctl" "$ctl" "$payload" >"$out/add/mosquitto_rr"
-  echo "broker-users: add/mosquitto_rr creates ${#added[@]} new nodes on the running broker" >&2
+  pending=0
+  for node in "${nodes[@]}"; do
+    d=$out/add/node-$node
+    [ -n "${new[$node]:-}" ] || [ -d "$d" ] || continue
+    # createClient takes the password itself; base64url needs no quoting in JSON.
+    m="{\"commands\": [{\"command\": \"createClient\", \"username\": \"$node\", \"password\": \"${pws[$node]}\", \"clientid\": \"nodewatt-agent-$cluster-$node\", \"roles\": [{\"rolename\": \"nodewatt-node\"}]}]}"
+    # Only a password file written by hand can make a line too long.
+    if [ $((${#m} + 4)) -gt 1023 ] || [ $((${#pws[$admin]} + 4)) -gt 1023 ]; then
+      die "add/node-$node: a line over mosquitto_rr's 1023 bytes: shorter passwords"
+    fi
+    mkdir -p "$d"
+    printf -- '-u %s\n-P %s\n-t %s\n-e %s/response\n-m %s\n' \
+      "$admin" "${pws[$admin]}" "$ctl" "$ctl" "$m" >"$d/mosquitto_rr"
+    pending=$((pending + 1))
+  done
+  [ $pending -eq 0 ] ||
+    echo "broker-users: add/node-*/mosquitto_rr create $pending nodes on the running broker" >&2
 fi
 
 echo "broker-users: ${#nodes[@]} nodes, ${#collectors[@]} collector logins ($created new passwords) in $out" >&2

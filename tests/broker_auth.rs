@@ -39,10 +39,17 @@ struct Broker {
 
 /// Runs broker-users.sh for these nodes with these options, its output in `dir`/users.
 fn broker_users(dir: &Path, nodes: &[&str], args: &[&str]) {
+    broker_users_in(dir, CLUSTER, nodes, args);
+}
+
+/// [`broker_users`] for a cluster, with umask 022: the script's files must be private
+/// whatever the umask.
+fn broker_users_in(dir: &Path, cluster: &str, nodes: &[&str], args: &[&str]) {
     std::fs::write(dir.join("nodes"), nodes.join("\n") + "\n").unwrap();
     let out = Command::new("bash")
+        .args(["-c", r#"umask 022 && exec bash "$@""#, "bash"])
         .arg(repo().join("scripts/broker-users.sh"))
-        .args(["--cluster", CLUSTER])
+        .args(["--cluster", cluster])
         .args(args)
         .arg("--out")
         .arg(dir.join("users"))
@@ -458,14 +465,111 @@ fn the_collectors_check_names_the_subscriptions_the_broker_refuses() {
     }
 }
 
+/// Every file under `dir` is 0600 and every directory 0700; the files' paths.
+fn private_files(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.is_dir() {
+            assert_eq!(format!("{mode:o}"), "700", "{}", path.display());
+            files.extend(private_files(&path));
+        } else {
+            assert_eq!(format!("{mode:o}"), "600", "{}", path.display());
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// The nodes with an add/node-<node>/mosquitto_rr under `users`, sorted.
+fn pending(users: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(users.join("add")) else {
+        return Vec::new();
+    };
+    let mut nodes: Vec<String> = dir
+        .map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_prefix("node-")
+                .expect("add/node-<node>")
+                .to_string()
+        })
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// The recipe in docs/deployment.md ("Broker logins") that applies add/, run as written
+/// for these files and this port: whether it succeeded, and what it said.
+fn apply_pending(users: &Path, port: u16) -> (bool, String) {
+    let doc = std::fs::read_to_string(repo().join("docs/deployment.md")).unwrap();
+    let recipes: Vec<_> = doc
+        .split("  ```sh\n")
+        .skip(1)
+        .map(|b| b.split("  ```\n").next().unwrap())
+        .filter(|b| b.contains("mosquitto_rr"))
+        .collect();
+    assert_eq!(recipes.len(), 1, "{recipes:?}");
+    let mut script: String = recipes[0]
+        .lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l).to_string() + "\n")
+        .collect();
+    for (from, to) in [
+        ("/srv/nodewatt-broker/", format!("{}/", users.display())),
+        ("-p 1883 ", format!("-p {port} ")),
+    ] {
+        assert_eq!(script.matches(from).count(), 1, "{from} in {script}");
+        script = script.replace(from, &to);
+    }
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), said)
+}
+
 #[test]
-fn a_node_added_with_the_admin_login_can_publish_without_a_broker_restart() {
+fn the_files_to_add_a_node_fit_mosquitto_rr_with_the_longest_names() {
+    // mosquitto_rr reads each line of its options file into 1024 bytes (newline and NUL
+    // included) and takes the rest of a longer one for options.
+    let dir = tempfile::tempdir().unwrap();
+    let [cluster, node, admin] = ['c', 'n', 'a'].map(|c| c.to_string().repeat(64));
+    broker_users_in(dir.path(), &cluster, &[&node], &["--admin", &admin]);
+    broker_users_in(
+        dir.path(),
+        &cluster,
+        &[&node, &"m".repeat(64), "x"],
+        &["--admin", &admin, "--add"],
+    );
+    let users = dir.path().join("users");
+    assert_eq!(pending(&users), ["m".repeat(64), "x".to_string()]);
+    let text = std::fs::read_to_string(
+        users
+            .join("add")
+            .join(format!("node-{}", "m".repeat(64)))
+            .join("mosquitto_rr"),
+    )
+    .unwrap();
+    let longest = text.lines().map(str::len).max().unwrap();
+    assert!(text.len() < 1024 && longest + 1 < 1023, "{longest}: {text}");
+    assert!(
+        text.contains(&format!("nodewatt-agent-{cluster}-{}", "m".repeat(64))),
+        "{text}"
+    );
+}
+
+#[test]
+fn nodes_added_with_the_admin_login_can_publish_without_a_broker_restart() {
     let admin = "nodewatt-admin";
     let mq = Broker::start_with(&["node-a"], &["--admin", admin], |_| {});
+    let users = mq.dir.path().join("users");
     let db = Influxd::start();
     let (_cfg, collector) = mq.collector("c1", &db);
 
-    // The admin login changes logins and nothing else: no share group, no samples.
+    // The admin login changes logins and nothing else: no share group, no samples, not
+    // even as a node named after it, which the ACL file's patterns would allow. Nor does
+    // the collectors' login publish.
     let pw = mq.password(admin);
     let (client, mut conn) = login(mq.port, "any-admin-id", Some((admin, &pw)), true).unwrap();
     let filters = [
@@ -489,31 +593,81 @@ fn a_node_added_with_the_admin_login_can_publish_without_a_broker_restart() {
         mq.port,
         "any-admin-id",
         (admin, &pw),
-        &[sample("node-a", 7)],
+        &[sample("node-a", 7), sample(admin, 7)],
     );
-
+    let c = mq.password("collector");
+    publish_as(
+        mq.port,
+        "any-collector-id",
+        ("collector", &c),
+        &[sample("collector", 7)],
+    );
+    // After those, through the one collector: when it is stored, they would be.
     let a = mq.password("node-a");
-    broker_users(
-        mq.dir.path(),
-        &["node-a", "node-b"],
-        &["--admin", admin, "--add"],
+    publish_as(
+        mq.port,
+        &agent_id("node-a"),
+        ("node-a", &a),
+        &[sample("node-a", 2)],
     );
-    assert_eq!(mq.password("node-a"), a, "an existing password is kept");
-    let out = Command::new("mosquitto_rr")
-        .args(["-p", &mq.port.to_string(), "-W", "10"])
-        .env("XDG_CONFIG_HOME", mq.dir.path().join("users/add"))
-        .output()
-        .expect("mosquitto_rr (package mosquitto-clients) runs");
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(said.trim(), r#"{"responses":[{"command":"createClient"}]}"#);
+    let arrived = wait_until(Duration::from_secs(20), || count(&db, "node-a") == 1.0);
+    assert!(arrived, "{}", collector.log());
+    assert_eq!((count(&db, admin), count(&db, "collector")), (0.0, 0.0));
 
-    // node-b, like a node from the file: its agent's client id only, no subscriptions,
-    // its own topics.
+    // Nodes in two runs, the first run's not applied yet: a later run keeps them. One
+    // name of 64 characters, and one that starts with a dot, which `*` skips.
+    let long = "l".repeat(64);
+    let first = ["node-a", "node-b", "node-c", "node-d", "node-e"];
+    let mut all = first.to_vec();
+    all.extend(["node-f", "node-g", "node-h", ".node-i", &long]);
+    broker_users(mq.dir.path(), &first, &["--admin", admin, "--add"]);
+    let b_file = users.join("add/node-node-b/mosquitto_rr");
+    let b_options = std::fs::read_to_string(&b_file).unwrap();
+    broker_users(mq.dir.path(), &all, &["--admin", admin, "--add"]);
+    assert_eq!(mq.password("node-a"), a, "an existing password is kept");
+    let mut added: Vec<String> = all[1..].iter().map(|n| n.to_string()).collect();
+    added.sort();
+    assert_eq!(pending(&users), added);
+    assert_eq!(std::fs::read_to_string(&b_file).unwrap(), b_options);
+    let files = private_files(&users);
+    // Passwords, the admin's and the collectors' too; add/; dynamic-security.json.
+    assert_eq!(files.len(), all.len() + 2 + 9 + 1, "{files:?}");
+
+    // One fails, its admin password wrong: the recipe says so, keeps it, applies the rest.
+    let c_file = users.join("add/node-node-c/mosquitto_rr");
+    let wrong = std::fs::read_to_string(&c_file)
+        .unwrap()
+        .replace(&pw, "not-the-password");
+    std::fs::write(&c_file, wrong).unwrap();
+    let (ok, said) = apply_pending(&users, mq.port);
+    assert!(ok, "{said}");
+    assert_eq!(pending(&users), ["node-c"], "{said}");
+    assert!(said.contains("Connection error: Not authorized"), "{said}");
+    assert!(said.contains("node-node-c/: not added: \n"), "{said}");
+
+    // A run with --add rewrites it with the current passwords. An options file applied
+    // already is refused, and kept.
+    broker_users(mq.dir.path(), &all, &["--admin", admin, "--add"]);
+    std::fs::create_dir(users.join("add/node-node-b")).unwrap();
+    std::fs::write(&b_file, &b_options).unwrap();
+    let (ok, said) = apply_pending(&users, mq.port);
+    assert!(ok, "{said}");
+    assert_eq!(pending(&users), ["node-b"], "{said}");
+    assert!(
+        said.contains(
+            r#"node-node-b/: not added: {"responses":[{"command":"createClient","error":"Client already exists"}]}"#
+        ),
+        "{said}"
+    );
+    // A node no longer listed loses its pending file.
+    let without_b: Vec<_> = all.iter().copied().filter(|n| *n != "node-b").collect();
+    broker_users(mq.dir.path(), &without_b, &["--admin", admin, "--add"]);
+    assert!(pending(&users).is_empty());
+    let (ok, said) = apply_pending(&users, mq.port);
+    assert!(ok && said.is_empty(), "{said}");
+
+    // The new nodes, like a node from the file: their agent's client id only, no
+    // subscriptions, their own topics.
     let b = mq.password("node-b");
     let node_b = ("node-b", b.as_str());
     let r = login(mq.port, "nodewatt-check-node-b", Some(node_b), true).map(|_| ());
@@ -529,23 +683,24 @@ fn a_node_added_with_the_admin_login_can_publish_without_a_broker_restart() {
     });
     assert_eq!(codes, vec![SubscribeReasonCode::Failure]);
     drop(client);
-    publish_as(
-        mq.port,
-        &agent_id("node-b"),
-        node_b,
-        &[sample("node-b", 1), sample("node-a", 1)],
-    );
-    publish_as(
-        mq.port,
-        &agent_id("node-a"),
-        ("node-a", &a),
-        &[sample("node-a", 2)],
-    );
+    for node in &all[1..] {
+        let pw = mq.password(node);
+        publish_as(
+            mq.port,
+            &agent_id(node),
+            (node, &pw),
+            &[sample(node, 1), sample("node-a", 1)],
+        );
+    }
     let arrived = wait_until(Duration::from_secs(20), || {
-        count(&db, "node-b") == 1.0 && count(&db, "node-a") == 1.0
+        all[1..].iter().all(|n| count(&db, n) == 1.0)
     });
-    assert!(arrived, "{}", collector.log());
+    let counts: Vec<_> = all.iter().map(|n| (n, count(&db, n))).collect();
+    assert!(arrived, "{counts:?} {}", collector.log());
     std::thread::sleep(Duration::from_millis(500));
-    // Neither node-b's forged sample nor the admin's.
-    assert_eq!((count(&db, "node-a"), count(&db, "node-b")), (1.0, 1.0));
+    // No forged sample, neither the nodes' nor the admin's.
+    for node in &all {
+        assert_eq!(count(&db, node), 1.0, "{node}");
+    }
+    assert_eq!((count(&db, admin), count(&db, "collector")), (0.0, 0.0));
 }
