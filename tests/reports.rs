@@ -276,15 +276,34 @@ fn polylines(svg: &str, class: &str) -> Vec<Vec<(f64, f64)>> {
 /// A job's usage points on one node at `w` W of GPU, one per minute on the grid from
 /// its start `s` (the first covering (s, next minute]) to its end `u` (on the grid).
 fn minutes(node: &str, w: u64, s: u64, u: u64) -> Vec<String> {
+    every(node, w, s, u, MIN)
+}
+
+/// The same, one point per `interval` ms on its grid.
+fn every(node: &str, w: u64, s: u64, u: u64, interval: u64) -> Vec<String> {
     let mut lines = Vec::new();
-    let (mut from, mut to) = (s, (s / MIN + 1) * MIN);
+    let (mut from, mut to) = (s, (s / interval + 1) * interval);
     while to <= u {
         let span = to - from;
         let uj = w * UJ_PER_MS_AT_1_W * span;
         lines.push(usage_line(node, ("proj-a", "alice"), uj, 0, 0, span, 1, to));
-        (from, to) = (to, to + MIN);
+        (from, to) = (to, to + interval);
     }
     lines
+}
+
+/// The chart's plot: x of an instant over (s, u], y of a power on an axis to `max` W.
+fn plot(svg: &str, s: u64, u: u64, max: f64) -> (impl Fn(u64) -> f64, impl Fn(f64) -> f64) {
+    let plot = "<rect class=\"plot\"";
+    assert_eq!(num(svg, plot, "data-from-ms") as u64, s, "{svg}");
+    assert_eq!(num(svg, plot, "data-to-ms") as u64, u, "{svg}");
+    assert_eq!(num(svg, plot, "data-max-w"), max, "{svg}");
+    let (x0, y0) = (num(svg, plot, "x"), num(svg, plot, "y"));
+    let (pw, ph) = (num(svg, plot, "width"), num(svg, plot, "height"));
+    (
+        move |ms: u64| x0 + (ms - s) as f64 / (u - s) as f64 * pw,
+        move |watts: f64| y0 + ph - watts / max * ph,
+    )
 }
 
 #[test]
@@ -424,6 +443,118 @@ fn a_late_long_span_is_drawn_over_the_time_it_covers_and_lost_data_is_a_gap() {
     );
     assert!(svg.contains(">no data</text>"), "{svg}");
     assert!(md.contains("A gap in the chart"), "{md}");
+}
+
+/// A node whose agent died before its job ended: its totals stop at their last send
+/// (not ended), its usage a minute later. The job ran on, as its other node saw: the
+/// dead node's rest is a gap, not a drop to the other node's power.
+#[test]
+fn a_node_whose_agent_died_is_a_gap_to_the_job_end_not_a_drop() {
+    let (db, cfg) = setup();
+    let t = hour();
+    let u = t + 10 * MIN;
+    let mut lines = minutes("n1", 300, t, u);
+    lines.push(job_total_line(
+        "13",
+        "n1",
+        300 * UJ_PER_MS_AT_1_W * 10 * MIN,
+        t,
+        u,
+    ));
+    lines.extend(minutes("n2", 500, t, t + 6 * MIN));
+    lines.push(
+        job_total_line("13", "n2", 500 * UJ_PER_MS_AT_1_W * 5 * MIN, t, t + 5 * MIN)
+            .replace("ended=true", "ended=false"),
+    );
+    write(&db, &lines);
+    let out = tempfile::tempdir().unwrap();
+    let (md, svg) = report(&cfg, "13", out.path());
+
+    let (x, y) = plot(&svg, t, u, 1000.0);
+    let near =
+        |(a, b): (f64, f64), (c, d): (f64, f64)| (a - c).abs() <= 0.1 && (b - d).abs() <= 0.1;
+    // Both nodes to n2's last point (past its last totals), then nothing of n2.
+    let gpu = polylines(&svg, "gpu");
+    assert_eq!(gpu.len(), 1, "{gpu:?}\n{svg}");
+    let run = &gpu[0];
+    assert!(near(run[0], (x(t), y(800.0))), "{run:?}");
+    assert!(
+        near(run[run.len() - 1], (x(t + 6 * MIN), y(800.0))),
+        "{run:?}"
+    );
+    assert!(run.iter().all(|p| (p.1 - y(800.0)).abs() <= 0.1), "{run:?}");
+    let gap = "<rect class=\"gap\"";
+    assert!((num(&svg, gap, "x") - x(t + 6 * MIN)).abs() <= 0.1, "{svg}");
+    assert!(
+        (num(&svg, gap, "width") - (x(u) - x(t + 6 * MIN))).abs() <= 0.1,
+        "{svg}"
+    );
+    assert!(md.contains("A gap in the chart"), "{md}");
+}
+
+/// A job on nodes at different usage intervals (10 s and 1 min): over 20 min the steps
+/// are 10 s and the slower node's minutes are spread over them; over 5 h they are 2 min
+/// (whole minutes, not 80 s), each holding whole points of both, and an outage's point
+/// (longer than a step) is spread. The sum is level at 800 W all along.
+#[test]
+fn a_job_on_nodes_at_different_intervals_is_level() {
+    let (db, cfg) = setup();
+    let t = hour() - 6 * 3_600_000;
+    let outage = (t + 3_600_000, t + 3_600_000 + 10 * MIN);
+    for (job, u, step) in [("14", t + 20 * MIN, "10s"), ("15", t + 5 * 3_600_000, "2m")] {
+        let mut lines: Vec<String> = every("n1", 300, t, u, 10_000)
+            .into_iter()
+            .filter(|l| {
+                let at: u64 = l.rsplit(' ').next().unwrap().parse().unwrap();
+                job == "14" || at <= outage.0 || at > outage.1
+            })
+            .collect();
+        if job == "15" {
+            // n1's agent could not publish for 10 min: one point covers them.
+            let span = outage.1 - outage.0;
+            let uj = 300 * UJ_PER_MS_AT_1_W * span;
+            lines.push(usage_line(
+                "n1",
+                ("proj-a", "alice"),
+                uj,
+                0,
+                0,
+                span,
+                1,
+                outage.1,
+            ));
+        }
+        lines.extend(minutes("n2", 500, t, u));
+        for (node, w) in [("n1", 300), ("n2", 500)] {
+            lines.push(job_total_line(
+                job,
+                node,
+                w * UJ_PER_MS_AT_1_W * (u - t),
+                t,
+                u,
+            ));
+        }
+        write(&db, &lines);
+        let out = tempfile::tempdir().unwrap();
+        let (md, svg) = report(&cfg, job, out.path());
+        assert!(
+            md.contains(&format!("mean power (W) over each {step} ")),
+            "{md}"
+        );
+        let (x, y) = plot(&svg, t, u, 1000.0);
+        let gpu = polylines(&svg, "gpu");
+        assert_eq!(gpu.len(), 1, "job {job}: {svg}");
+        let run = &gpu[0];
+        assert!((run[0].0 - x(t)).abs() <= 0.1, "job {job}: {run:?}");
+        assert!(
+            (run[run.len() - 1].0 - x(u)).abs() <= 0.1,
+            "job {job}: {run:?}"
+        );
+        assert!(
+            run.iter().all(|p| (p.1 - y(800.0)).abs() <= 0.1),
+            "job {job}: {run:?}"
+        );
+    }
 }
 
 #[test]

@@ -211,10 +211,21 @@ pub fn bucket_ms(from_ms: u64, to_ms: u64) -> u64 {
 /// (`interval_ms`, when known). Usage points end on that interval's multiples, so each
 /// lies whole in one bucket: a bucket shorter than the interval would hold a point in
 /// some buckets and none in others.
+///
+/// A bucket longer than a minute is also a multiple of a minute where the interval
+/// divides a minute: agents' intervals usually do, and their points end on its
+/// multiples, so in a fleet of mixed intervals a slower agent's points no longer than a
+/// bucket lie whole in one too (points longer than a bucket are spread, [`steps`]).
 pub fn chart_bucket_ms(from_ms: u64, to_ms: u64, interval_ms: Option<u64>) -> u64 {
     let b = bucket_ms(from_ms, to_ms);
-    match interval_ms {
+    let b = match interval_ms {
         Some(u) if u > 0 => b.div_ceil(u) * u,
+        _ => b,
+    };
+    const MINUTE: u64 = 60_000;
+    match interval_ms {
+        Some(u) if u > 0 && MINUTE % u != 0 => b,
+        _ if b > MINUTE => b.div_ceil(MINUTE) * MINUTE,
         _ => b,
     }
 }
@@ -233,8 +244,8 @@ pub fn usage_interval(spans: impl IntoIterator<Item = u64>) -> Option<u64> {
         .map(|(span, _)| span)
 }
 
-/// A usage point longer than the usage interval (an agent that was stopped, or could
-/// not publish, sends the time since its last point in one): spread over its span rather
+/// A usage point longer than a chart's bucket (an agent that was stopped, or could not
+/// publish, sends the time since its last point in one): spread over its span rather
 /// than heaped into the bucket it ends in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Long {
@@ -246,7 +257,7 @@ pub struct Long {
 
 /// One node's usage (or a project's, all nodes): energy (µJ of GPU, CPU, DRAM, other)
 /// and the time covered (`span_ms` summed) per bucket end of the points no longer than
-/// the usage interval, the longer points, and the fewest and most jobs any point summed
+/// a bucket, the longer points, and the fewest and most jobs any point summed
 /// (`None` where a point had no count).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Buckets {
@@ -353,8 +364,8 @@ impl Buckets {
 /// the mean power over the time it shows of `usage` (per node: where the node's usage is
 /// expected, its job's span there; `None` for a project's, expected nowhere).
 ///
-/// A point no longer than the usage interval counts whole in the bucket it ends in; a
-/// longer one is spread evenly over the span it covers (cut to the node's job span: its
+/// A point no longer than a bucket counts whole in the bucket it ends in; a longer one
+/// is spread evenly over the span it covers (cut to the node's job span: its
 /// energy is the job's). Where a node's usage is expected in a step but no point covers
 /// any of it, the step is a gap: the nodes' sum is unknown, and 0 W would say the job drew
 /// nothing. A node covered over part of its time in a step counts at its mean power over
@@ -370,11 +381,46 @@ pub fn steps(
     if from_ms >= to_ms {
         return out;
     }
-    let mut end = (from_ms / b + 1) * b;
+    let first = (from_ms / b + 1) * b;
+    // The part of each long point in each step (by bucket end), per node: each point
+    // costs the buckets it meets, not all of them.
+    let spread: Vec<BTreeMap<u64, ([f64; 4], u64)>> = usage
+        .iter()
+        .map(|(expected, bk)| {
+            let (na, nz) = expected.unwrap_or((from_ms, to_ms));
+            let mut m: BTreeMap<u64, ([f64; 4], u64)> = BTreeMap::new();
+            for p in &bk.long {
+                let mut pa = p.end_ms.saturating_sub(p.span_ms);
+                let mut pz = p.end_ms;
+                if expected.is_some() {
+                    (pa, pz) = (pa.max(na), pz.min(nz));
+                }
+                // Where it meets the chart and the node's expected span.
+                let (ca, cz) = (pa.max(from_ms).max(na), pz.min(to_ms).min(nz));
+                if pa >= pz || ca >= cz {
+                    continue;
+                }
+                let mut end = (ca / b + 1) * b;
+                while end - b < cz {
+                    let o = cz.min(end).saturating_sub(ca.max(end - b));
+                    if o > 0 {
+                        let (e, covered) = m.entry(end).or_default();
+                        for (e, v) in e.iter_mut().zip(p.uj) {
+                            *e += v as f64 * o as f64 / (pz - pa) as f64;
+                        }
+                        *covered += o;
+                    }
+                    end += b;
+                }
+            }
+            m
+        })
+        .collect();
+    let mut end = first;
     while end - b < to_ms {
         let (a, z) = ((end - b).max(from_ms), end.min(to_ms));
         let mut uj = Some([0.0f64; 4]);
-        for (expected, bk) in usage {
+        for ((expected, bk), spread) in usage.iter().zip(&spread) {
             let (na, nz) = expected.unwrap_or((from_ms, to_ms));
             let (ea, ez) = (a.max(na), z.min(nz));
             if ea >= ez {
@@ -387,20 +433,11 @@ pub fn steps(
                 .unwrap_or_default()
                 .map(|v| v as f64);
             let mut covered = bk.covered_ms.get(&end).copied().unwrap_or(0);
-            for p in &bk.long {
-                let mut pa = p.end_ms.saturating_sub(p.span_ms);
-                let mut pz = p.end_ms;
-                if expected.is_some() {
-                    (pa, pz) = (pa.max(na), pz.min(nz));
+            if let Some((le, lc)) = spread.get(&end) {
+                for (e, v) in e.iter_mut().zip(le) {
+                    *e += v;
                 }
-                let o = ez.min(pz).saturating_sub(ea.max(pa));
-                if pa >= pz || o == 0 {
-                    continue;
-                }
-                for (e, v) in e.iter_mut().zip(p.uj) {
-                    *e += v as f64 * o as f64 / (pz - pa) as f64;
-                }
-                covered += o;
+                covered += lc;
             }
             if expected.is_some() {
                 let want = ez - ea;
@@ -712,7 +749,7 @@ fn chart_text(series: &Series) -> String {
     let mut how = format!(
         "Each step is the mean power (W) over each {every} (on the UTC clock) of the usage \
          points that end in it; a point covers the span before its timestamp, so it is drawn \
-         over that span, and a point covering more than the usage interval (sent late, after \
+         over that span, and a point covering more than a step (sent late, after \
          its agent was stopped or could not publish) is spread evenly over it. Times are UTC."
     );
     if series.steps.iter().any(|st| st.w.is_none()) {
@@ -900,6 +937,11 @@ fn strings(v: &serde_json::Value, col: usize) -> Vec<String> {
     out
 }
 
+/// Points longer than a chart's bucket a chart reads at most. A series (a node's project
+/// and user) has at most one per bucket and one more: its points do not overlap, and
+/// each covers more than a bucket; about 240 buckets make a chart.
+pub const MAX_LONG_POINTS: usize = 100_000;
+
 /// Statements a request carries at most (two per node of a job).
 const STATEMENTS_PER_REQUEST: usize = 50;
 
@@ -914,6 +956,26 @@ enum Whose<'a> {
         user: &'a str,
         spans: &'a BTreeMap<String, (u64, u64)>,
     },
+}
+
+/// The two statements a chart reads of the usage matching `filter` and `when` (more
+/// conditions, from `AND`), for buckets of `b` ms: the points no longer than a bucket,
+/// summed by InfluxDB in the bucket each ends in; the longer ones (an agent's outage or
+/// stop, sent in one point) one by one, to be spread over their spans, at most
+/// [`MAX_LONG_POINTS`] and one. The bucket, not the usage interval, is the bound: in a
+/// fleet of mixed intervals every point of a slower agent is longer than the interval,
+/// but rarely than a bucket (at least the interval, about 1/240 of the chart).
+fn usage_statements(filter: &str, when: &str, b: u64) -> [String; 2] {
+    let whole = b;
+    let limit = MAX_LONG_POINTS + 1;
+    [
+        format!(
+            "SELECT SUM(\"energy_gpu_uj\") AS gpu, SUM(\"energy_cpu_uj\") AS cpu, SUM(\"energy_dram_uj\") AS dram, SUM(\"energy_other_uj\") AS other, SUM(\"span_ms\") AS covered, MIN(\"jobs\") AS fewest, MAX(\"jobs\") AS most FROM \"usage\" WHERE {filter} AND \"span_ms\" <= {whole} {when} GROUP BY time({b}ms, 1ms) fill(none)"
+        ),
+        format!(
+            "SELECT \"energy_gpu_uj\" AS gpu, \"energy_cpu_uj\" AS cpu, \"energy_dram_uj\" AS dram, \"energy_other_uj\" AS other, \"span_ms\", \"jobs\" FROM \"usage\" WHERE {filter} AND \"span_ms\" > {whole} {when} LIMIT {limit}"
+        ),
+    ]
 }
 
 /// The chart of the usage matching `filter` over (from, to]. For a job, it is the job's
@@ -944,16 +1006,6 @@ async fn chart(
         .filter_map(|row| row[1].as_u64());
     let interval = usage_interval(spans_seen);
     let b = chart_bucket_ms(from_ms, to_ms, interval);
-    // Points up to the usage interval lie in one bucket and are summed there by InfluxDB;
-    // the few longer ones are read as they are, to be spread over their spans.
-    let whole = interval.unwrap_or(b);
-    let sums = format!(
-        "SELECT SUM(\"energy_gpu_uj\") AS gpu, SUM(\"energy_cpu_uj\") AS cpu, SUM(\"energy_dram_uj\") AS dram, SUM(\"energy_other_uj\") AS other, SUM(\"span_ms\") AS covered, MIN(\"jobs\") AS fewest, MAX(\"jobs\") AS most FROM \"usage\" WHERE {filter} AND \"span_ms\" <= {whole}"
-    );
-    let longer = format!(
-        "SELECT \"energy_gpu_uj\" AS gpu, \"energy_cpu_uj\" AS cpu, \"energy_dram_uj\" AS dram, \"energy_other_uj\" AS other, \"span_ms\", \"jobs\" FROM \"usage\" WHERE {filter} AND \"span_ms\" > {whole}"
-    );
-    let group = format!("GROUP BY time({b}ms, 1ms) fill(none)");
     // Per node where a job's usage is expected (its span there), both statements.
     let parts: Vec<(Option<(u64, u64)>, String)> = match &whose {
         Whose::Job { spans, .. } => spans
@@ -973,7 +1025,7 @@ async fn chart(
     };
     let statements: Vec<String> = parts
         .iter()
-        .flat_map(|(_, w)| [format!("{sums} {w} {group}"), format!("{longer} {w}")])
+        .flat_map(|(_, w)| usage_statements(filter, w, b))
         .collect();
     let mut results = Vec::new();
     for request in statements.chunks(STATEMENTS_PER_REQUEST) {
@@ -989,11 +1041,23 @@ async fn chart(
     }
     let mut usage: Vec<(Option<(u64, u64)>, Buckets)> = Vec::new();
     let mut all = Buckets::default();
+    let mut long_points = 0;
     for ((expected, _), pair) in parts.iter().zip(results.chunks(2)) {
         let mut bk = Buckets::default();
         bk.add(&pair[0], b)?;
         if let Some(long) = pair.get(1) {
             bk.add_long(long)?;
+        }
+        long_points += bk.long.len();
+        if long_points > MAX_LONG_POINTS {
+            return Err(ReportError::Query(format!(
+                "more than {MAX_LONG_POINTS} usage points from {} to {} each cover more than \
+                 a step of the chart ({}), to be spread over their spans: too many to read \
+                 one by one; a longer period has longer steps",
+                fmt_time(from_ms),
+                fmt_time(to_ms),
+                duration(b)
+            )));
         }
         // A node without points (none read) has no count to give.
         if let Some(fewest) = bk.fewest_jobs {
@@ -1031,6 +1095,41 @@ async fn chart(
     })
 }
 
+/// One `job_total` point of a job: a node's totals over one agent run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub node: String,
+    /// The job's start (its registry file's), and the last sample the totals reach.
+    pub start_ms: u64,
+    pub until_ms: u64,
+    /// The job's end was seen: `until_ms` is its end.
+    pub ended: bool,
+}
+
+/// Where a job's usage is expected on each node: (start, end] in Unix ms. A job's points
+/// on a node (one per agent run) span its time there, from the job's start. A node none
+/// of whose points saw the job's end (its agent died, or the job still runs) is expected
+/// to the job's end, or its last sample on any node: the rest of its time there is then
+/// a gap in the chart, not a drop. A node that saw the end keeps its own.
+pub fn node_spans(records: impl IntoIterator<Item = JobRecord>) -> BTreeMap<String, (u64, u64)> {
+    let mut spans: BTreeMap<String, (u64, u64, bool)> = BTreeMap::new();
+    for r in records {
+        let span = spans
+            .entry(r.node)
+            .or_insert((r.start_ms, r.until_ms, r.ended));
+        *span = (
+            span.0.min(r.start_ms),
+            span.1.max(r.until_ms),
+            span.2 || r.ended,
+        );
+    }
+    let end = spans.values().map(|s| s.1).max().unwrap_or(0);
+    spans
+        .into_iter()
+        .map(|(node, (a, z, ended))| (node, (a, if ended { z } else { end })))
+        .collect()
+}
+
 /// Reads what a report needs from InfluxDB. A subject with nothing recorded is an error,
 /// so that no empty report is written.
 pub async fn gather(
@@ -1047,7 +1146,7 @@ pub async fn gather(
         Subject::Job(job) => {
             let v = influx
                 .query(&format!(
-                    "SELECT project, \"user\", node, gpus, start_ms, until_ms, energy_gpu_uj, energy_cpu_uj, energy_dram_uj, energy_other_uj, gpu_ms, cpu_us, energy_gpu_idle_uj, energy_gpu_capped_uj, gpu_tensor_us FROM \"job_total\" WHERE {}",
+                    "SELECT project, \"user\", node, gpus, start_ms, until_ms, energy_gpu_uj, energy_cpu_uj, energy_dram_uj, energy_other_uj, gpu_ms, cpu_us, energy_gpu_idle_uj, energy_gpu_capped_uj, gpu_tensor_us, ended FROM \"job_total\" WHERE {}",
                     eq("job", job)
                 ))
                 .await?;
@@ -1078,11 +1177,13 @@ pub async fn gather(
                     gpu_tensor_us: n(r, 15),
                 };
                 d.efficiency = d.efficiency.checked_add(&spent).ok_or_else(overflow)?;
-                // A job's points on a node (one per agent run) span its time there.
-                let node = r[3].as_str().unwrap_or_default().to_string();
-                let span = spans.entry(node).or_insert((n(r, 5), n(r, 6)));
-                *span = (span.0.min(n(r, 5)), span.1.max(n(r, 6)));
             }
+            spans = node_spans(rows.iter().map(|r| JobRecord {
+                node: r[3].as_str().unwrap_or_default().to_string(),
+                start_ms: n(r, 5),
+                until_ms: n(r, 6),
+                ended: r[16].as_bool().unwrap_or(false),
+            }));
             d.project = rows[0][1].as_str().unwrap_or_default().to_string();
             d.users = strings(&v, 2);
             d.nodes = strings(&v, 3);
@@ -1235,6 +1336,12 @@ mod tests {
         assert_eq!(chart_bucket_ms(0, 3_600_000, Some(7_000)), 21_000);
         assert_eq!(chart_bucket_ms(0, 3_600_000, None), 15_000);
         assert_eq!(chart_bucket_ms(0, 86_400_000, Some(MIN)), 6 * MIN);
+        // Over a minute, whole minutes: a fleet at 10 s and 1 min over 5 h (75 s, 80 s
+        // at 10 s) has 2 min steps, each holding whole 1 min points; under, no change.
+        assert_eq!(chart_bucket_ms(0, 5 * 3_600_000, Some(10_000)), 2 * MIN);
+        assert_eq!(chart_bucket_ms(0, 3_600_000, Some(10_000)), 20_000);
+        assert_eq!(chart_bucket_ms(0, 5 * 3_600_000, None), 2 * MIN);
+        assert_eq!(chart_bucket_ms(0, 5 * 3_600_000, Some(7_000)), 77_000);
         assert_eq!(usage_interval([11_000, MIN, MIN, 21_000, MIN]), Some(MIN));
         assert_eq!(usage_interval([0]), None);
     }
@@ -1400,6 +1507,57 @@ mod tests {
         // A project's point is spread over its whole span, a third of it before the period.
         let s = steps(t, t + 2 * MIN, MIN, &[(None, n1)]);
         assert_eq!(gpu(&s), [Some(400.0 / 3.0), Some(400.0 / 3.0)]);
+    }
+
+    /// A fleet of mixed intervals: nodes at 10 s and at 1 min, the interval read as 10 s.
+    /// Only points longer than the chart's bucket are read one by one (to be spread); a
+    /// point no longer than a bucket is summed by InfluxDB in the bucket it ends in, so a
+    /// slower node's every point is not read raw.
+    #[test]
+    fn only_points_longer_than_a_bucket_are_read_one_by_one() {
+        let [sums, longer] = usage_statements("\"project\" = 'p'", "AND time > 0ms", MIN);
+        assert!(
+            sums.contains("AND \"span_ms\" <= 60000 AND time > 0ms GROUP BY time(60000ms, 1ms)"),
+            "{sums}"
+        );
+        assert!(
+            longer.contains("AND \"span_ms\" > 60000 AND time > 0ms"),
+            "{longer}"
+        );
+        // Bounded: more than that many is an error saying why, not an answer cut short.
+        assert!(
+            longer.ends_with(&format!(" LIMIT {}", MAX_LONG_POINTS + 1)),
+            "{longer}"
+        );
+    }
+
+    /// A job's points on a node, one per agent run: the node's span is the job's start to
+    /// its end. An agent that died before the job ended (no record of that node saw the
+    /// end) leaves the node expected up to the job's end, seen on another node: the rest
+    /// is a gap in the chart, not a drop. A node that saw the end keeps its own.
+    #[test]
+    fn a_node_whose_agent_died_is_expected_to_the_job_end() {
+        let r = |node: &str, start_ms, until_ms, ended| JobRecord {
+            node: node.into(),
+            start_ms,
+            until_ms,
+            ended,
+        };
+        let spans = node_spans([
+            r("n1", 0, 10 * MIN, true),
+            // n2's agent restarted at 3 min, then died at 6 min.
+            r("n2", 0, 3 * MIN, false),
+            r("n2", 0, 6 * MIN, false),
+            // n3 saw the end, a little earlier than n1.
+            r("n3", 0, 10 * MIN - 20, true),
+        ]);
+        assert_eq!(spans["n1"], (0, 10 * MIN));
+        assert_eq!(spans["n2"], (0, 10 * MIN));
+        assert_eq!(spans["n3"], (0, 10 * MIN - 20));
+        // A job still running (or whose agents all died): the last sample any node saw.
+        let spans = node_spans([r("n1", 0, 4 * MIN, false), r("n2", 0, 5 * MIN, false)]);
+        assert_eq!(spans["n1"], (0, 5 * MIN));
+        assert_eq!(spans["n2"], (0, 5 * MIN));
     }
 
     #[test]
