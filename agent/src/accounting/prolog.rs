@@ -440,7 +440,7 @@ impl Walk {
                 let writes = match env {
                     Env::Unset => Ok(PathBuf::from(default)),
                     Env::Dir(d) => Ok(PathBuf::from(d)),
-                    Env::Unknown(why) => Err(format!("{} sets {why}", file.display())),
+                    Env::Unknown(why) => Err(why.clone()),
                 };
                 self.reached.push(Reached {
                     script: file.to_owned(),
@@ -476,12 +476,24 @@ impl Walk {
         }
         if values.len() > 1 {
             // Set to different values (in branches, say): only running it would tell.
-            let said: Vec<String> = sets.iter().map(|a| a.value.clone()).collect();
+            let said: Vec<&str> = sets
+                .iter()
+                .filter(|a| !matches!(a.scope, Scope::Prefix(_)))
+                .map(|a| a.value.as_str())
+                .collect();
             own = Env::Unknown(format!(
                 "{VAR} to {}, and which one holds only the shell knows",
                 said.join(" or ")
             ));
         }
+        // What this script made unknown is said to be its doing.
+        let here = |e: Env| match e {
+            Env::Unknown(why) if !matches!(env, Env::Unknown(w) if *w == why) => {
+                Env::Unknown(format!("{} sets {why}", file.display()))
+            }
+            e => e,
+        };
+        let own = here(own);
         let handed = if exported || values.is_empty() {
             own.clone()
         } else {
@@ -490,7 +502,7 @@ impl Walk {
         let before = self.reached.len();
         for p in &w.paths {
             let prefixed = sets.iter().rev().find_map(|a| match &a.scope {
-                Scope::Prefix(to) if to.iter().any(|t| t == p) => Some(own.assign(&a.value)),
+                Scope::Prefix(to) if to.iter().any(|t| t == p) => Some(here(own.assign(&a.value))),
                 _ => None,
             });
             for f in expand(Path::new(p), Listing::RunParts) {
@@ -1047,7 +1059,26 @@ mod tests {
             ),
         );
         let why = verdict_of(&p).unwrap_err();
-        assert!(why.contains("/scratch/jobs or /other"), "{why}");
+        assert!(
+            why.contains(&format!(
+                "{p} sets NODEWATT_JOBS_DIR to /scratch/jobs or /other"
+            )),
+            "{why}"
+        );
+        let p = site(
+            "computed",
+            &format!(
+                "export NODEWATT_JOBS_DIR=$BASE/jobs\nexec {}\n",
+                ours.display()
+            ),
+        );
+        let why = verdict_of(&p).unwrap_err();
+        assert!(
+            why.contains(&format!(
+                "{p} sets NODEWATT_JOBS_DIR=$BASE/jobs, which only the shell knows"
+            )),
+            "{why}"
+        );
 
         // A prefix belongs to its own command only.
         let p = site(
