@@ -110,15 +110,19 @@ fn checks_find_each_server_and_name_the_missing_ones() {
     ] {
         assert!(said.contains(&want), "{want:?} in\n{said}");
     }
+    // A node of its own (the other tests' agents must not count as this one's), with a
+    // fleet's login: a password file and no user name, which is the node's name.
+    let pw = tempfile::tempdir().unwrap();
+    std::fs::write(pw.path().join("mqtt-password"), "secret\n").unwrap();
     let agent_cfg = config_file(
         "agent.toml",
-        // A node of its own: the other tests' agents must not count as this one's.
-        &agent_config("c1", "n-check", "1s", mq.port, &[300.0]),
+        &(agent_config("c1", "n-check", "1s", mq.port, &[300.0])
+            + &format!("password_file = {:?}\n", pw.path().join("mqtt-password"))),
     );
     let out = agent(&["check"], &agent_cfg);
     assert!(
         text(&out).contains(&format!(
-            "broker     ok           mqtt://127.0.0.1:{} accepted the login",
+            "broker     ok           mqtt://127.0.0.1:{} accepted the login as user n-check",
             mq.port
         )),
         "{}",
@@ -271,4 +275,70 @@ fn config_has_a_default_path_and_help_everywhere() {
             );
         }
     }
+}
+
+/// With InfluxDB's authentication on, the collector's user needs rights the check must
+/// see: it said "serve creates it" for a user who may not, and passed.
+#[test]
+fn the_collectors_check_names_the_influxdb_rights_its_user_lacks() {
+    let mq = Mosquitto::start();
+    let db = Influxd::start_with("", "auth-enabled = true");
+    let admin = |q: &str| {
+        let url =
+            reqwest::Url::parse_with_params(&format!("{}/query", db.url()), &[("q", q)]).unwrap();
+        let r = reqwest::blocking::Client::new()
+            .post(url)
+            .basic_auth("admin", Some("admin-pw"))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{q}: {}", r.text().unwrap());
+    };
+    // The first user InfluxDB takes without credentials must be an admin.
+    admin("CREATE USER admin WITH PASSWORD 'admin-pw' WITH ALL PRIVILEGES");
+    admin("CREATE USER nw WITH PASSWORD 'nw-pw'");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("influx-password"), "nw-pw\n").unwrap();
+    let cfg = config_file(
+        "collector.toml",
+        &format!(
+            "[collector]\nid = \"rights\"\n[mqtt]\nport = {}\n\
+             [influxdb]\nurl = \"{}\"\ndatabase = \"billing\"\nusername = \"nw\"\npassword_file = {:?}\n",
+            mq.port,
+            db.url(),
+            dir.path().join("influx-password")
+        ),
+    );
+    let check = || {
+        let out = collector_run(&cfg, &["check", "--strict"]);
+        (out.status.code(), text(&out))
+    };
+
+    // No database, and a user who may not create one.
+    let (code, said) = check();
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("database   PROBLEM      billing does not exist, and serve cannot create it"),
+        "{said}"
+    );
+
+    // The database, but no rights on it: the user cannot even see it.
+    admin("CREATE DATABASE billing");
+    let (code, said) = check();
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("database   PROBLEM      billing"), "{said}");
+    assert!(
+        said.contains("GRANT ALL ON \"billing\" TO \"nw\""),
+        "{said}"
+    );
+
+    // Writes but no reads.
+    admin("GRANT WRITE ON billing TO nw");
+    let (code, said) = check();
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("write      ok"), "{said}");
+    assert!(said.contains("read       PROBLEM"), "{said}");
+
+    admin("GRANT ALL ON billing TO nw");
+    let (code, said) = check();
+    assert_eq!(code, Some(0), "{said}");
 }

@@ -558,7 +558,7 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
         match running_agent(&agent_client_id(&cfg, &node)) {
             Some(pid) => line(
                 "broker",
-                try_reach(mqtt, &peer).err().map(|e| format!("{e:#}")),
+                try_reach(mqtt, &node, &peer).err().map(|e| format!("{e:#}")),
                 format!(
                     "{peer} accepts connections (login not tried: the agent runs, pid {pid}, and a second login as it would take over its session)"
                 ),
@@ -620,10 +620,12 @@ fn running_agent(client_id: &str) -> Option<u32> {
 /// Opens a TCP connection to the broker (the files TLS needs are read first).
 fn try_reach(
     mqtt: &nodewatt_common::mqtt::MqttConfig,
+    node: &nodewatt_wire::NodeName,
     peer: &nodewatt_common::connection::Peer,
 ) -> anyhow::Result<()> {
     use std::net::ToSocketAddrs;
-    mqtt.options("probe")?;
+    // The files a login would read, as the agent logs in (its node name by default).
+    mqtt.options_as("probe", node)?;
     let addrs = (mqtt.host.as_str(), mqtt.port())
         .to_socket_addrs()
         .map_err(|e| anyhow::anyhow!("MQTT broker {peer}: {e}; check [mqtt] host"))?;

@@ -41,32 +41,50 @@ pub async fn influx(influx: &Influx, database: &str, create: bool, now_ms: u64) 
             return out;
         }
     }
-    let exists = match influx.query("SHOW DATABASES").await {
-        Ok(v) => Ok(values(&v).any(|row| row[0].as_str() == Some(database))),
-        Err(e) => Err(e),
+    // A user sees only the databases it has rights on, so an empty write (which checks
+    // the database first, then the right) says what the list cannot.
+    let listed = influx
+        .query("SHOW DATABASES")
+        .await
+        .map(|v| values(&v).any(|row| row[0].as_str() == Some(database)));
+    let write = influx.probe_write().await;
+    let missing = matches!(&write, Err(e) if e.contains("404"));
+    let grant = match influx.user() {
+        Some(u) => format!(
+            "GRANT ALL ON \"{}\" TO \"{}\"",
+            database.replace('"', "\\\""),
+            u.replace('"', "\\\"")
+        ),
+        None => "set [influxdb] username and password_file".into(),
     };
-    let there = matches!(exists, Ok(true));
-    out.push(Finding::new(
-        "database",
-        match exists {
-            Ok(true) => Ok(format!("{database} exists")),
-            Ok(false) if create => Ok(format!(
+    let there = matches!(listed, Ok(true)) || write.is_ok();
+    let found = if there {
+        Ok(format!("{database} exists"))
+    } else if missing && create {
+        // CREATE DATABASE needs an admin; only admins may list users.
+        match influx.query("SHOW USERS").await {
+            Ok(_) => Ok(format!(
                 "{database} does not exist yet; serve creates it (influxdb.create_database)"
             )),
-            Ok(false) => Err(format!(
-                "{database} does not exist and influxdb.create_database = false: create it, or set it true"
+            Err(e) => Err(format!(
+                "{database} does not exist, and serve cannot create it: its user is no admin ({e}); create it as an admin (CREATE DATABASE \"{database}\"), then {grant}"
             )),
-            // Users without admin rights may not list databases; the write probe says more.
-            Err(e) => Err(format!("cannot list databases: {e}")),
-        },
-    ));
+        }
+    } else if missing {
+        Err(format!(
+            "{database} does not exist and influxdb.create_database = false: create it, or set it true"
+        ))
+    } else {
+        let why = write.as_ref().err().cloned().unwrap_or_default();
+        Err(format!(
+            "{database} is not listed to this user and writes are refused ({why}): {grant}"
+        ))
+    };
+    out.push(Finding::new("database", found));
     if there {
         out.push(Finding::new(
             "write",
-            influx
-                .probe_write()
-                .await
-                .map(|()| format!("writes to {database} are allowed")),
+            write.map(|()| format!("writes to {database} are allowed")),
         ));
         let newest = influx
             .query("SELECT LAST(\"seq\") FROM \"agent\"")

@@ -146,6 +146,17 @@ impl Influx {
         }
     }
 
+    /// Whether `serve` creates a missing database (v1 with `create_database`; v2 buckets
+    /// are created by operators).
+    pub fn creates_database(&self) -> bool {
+        self.api == Api::V1 && self.create_database
+    }
+
+    /// The user it logs in as, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.basic.as_ref().map(|(u, _)| u.as_str())
+    }
+
     /// The server's version, from `/ping` (which needs no credentials).
     pub async fn ping(&self) -> Result<String, String> {
         let url = endpoint(&self.base, "ping", &[]).map_err(|e| e.to_string())?;

@@ -369,7 +369,7 @@ fn check(path: &std::path::Path, strict: bool) -> anyhow::Result<ExitCode> {
         Ok(influx) => findings.extend(runtime.block_on(nodewatt_collector::check::influx(
             &influx,
             &cfg.influxdb.database,
-            cfg.influxdb.create_database,
+            influx.creates_database(),
             nodewatt_common::now_ms(),
         ))),
         Err(e) => findings.push(Finding {
