@@ -55,7 +55,9 @@ pub fn conf_values(text: &str, hook: Hook) -> (Vec<String>, Vec<String>) {
     // A line ending in a backslash goes on.
     let joined = text.replace("\\\n", " ");
     for line in joined.lines() {
-        let line = line.split('#').next().unwrap_or("").trim();
+        // Slurm takes `Prolog = /x` as `Prolog=/x`.
+        let line = tighten(line.split('#').next().unwrap_or(""));
+        let line = line.trim();
         let mut words = line.split_whitespace();
         let Some(first) = words.next() else { continue };
         if first.eq_ignore_ascii_case("include") {
@@ -74,6 +76,24 @@ pub fn conf_values(text: &str, hook: Hook) -> (Vec<String>, Vec<String>) {
         }
     }
     (values, includes)
+}
+
+/// The line without blanks around its `=`s.
+fn tighten(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '=' {
+            out.truncate(out.trim_end().len());
+            out.push('=');
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn unquote(s: &str) -> &str {
@@ -141,6 +161,10 @@ impl Env {
     /// `${V:-x}`, `${V-x}`; anything else only the shell knows.
     fn assign(&self, value: &str) -> Env {
         let value = unquote(value);
+        // Empty is unset to our scripts (`${NODEWATT_JOBS_DIR:-...}`): also `unset V`.
+        if value.is_empty() {
+            return Env::Unset;
+        }
         if !value.contains(['$', '`']) {
             return Env::Dir(value.to_owned());
         }
@@ -197,61 +221,108 @@ pub fn script(text: &str) -> Script {
             list.push(token.to_owned());
         }
     };
+    // Blocks opened (if, case, loops, functions, braces): an `exit` or `exec` at depth 0
+    // that no `&&` or `||` makes conditional ends the script.
+    let mut depth: usize = 0;
+    let mut ended = false;
     for line in &code {
-        // One statement at a time: `a; b`, `a && b`, `a | b`.
-        for statement in line.split([';', '&', '|']) {
-            let words = command(statement);
-            let first = words.first().copied().unwrap_or("");
-            let declares_export = matches!(first, "export" | "declare" | "typeset" | "local")
-                && (first == "export"
-                    || words.iter().any(|w| w.starts_with('-') && w.contains('x')));
-            if declares_export && words.contains(&VAR) {
-                w.exports = true;
+        if ended {
+            break;
+        }
+        for piece in line.split(';') {
+            let raw: Vec<&str> = piece.split_whitespace().collect();
+            let opens = match raw.first().copied() {
+                Some("if" | "case" | "for" | "while" | "until" | "{" | "(") => true,
+                // `f() {`; a `{` on its own line counts itself.
+                Some(w) if w.ends_with("()") || raw.get(1) == Some(&"()") => raw.contains(&"{"),
+                _ => false,
+            };
+            if opens {
+                depth += 1;
             }
-            if first == "set" && words.iter().any(|w| w.starts_with('-') && w.contains('a')) {
-                w.exports = true;
-            }
-            // Paths the statement names, as `word` tokens.
-            let paths: Vec<String> = words
-                .iter()
-                .flat_map(|w| w.split(['=', '(', ')', '<', '>', '"', '\'', '`', '{', '}', ',']))
-                .filter(|t| t.starts_with('/'))
-                .map(str::to_owned)
-                .collect();
-            if matches!(first, "." | "source") {
-                if let Some(f) = words.get(1) {
-                    named(&mut w.sources, unquote(f));
+            if depth == 0 && !piece.contains("&&") && !piece.contains("||") {
+                let words = command(piece);
+                let runs_on = |w: &&str| !w.starts_with(['>', '<']) && !w.contains(">");
+                match words.first().copied() {
+                    Some("exit") => ended = true,
+                    Some("exec") if words[1..].iter().any(runs_on) => ended = true,
+                    _ => {}
                 }
-                continue;
             }
-            // Assignments before the command word (`V=x cmd`, `env V=x cmd`), or after
-            // `export` / `declare -x`.
-            for (i, word) in words.iter().enumerate() {
-                let Some(value) = word.strip_prefix(VAR).and_then(|r| r.strip_prefix('=')) else {
+            if matches!(
+                raw.first().copied(),
+                Some("fi" | "esac" | "done" | "}" | ")")
+            ) {
+                depth = depth.saturating_sub(1);
+            }
+            for statement in piece.split(['&', '|']) {
+                let words = command(statement);
+                let first = words.first().copied().unwrap_or("");
+                let declares_export = matches!(first, "export" | "declare" | "typeset" | "local")
+                    && (first == "export"
+                        || words.iter().any(|w| w.starts_with('-') && w.contains('x')))
+                    && !words.contains(&"-n");
+                if declares_export && words.contains(&VAR) {
+                    w.exports = true;
+                }
+                if first == "set" && words.iter().any(|w| w.starts_with('-') && w.contains('a')) {
+                    w.exports = true;
+                }
+                // Paths the statement names, as `word` tokens.
+                let paths: Vec<String> = words
+                    .iter()
+                    .flat_map(|w| w.split(['=', '(', ')', '<', '>', '"', '\'', '`', '{', '}', ',']))
+                    .filter(|t| t.starts_with('/'))
+                    .map(str::to_owned)
+                    .collect();
+                let unexports = (first == "unset" || (first == "export" && words.contains(&"-n")))
+                    && words.contains(&VAR);
+                if unexports {
+                    w.sets.push(Assignment {
+                        value: String::new(),
+                        scope: Scope::Exported,
+                    });
                     continue;
-                };
-                let scope = if declares_export {
-                    Scope::Exported
-                } else if words[i + 1..].iter().any(|w| !w.contains('=')) {
-                    Scope::Prefix(
-                        paths
-                            .iter()
-                            .filter(|p| *p != unquote(value))
-                            .cloned()
-                            .collect(),
-                    )
-                } else {
-                    Scope::Shell
-                };
-                w.sets.push(Assignment {
-                    value: value.to_owned(),
-                    scope,
-                });
-            }
-            for p in &paths {
-                if !w.sets.iter().any(|a| unquote(&a.value) == p) {
-                    named(&mut w.paths, p);
                 }
+                if matches!(first, "." | "source") {
+                    if let Some(f) = words.get(1) {
+                        named(&mut w.sources, unquote(f));
+                    }
+                    continue;
+                }
+                // Assignments before the command word (`V=x cmd`, `env V=x cmd`), or after
+                // `export` / `declare -x`.
+                for (i, word) in words.iter().enumerate() {
+                    let Some(value) = word.strip_prefix(VAR).and_then(|r| r.strip_prefix('='))
+                    else {
+                        continue;
+                    };
+                    let scope = if declares_export {
+                        Scope::Exported
+                    } else if words[i + 1..].iter().any(|w| !w.contains('=')) {
+                        Scope::Prefix(
+                            paths
+                                .iter()
+                                .filter(|p| *p != unquote(value))
+                                .cloned()
+                                .collect(),
+                        )
+                    } else {
+                        Scope::Shell
+                    };
+                    w.sets.push(Assignment {
+                        value: value.to_owned(),
+                        scope,
+                    });
+                }
+                for p in &paths {
+                    if !w.sets.iter().any(|a| unquote(&a.value) == p) {
+                        named(&mut w.paths, p);
+                    }
+                }
+            }
+            if ended {
+                break;
             }
         }
     }
@@ -310,11 +381,17 @@ pub struct Reached {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub value: String,
+    /// The slurm.conf (or included file) that sets it.
+    pub conf: PathBuf,
     /// Why slurmd cannot run it (missing, not executable, a directory).
     pub broken: Option<String>,
     pub reached: Vec<Reached>,
     /// Files on the way that could not be read (check not run as root?).
     pub unreadable: Vec<String>,
+    /// Files on the way not followed, and why (run-parts would skip them; not root's).
+    pub skipped: Vec<String>,
+    /// Files on the way that group or others may write.
+    pub writable: Vec<String>,
 }
 
 /// The slurm.conf this node's Slurm reads: `SLURM_CONF` if set, else the first of
@@ -344,18 +421,26 @@ pub fn entries(conf: &Path, hook: Hook) -> Result<Vec<Entry>, String> {
     conf_tree(conf, hook, &mut values, 0)?;
     Ok(values
         .into_iter()
-        .map(|value| {
+        .map(|(value, conf)| {
             // A fully qualified program; Slurm 21.08 and later also take a glob.
             let path = Path::new(&value);
-            let files = if path.is_dir() {
-                Vec::new()
-            } else {
+            let globbed = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.contains(['*', '?']));
+            let files = if globbed || path.is_file() {
                 expand(path, Listing::Glob)
+            } else {
+                Vec::new()
             };
             let broken = if path.is_dir() {
                 Some(format!(
                     "{value} is a directory: slurmd runs a program (or a glob's)"
                 ))
+            } else if globbed && files.is_empty() {
+                Some(format!("{value} matches no file"))
+            } else if path.exists() && !globbed && files.is_empty() {
+                Some(format!("{value} is not a regular file"))
             } else if files.is_empty() {
                 Some(format!("{value} does not exist"))
             } else {
@@ -370,9 +455,12 @@ pub fn entries(conf: &Path, hook: Hook) -> Result<Vec<Entry>, String> {
             }
             Entry {
                 value,
+                conf,
                 broken,
                 reached: walk.reached,
                 unreadable: walk.unreadable,
+                skipped: walk.skipped,
+                writable: walk.writable,
             }
         })
         .collect())
@@ -381,12 +469,12 @@ pub fn entries(conf: &Path, hook: Hook) -> Result<Vec<Entry>, String> {
 fn conf_tree(
     conf: &Path,
     hook: Hook,
-    values: &mut Vec<String>,
+    values: &mut Vec<(String, PathBuf)>,
     depth: usize,
 ) -> Result<(), String> {
     let text = read_capped(conf).map_err(|e| format!("cannot read {}: {e}", conf.display()))?;
-    let (mut found, includes) = conf_values(&text, hook);
-    values.append(&mut found);
+    let (found, includes) = conf_values(&text, hook);
+    values.extend(found.into_iter().map(|v| (v, conf.to_owned())));
     if depth < MAX_DEPTH {
         for inc in includes {
             // Relative includes are relative to slurm.conf's directory.
@@ -406,6 +494,8 @@ struct Walk {
     seen: std::collections::HashSet<PathBuf>,
     reached: Vec<Reached>,
     unreadable: Vec<String>,
+    skipped: Vec<String>,
+    writable: Vec<String>,
 }
 
 impl Walk {
@@ -414,8 +504,16 @@ impl Walk {
         if self.seen.len() >= MAX_FILES || !self.seen.insert(file.to_owned()) {
             return None;
         }
-        if !trusted(file) {
-            return None;
+        match owner(file) {
+            Ok(mode) if mode & 0o022 != 0 => {
+                self.writable
+                    .push(format!("{} (mode {:o})", file.display(), mode & 0o7777))
+            }
+            Ok(_) => {}
+            Err(why) => {
+                self.skipped.push(format!("{}: {why}", file.display()));
+                return None;
+            }
         }
         match read_capped(file) {
             Ok(text) if !text.contains('\0') => Some(text),
@@ -479,7 +577,10 @@ impl Walk {
             let said: Vec<&str> = sets
                 .iter()
                 .filter(|a| !matches!(a.scope, Scope::Prefix(_)))
-                .map(|a| a.value.as_str())
+                .map(|a| match a.value.as_str() {
+                    "" => "(unset)",
+                    v => v,
+                })
                 .collect();
             own = Env::Unknown(format!(
                 "{VAR} to {}, and which one holds only the shell knows",
@@ -505,7 +606,14 @@ impl Walk {
                 Scope::Prefix(to) if to.iter().any(|t| t == p) => Some(here(own.assign(&a.value))),
                 _ => None,
             });
+            let listed = Path::new(p).is_dir();
             for f in expand(Path::new(p), Listing::RunParts) {
+                if listed {
+                    if let Some(why) = run_parts_skips(&f) {
+                        self.skipped.push(format!("{}: {why}", f.display()));
+                        continue;
+                    }
+                }
                 self.follow(&f, prefixed.as_ref().unwrap_or(&handed), depth + 1);
             }
         }
@@ -566,11 +674,7 @@ fn expand(path: &Path, listing: Listing) -> Vec<PathBuf> {
     if path.is_dir() {
         return match listing {
             Listing::Glob => Vec::new(),
-            Listing::RunParts => listed(path, &|n, p| {
-                n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                    && executable(p)
-            }),
+            Listing::RunParts => listed(path, &|_, _| true),
         };
     }
     if path.is_file() {
@@ -580,13 +684,33 @@ fn expand(path: &Path, listing: Listing) -> Vec<PathBuf> {
     }
 }
 
+/// Why Debian's `run-parts` would not run a file of the directory it is given.
+fn run_parts_skips(file: &Path) -> Option<&'static str> {
+    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        Some("run-parts runs only names of letters, digits, _ and - (no dot)")
+    } else if !executable(file) {
+        Some("not executable, so run-parts skips it")
+    } else {
+        None
+    }
+}
+
 /// Only files root (or whoever runs check) owns are followed: slurmd runs the prolog as
-/// root, so a file another user could have planted says nothing about it.
-fn trusted(file: &Path) -> bool {
+/// root, so a file another user could have planted says nothing about it. Its mode.
+fn owner(file: &Path) -> Result<u32, String> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    std::fs::metadata(file).is_ok_and(|m| m.uid() == 0 || m.uid() == me)
+    let m = std::fs::metadata(file).map_err(|e| e.to_string())?;
+    if m.uid() == 0 || m.uid() == me {
+        Ok(m.mode())
+    } else {
+        Err(format!("owned by uid {}, not root: not followed", m.uid()))
+    }
 }
 
 /// `*` and `?` matching, as the shell does within one path component.
@@ -664,72 +788,82 @@ pub fn verdict(
     jobs_dir: &Path,
 ) -> Result<String, String> {
     let param = hook.parameter();
-    let ours = match hook {
-        Hook::Prolog => "config/slurm/prolog",
-        Hook::Epilog => "config/slurm/epilog",
+    let (ours, without) = match hook {
+        Hook::Prolog => ("config/slurm/prolog", "no job reaches the registry"),
+        Hook::Epilog => (
+            "config/slurm/epilog",
+            "no job's end reaches the registry, so jobs are billed until their files go",
+        ),
     };
     if entries.is_empty() {
         return Err(format!(
-            "{} sets no {param}: no job reaches the registry; install {ours} (docs/slurm.md)",
+            "{} sets no {param}: {without}; install {ours} (docs/slurm.md)",
             conf.display()
         ));
     }
+    // Where each value is set, for the messages.
+    let values = entries
+        .iter()
+        .map(|e| format!("{param}={} in {}", e.value, e.conf.display()))
+        .collect::<Vec<_>>()
+        .join(", ");
     if let Some(why) = entries.iter().find_map(|e| e.broken.as_ref()) {
-        return Err(format!("{param} in {}: {why}", conf.display()));
+        return Err(format!("{values}: {why}"));
+    }
+    if let Some(w) = entries.iter().flat_map(|e| &e.writable).next() {
+        return Err(format!(
+            "{values}: {w} may be written by group or others, who could then run anything as root in every job's {} and bill work to another project: chmod go-w",
+            param.to_lowercase()
+        ));
     }
     let all: Vec<&Reached> = entries.iter().flat_map(|e| &e.reached).collect();
     let reached: Vec<&Reached> = all.iter().copied().filter(|r| r.hook == hook).collect();
-    let values = entries
-        .iter()
-        .map(|e| e.value.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
     if let Some(r) = reached
         .iter()
         .find(|r| r.writes.as_ref().is_ok_and(|w| same_dir(w, jobs_dir)))
     {
         return Ok(format!(
-            "{} writes to {} ({param}={values} in {})",
+            "{} writes to {} ({values})",
             r.script.display(),
             jobs_dir.display(),
-            conf.display()
         ));
     }
     let Some(first) = reached.first() else {
         if let Some(other) = all.first() {
             return Err(format!(
-                "{param}={values} in {} runs {}, nodewatt's {}, not its {}: see docs/slurm.md",
-                conf.display(),
+                "{values} runs {}, nodewatt's {}, not its {}: see docs/slurm.md",
                 other.script.display(),
                 other.hook.parameter().to_lowercase(),
                 param.to_lowercase()
             ));
         }
         if let Some(why) = entries.iter().flat_map(|e| &e.unreadable).next() {
-            return Err(format!(
-                "{param}={values} in {}: cannot read {why}; run check as root",
-                conf.display()
-            ));
+            return Err(format!("{values}: cannot read {why}; run check as root"));
         }
+        let skipped: Vec<&str> = entries
+            .iter()
+            .flat_map(|e| &e.skipped)
+            .map(String::as_str)
+            .take(3)
+            .collect();
+        let skipped = if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(" (not followed: {})", skipped.join("; "))
+        };
         return Err(format!(
-            "{param}={values} in {} does not run nodewatt's {} ({ours}): no job reaches the registry; see docs/slurm.md",
-            conf.display(),
-            hook.parameter().to_lowercase()
+            "{values} does not run nodewatt's {} ({ours}): {without}{skipped}; see docs/slurm.md",
+            param.to_lowercase()
         ));
     };
     Err(match &first.writes {
         Ok(w) => format!(
-            "{} ({param}={values} in {}) writes to {}, but [jobs] dir is {}: set [jobs] dir, or {VAR} in a wrapper (docs/slurm.md)",
+            "{} ({values}) writes to {}, but [jobs] dir is {}: set [jobs] dir, or {VAR} in a wrapper (docs/slurm.md)",
             first.script.display(),
-            conf.display(),
             w.display(),
             jobs_dir.display()
         ),
-        Err(why) => format!(
-            "{param}={values} in {}: {why}; [jobs] dir is {}",
-            conf.display(),
-            jobs_dir.display()
-        ),
+        Err(why) => format!("{values}: {why}; [jobs] dir is {}", jobs_dir.display()),
     })
 }
 
@@ -1101,6 +1235,91 @@ mod tests {
             ),
         );
         assert!(verdict_of(&p).is_ok(), "{:?}", verdict_of(&p));
+    }
+
+    /// What a newcomer's trial found: lines after an `exit`, Slurm's `Prolog = x`, files
+    /// others may write, and what is said of what was not followed.
+    #[test]
+    fn what_the_shell_never_reaches_and_what_others_may_write_are_problems() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let ours = install(root, "nodewatt/prolog", OURS);
+        let conf = root.join("slurm.conf");
+        let verdict_of = |line: &str| {
+            std::fs::write(&conf, format!("{line}\n")).unwrap();
+            let e = entries(&conf, Hook::Prolog).unwrap();
+            verdict(Hook::Prolog, &conf, &e, Path::new("/scratch/jobs"))
+        };
+        let site = |name: &str, body: &str| {
+            install(root, name, &format!("#!/bin/sh\n{body}"))
+                .display()
+                .to_string()
+        };
+        let call = format!("NODEWATT_JOBS_DIR=/scratch/jobs {}\n", ours.display());
+
+        // Appended after the site's `exit 0`, or after an `exec` of another program.
+        for before in ["exit 0\n", "exec /usr/bin/true\n"] {
+            let p = site("site", &format!("mkdir -p /x || exit 0\n{before}{call}"));
+            let why = verdict_of(&format!("Prolog={p}")).unwrap_err();
+            assert!(
+                why.contains("does not run nodewatt's prolog"),
+                "{before}: {why}"
+            );
+        }
+        // Conditional exits and an exec of redirections only do not end it.
+        let p = site(
+            "site",
+            &format!("[ -d /x ] || exit 0\nif true; then exit 0; fi\nexec >/dev/null 2>&1\n{call}"),
+        );
+        assert!(verdict_of(&format!("Prolog={p}")).is_ok());
+        // `Prolog = x`, as Slurm allows.
+        assert!(verdict_of(&format!("Prolog = {p}")).is_ok());
+
+        // Unset before the call: the shipped default.
+        let p = site(
+            "site",
+            &format!(
+                "export NODEWATT_JOBS_DIR=/scratch/jobs\nunset NODEWATT_JOBS_DIR\n{}\n",
+                ours.display()
+            ),
+        );
+        assert!(verdict_of(&format!("Prolog={p}")).is_err());
+
+        // A wrapper others may write.
+        use std::os::unix::fs::PermissionsExt;
+        let p = site("open", &call);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let why = verdict_of(&format!("Prolog={p}")).unwrap_err();
+        assert!(why.contains("may be written by group or others"), "{why}");
+
+        // What was not followed is named.
+        install(root, "parts/50-nodewatt.sh", &call);
+        let p = site(
+            "parts-site",
+            &format!("run-parts {}/parts\n", root.display()),
+        );
+        let why = verdict_of(&format!("Prolog={p}")).unwrap_err();
+        assert!(
+            why.contains("50-nodewatt.sh: run-parts runs only names"),
+            "{why}"
+        );
+
+        // Not a program, no match, and the file that sets the value.
+        let why = verdict_of("Prolog=/dev/zero").unwrap_err();
+        assert!(why.contains("/dev/zero is not a regular file"), "{why}");
+        let why = verdict_of(&format!("Prolog={}/none.d/*", root.display())).unwrap_err();
+        assert!(why.contains("matches no file"), "{why}");
+        install(root, "more.conf", "Prolog=/nonexistent\n");
+        let why = verdict_of("Include more.conf").unwrap_err();
+        assert!(
+            why.contains(&format!("in {}/more.conf", root.display())),
+            "{why}"
+        );
+
+        // Without an epilog, jobs are billed until their files go.
+        let e = entries(&conf, Hook::Epilog).unwrap();
+        let why = verdict(Hook::Epilog, &conf, &e, Path::new("/x")).unwrap_err();
+        assert!(why.contains("no job's end reaches the registry"), "{why}");
     }
 
     /// A file another user owns says nothing of what root runs.
