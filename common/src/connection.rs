@@ -158,7 +158,7 @@ impl Peer {
             }
             ConnectionError::ConnectionRefused(code) => match code {
                 ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
-                    format!("the broker refused the login as user {user}: check [mqtt] username and password_file, and the broker's password file")
+                    format!("the broker refused the login as user {user}: check [mqtt] username and password_file, and the broker's logins (its dynamic-security file, from scripts/broker-users.sh)")
                 }
                 ConnectReturnCode::BadClientId => {
                     "the broker refused the client id: check [mqtt] client_id".into()
