@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Broker logins for a fleet: from a list of node names, one random password per node and
-# per collector login, and the dynamic-security file that makes mosquitto accept them
-# (config/mosquitto.conf; docs/deployment.md, "Broker logins").
+# per collector login, the dynamic-security file that makes mosquitto accept them and the
+# ACL file that lets them publish and read (config/mosquitto.conf; docs/deployment.md,
+# "Broker logins").
 #
 #   scripts/broker-users.sh --cluster NAME [--collector USER]... [--admin USER [--add]]
 #                           [--out DIR] NODES
@@ -9,10 +10,11 @@
 # NODES      a file with one node name per line (`#` comments and blank lines skipped),
 #            or `-` for stdin; the agents' node names, 1-64 of A-Z a-z 0-9 . _ -
 # --cluster  the agents' [agent] cluster: each node may log in only with its agent's
-#            client id, nodewatt-agent-<cluster>-<node>
-# --collector a collector login (default: collector, as in config/mosquitto.acl); repeat
-#            for more. Not pinned to a client id: collectors sharing one login keep their
-#            own ids and persistent sessions in one share group.
+#            client id, nodewatt-agent-<cluster>-<node>, and publish only to
+#            nodewatt/v1/<cluster>/<node>/...
+# --collector a collector login (default: collector); repeat for more (give `collector`
+#            too to keep that one). Not pinned to a client id: collectors sharing one
+#            login keep their own ids and persistent sessions in one share group.
 # --admin    also a login that may use the plugin's $CONTROL/dynamic-security topics on
 #            the running broker and publish nothing else: it can change every login and
 #            role there, so its password is as good as full control of the broker
@@ -29,8 +31,12 @@
 #   dynamic-security.json   install on the broker as /etc/mosquitto/nodewatt-dynsec.json
 #                           (root:mosquitto 0640), then restart mosquitto (only new
 #                           nodes: or run add/*/mosquitto_rr, see --add)
+#   nodewatt.acl            install on the broker as /etc/mosquitto/nodewatt.acl
+#                           (root:mosquitto 0640), the same restart: this cluster's topics
+#                           and every collector login (config/mosquitto.acl is an example)
 #   add/node-<node>/mosquitto_rr  with --add, see there
-# All files 0600 whatever the caller's umask: they hold passwords.
+# All files 0600 whatever the caller's umask, as most hold passwords: install the broker's
+# two as said (mosquitto reads them after dropping to its user: a root-owned 0600 one stops it).
 #
 # An existing passwords/<user> is kept, so adding nodes changes no other password; delete
 # it to rotate that one. A user left out of the list cannot log in once the new file is
@@ -185,6 +191,20 @@ client() {
 } >"$out/dynamic-security.json.new"
 mv "$out/dynamic-security.json.new" "$out/dynamic-security.json"
 
+# The ACL file, as config/mosquitto.acl but for this cluster and these collector logins: a
+# cluster name that differs from the agents' makes the broker acknowledge and drop every
+# sample, which MQTT 3.1.1 reports to no one. Names are valid topic levels (valid above).
+{
+  printf '# Written by broker-users.sh for cluster %s: install as /etc/mosquitto/nodewatt.acl\n' "$cluster"
+  printf '# (root:mosquitto 0640). config/mosquitto.acl explains the rules.\n'
+  printf 'pattern write nodewatt/v1/%s/%%u/sample\n' "$cluster"
+  printf 'pattern write nodewatt/v1/%s/%%u/status\n' "$cluster"
+  for c in "${collectors[@]}"; do
+    printf '\nuser %s\ntopic read nodewatt/v1/#\n' "$c"
+  done
+} >"$out/nodewatt.acl.new"
+mv "$out/nodewatt.acl.new" "$out/nodewatt.acl"
+
 # mosquitto_rr reads options from $XDG_CONFIG_HOME/mosquitto_rr, one a line, the rest of
 # the line its value: so no password appears on a command line. Its -f sends nothing in
 # mosquitto 2.0, hence -m. It reads each line into 1024 bytes and takes the rest of a
@@ -223,7 +243,4 @@ if [ -n "$add" ]; then
     echo "broker-users: add/node-*/mosquitto_rr create $pending nodes on the running broker" >&2
 fi
 
-echo "broker-users: ${#nodes[@]} nodes, ${#collectors[@]} collector logins ($created new passwords) in $out" >&2
-for c in "${collectors[@]}"; do
-  [ "$c" = collector ] || echo "broker-users: the ACL needs 'user $c' / 'topic read nodewatt/v1/#'" >&2
-done
+echo "broker-users: ${#nodes[@]} nodes of cluster $cluster, ${#collectors[@]} collector logins ($created new passwords) in $out" >&2

@@ -1,5 +1,5 @@
-//! The shipped broker configuration (config/mosquitto.conf and config/mosquitto.acl, only
-//! its file paths and ports changed) with logins made by scripts/broker-users.sh, against the
+//! The shipped broker configuration (config/mosquitto.conf, only its file paths and ports
+//! changed) with the logins and the ACL file that scripts/broker-users.sh writes, against the
 //! real mosquitto: who may log in, with which client id, and publish or subscribe where.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use rumqttc::{
 };
 use tempfile::TempDir;
 
-/// The cluster named in config/mosquitto.acl.
+/// The cluster named in the example config/mosquitto.acl and config/agent.toml.
 const CLUSTER: &str = "mycluster";
 const DB: &str = "nodewatt_broker_auth";
 const GROUP: &str = "ingest";
@@ -24,8 +24,8 @@ fn repo() -> PathBuf {
         .unwrap()
 }
 
-/// mosquitto running the shipped config, with the logins broker-users.sh made for these
-/// nodes and the default collector login.
+/// mosquitto running the shipped config, with the logins and the ACL file broker-users.sh
+/// made for these nodes of `cluster` and the default collector login.
 struct Broker {
     /// First, so that mosquitto stops before its directory goes.
     proc: Proc,
@@ -35,6 +35,7 @@ struct Broker {
     port: u16,
     /// The TLS listener, for the agents.
     tls_port: u16,
+    cluster: String,
 }
 
 /// Runs broker-users.sh for these nodes with these options, its output in `dir`/users.
@@ -75,9 +76,19 @@ impl Broker {
         args: &[&str],
         edit: impl FnOnce(&mut serde_json::Value),
     ) -> Broker {
+        Broker::start_in(CLUSTER, nodes, args, edit)
+    }
+
+    /// [`Broker::start_with`] for the nodes of `cluster`.
+    fn start_in(
+        cluster: &str,
+        nodes: &[&str],
+        args: &[&str],
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        broker_users(d, nodes, args);
+        broker_users_in(d, cluster, nodes, args);
         let json = d.join("users/dynamic-security.json");
         let mut dynsec = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
         edit(&mut dynsec);
@@ -103,7 +114,7 @@ impl Broker {
             ),
             (
                 "/etc/mosquitto/nodewatt.acl",
-                path(repo().join("config/mosquitto.acl")),
+                path(d.join("users/nodewatt.acl")),
             ),
             ("/etc/mosquitto/certs/ca.pem", path(certs.path("ca.pem"))),
             (
@@ -136,6 +147,7 @@ impl Broker {
             certs,
             port,
             tls_port,
+            cluster: cluster.to_string(),
         }
     }
 
@@ -148,6 +160,18 @@ impl Broker {
             .unwrap()
             .trim_end()
             .to_string()
+    }
+
+    /// An agent's config for `node`: TLS, the password file the script made, no username.
+    fn agent_config(&self, node: &str) -> ConfigFile {
+        let text = agent_config(&self.cluster, node, "50ms", self.tls_port, &[200.0])
+            // No username: with a password file the agent logs in as its node name.
+            + &format!(
+                "password_file = {:?}\n[mqtt.tls]\nca_file = {:?}\n",
+                self.password_file(node),
+                self.certs.path("ca.pem")
+            );
+        config_file("agent.toml", &text)
     }
 
     /// A collector logged in as `collector`, in the share group, subscribed.
@@ -387,14 +411,7 @@ fn agents_publish_with_logins_from_the_script_to_collectors_sharing_a_group() {
     let agents: Vec<_> = nodes
         .iter()
         .map(|node| {
-            let text = agent_config(CLUSTER, node, "50ms", mq.tls_port, &[200.0])
-                // No username: with a password file the agent logs in as its node name.
-                + &format!(
-                    "password_file = {:?}\n[mqtt.tls]\nca_file = {:?}\n",
-                    mq.password_file(node),
-                    mq.certs.path("ca.pem")
-                );
-            let cfg = config_file("agent.toml", &text);
+            let cfg = mq.agent_config(node);
             // The preflight logs in as the agent: the only client id its login may use.
             let out = std::process::Command::new(bin("nodewatt-agent"))
                 .args(["check", "--config"])
@@ -418,6 +435,63 @@ fn agents_publish_with_logins_from_the_script_to_collectors_sharing_a_group() {
     });
     assert!(arrived, "{}\n{}\n{}", c1.log(), c2.log(), mq.proc.log());
     assert_eq!((connects(&c1), connects(&c2)), (1, 1));
+}
+
+#[test]
+fn a_cluster_not_named_in_the_example_acl_reaches_every_collector_login() {
+    // The newcomer's fleet: its own cluster name, and a second collector login. With the
+    // example ACL (cluster mycluster) the broker acknowledged and dropped every sample, and
+    // the agent's check and the collector's were content.
+    let cluster = "c1";
+    let node = "gpu001";
+    let mq = Broker::start_in(
+        cluster,
+        &[node],
+        &["--collector", "collector", "--collector", "ingest2"],
+        |_| {},
+    );
+    let db = Influxd::start();
+    let (_cfg, collector) = mq.collector("c1", &db);
+    // The second login reads every cluster's samples, like the first.
+    let pw = mq.password("ingest2");
+    let (reader, mut conn) = login(mq.port, "reader", Some(("ingest2", &pw)), true).unwrap();
+    reader
+        .subscribe("nodewatt/v1/+/+/sample", QoS::AtLeastOnce)
+        .unwrap();
+    let codes = next(&mut conn, |p| match p {
+        Packet::SubAck(s) => Some(s.return_codes),
+        _ => None,
+    });
+    assert_eq!(codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+
+    let cfg = mq.agent_config(node);
+    let out = Command::new(bin("nodewatt-agent"))
+        .args(["check", "--config"])
+        .arg(&cfg.path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("accepted the login as user {node}")),
+        "{said}"
+    );
+    start_agent(&cfg, 20).wait_success(Duration::from_secs(60));
+    let arrived = wait_until(Duration::from_secs(30), || count(&db, node) == 20.0);
+    assert!(
+        arrived,
+        "{} of 20 stored: {}\n{}",
+        count(&db, node),
+        collector.log(),
+        mq.proc.log()
+    );
+    let topic = format!("nodewatt/v1/{cluster}/{node}/sample");
+    for i in 0..20 {
+        let got = next(&mut conn, |p| match p {
+            Packet::Publish(p) => Some(p.topic),
+            _ => None,
+        });
+        assert_eq!(got, topic, "sample {i} to ingest2");
+    }
 }
 
 #[test]
@@ -463,6 +537,44 @@ fn the_collectors_check_names_the_subscriptions_the_broker_refuses() {
         // The only problem: InfluxDB is there, and a SUBACK comes only after a login.
         assert_eq!(said.matches("PROBLEM").count(), 1, "{deny}: {said}");
     }
+}
+
+/// The rules of an ACL file: its lines without comments and blank lines.
+fn acl_rules(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+#[test]
+fn the_example_acl_is_what_the_script_writes_for_the_example_cluster() {
+    let example = std::fs::read_to_string(repo().join("config/mosquitto.acl")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    broker_users(dir.path(), &["node-a"], &[]);
+    let written = std::fs::read_to_string(dir.path().join("users/nodewatt.acl")).unwrap();
+    assert_eq!(acl_rules(&written), acl_rules(&example), "{written}");
+
+    // Another cluster and collector logins: each gets its block, and only those.
+    broker_users_in(
+        dir.path(),
+        "c1",
+        &["node-a"],
+        &["--collector", "ingest", "--collector", "ingest2"],
+    );
+    let written = std::fs::read_to_string(dir.path().join("users/nodewatt.acl")).unwrap();
+    assert_eq!(
+        acl_rules(&written),
+        [
+            "pattern write nodewatt/v1/c1/%u/sample",
+            "pattern write nodewatt/v1/c1/%u/status",
+            "user ingest",
+            "topic read nodewatt/v1/#",
+            "user ingest2",
+            "topic read nodewatt/v1/#",
+        ],
+        "{written}"
+    );
 }
 
 /// Every file under `dir` is 0600 and every directory 0700; the files' paths.
@@ -630,8 +742,9 @@ fn nodes_added_with_the_admin_login_can_publish_without_a_broker_restart() {
     assert_eq!(pending(&users), added);
     assert_eq!(std::fs::read_to_string(&b_file).unwrap(), b_options);
     let files = private_files(&users);
-    // Passwords, the admin's and the collectors' too; add/; dynamic-security.json.
-    assert_eq!(files.len(), all.len() + 2 + 9 + 1, "{files:?}");
+    // Passwords, the admin's and the collectors' too; add/; dynamic-security.json and
+    // nodewatt.acl.
+    assert_eq!(files.len(), all.len() + 2 + 9 + 2, "{files:?}");
 
     // One fails, its admin password wrong: the recipe says so, keeps it, applies the rest.
     let c_file = users.join("add/node-node-c/mosquitto_rr");
