@@ -268,41 +268,58 @@ pub struct Buckets {
     pub most_jobs: u64,
 }
 
-/// A row of an answer with its series' column names.
-type Row<'a> = (Vec<&'a str>, &'a Vec<serde_json::Value>);
+/// A row of an answer, read by its series' column names.
+struct Row<'a> {
+    cols: std::rc::Rc<Vec<&'a str>>,
+    values: &'a [serde_json::Value],
+}
+
+impl Row<'_> {
+    /// Its time, in ms.
+    fn time(&self) -> Option<u64> {
+        self.values.first()?.as_u64()
+    }
+
+    fn get(&self, col: &str) -> Option<&serde_json::Value> {
+        let i = self.cols.iter().position(|c| *c == col)?;
+        self.values.get(i)
+    }
+
+    fn u64(&self, col: &str) -> Option<u64> {
+        self.get(col)?.as_u64()
+    }
+
+    /// Its `gpu`, `cpu`, `dram` and `other` energies (null is 0), from the row at `t`.
+    fn energies(&self, t: u64) -> Result<[u64; 4], String> {
+        let mut uj = [0; 4];
+        for (i, c) in ["gpu", "cpu", "dram", "other"].iter().enumerate() {
+            uj[i] = match self.get(c) {
+                None | Some(serde_json::Value::Null) => 0,
+                Some(v) => v.as_u64().ok_or(format!(
+                    "the {c} energy at {} is {v}, not a count",
+                    fmt_time(t)
+                ))?,
+            };
+        }
+        Ok(uj)
+    }
+}
 
 /// The rows of one statement's answer.
 fn rows(result: &serde_json::Value) -> Result<Vec<Row<'_>>, String> {
     let mut out = Vec::new();
     for series in result["series"].as_array().into_iter().flatten() {
-        let cols: Vec<&str> = series["columns"]
-            .as_array()
-            .ok_or("InfluxDB answer without columns")?
-            .iter()
-            .filter_map(|c| c.as_str())
-            .collect();
+        let cols = std::rc::Rc::new(crate::billing::columns(series)?);
         for row in series["values"].as_array().into_iter().flatten() {
-            if let Some(row) = row.as_array() {
-                out.push((cols.clone(), row));
+            if let Some(values) = row.as_array() {
+                out.push(Row {
+                    cols: cols.clone(),
+                    values,
+                });
             }
         }
     }
     Ok(out)
-}
-
-/// A row's `gpu`, `cpu`, `dram` and `other` energies (null is 0).
-fn energies(cols: &[&str], row: &[serde_json::Value], t: u64) -> Result<[u64; 4], String> {
-    let mut uj = [0; 4];
-    for (i, c) in ["gpu", "cpu", "dram", "other"].iter().enumerate() {
-        uj[i] = match cols.iter().position(|x| x == c).map(|i| &row[i]) {
-            None | Some(serde_json::Value::Null) => 0,
-            Some(v) => v.as_u64().ok_or(format!(
-                "the {c} energy at {} is {v}, not a count",
-                fmt_time(t)
-            ))?,
-        };
-    }
-    Ok(uj)
 }
 
 impl Buckets {
@@ -319,22 +336,17 @@ impl Buckets {
     /// GROUP BY time(b, 1ms)`: InfluxDB dates a bucket (k·b, (k+1)·b] at its first
     /// instant, k·b + 1 ms.
     pub fn add(&mut self, result: &serde_json::Value, bucket_ms: u64) -> Result<(), String> {
-        for (cols, row) in rows(result)? {
-            let Some(t) = row[0].as_u64() else { continue };
-            let at = |c: &str| {
-                cols.iter()
-                    .position(|x| *x == c)
-                    .and_then(|i| row[i].as_u64())
-            };
+        for row in rows(result)? {
+            let Some(t) = row.time() else { continue };
             let end = t.saturating_sub(1) + bucket_ms;
-            let e = energies(&cols, row, t)?;
+            let e = row.energies(t)?;
             let uj = self.uj.entry(end).or_default();
             for (sum, v) in uj.iter_mut().zip(e) {
                 *sum = sum.saturating_add(v);
             }
             let covered = self.covered_ms.entry(end).or_default();
-            *covered = covered.saturating_add(at("covered").unwrap_or(0));
-            self.count_jobs(at("fewest"), at("most"));
+            *covered = covered.saturating_add(row.u64("covered").unwrap_or(0));
+            self.count_jobs(row.u64("fewest"), row.u64("most"));
         }
         Ok(())
     }
@@ -342,19 +354,14 @@ impl Buckets {
     /// Adds one statement's answer to `SELECT gpu, cpu, dram, other, span_ms, jobs`:
     /// points to spread over their spans.
     pub fn add_long(&mut self, result: &serde_json::Value) -> Result<(), String> {
-        for (cols, row) in rows(result)? {
-            let Some(t) = row[0].as_u64() else { continue };
-            let at = |c: &str| {
-                cols.iter()
-                    .position(|x| *x == c)
-                    .and_then(|i| row[i].as_u64())
-            };
+        for row in rows(result)? {
+            let Some(t) = row.time() else { continue };
             self.long.push(Long {
                 end_ms: t,
-                span_ms: at("span_ms").unwrap_or(0),
-                uj: energies(&cols, row, t)?,
+                span_ms: row.u64("span_ms").unwrap_or(0),
+                uj: row.energies(t)?,
             });
-            self.count_jobs(at("jobs"), at("jobs"));
+            self.count_jobs(row.u64("jobs"), row.u64("jobs"));
         }
         Ok(())
     }

@@ -312,7 +312,7 @@ fn complete(v: &serde_json::Value) -> Result<(), String> {
 }
 
 /// The column names of one series of an answer.
-fn columns(series: &serde_json::Value) -> Result<Vec<&str>, String> {
+pub(crate) fn columns(series: &serde_json::Value) -> Result<Vec<&str>, String> {
     Ok(series["columns"]
         .as_array()
         .ok_or("InfluxDB answer without columns")?
