@@ -246,16 +246,26 @@ fn next<T>(conn: &mut Connection, mut f: impl FnMut(Packet) -> Option<T>) -> T {
 /// Publishes with QoS 1 as `id`, waiting for the broker's acknowledgements (mosquitto
 /// acknowledges what the ACL refuses, and drops it).
 fn publish_as(port: u16, id: &str, user: (&str, &str), messages: &[(String, Vec<u8>)]) {
-    let (client, mut conn) = login(port, id, Some(user), true).unwrap();
-    for (topic, payload) in messages {
-        client
-            .publish(topic.as_str(), QoS::AtLeastOnce, false, payload.clone())
-            .unwrap();
-    }
-    for _ in messages {
-        next(&mut conn, |p| matches!(p, Packet::PubAck(_)).then_some(()));
-    }
-    let _ = client.disconnect();
+    publish_raw_with(port, id, Some(user), messages)
+}
+
+/// Subscribes to `filters` at once; the broker's answer to each.
+fn subscribe(
+    client: &Client,
+    conn: &mut Connection,
+    filters: &[String],
+) -> Vec<SubscribeReasonCode> {
+    client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        )
+        .unwrap();
+    next(conn, |p| match p {
+        Packet::SubAck(s) => Some(s.return_codes),
+        _ => None,
+    })
 }
 
 fn count(db: &Influxd, node: &str) -> f64 {
@@ -301,17 +311,7 @@ fn the_shipped_broker_refuses_anonymous_logins_node_subscriptions_and_forged_top
         "nodewatt/v1/#".to_string(),
         "#".to_string(),
     ];
-    client
-        .subscribe_many(
-            filters
-                .iter()
-                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
-        )
-        .unwrap();
-    let codes = next(&mut conn, |p| match p {
-        Packet::SubAck(s) => Some(s.return_codes),
-        _ => None,
-    });
+    let codes = subscribe(&client, &mut conn, &filters);
     assert_eq!(codes, vec![SubscribeReasonCode::Failure; 3], "{filters:?}");
     // Stay in the group if it got in: every sample must still reach the collector.
     let own: Vec<_> = (0..20).map(|i| sample("node-b", i)).collect();
@@ -688,17 +688,7 @@ fn nodes_added_with_the_admin_login_can_publish_without_a_broker_restart() {
         format!("$share/{GROUP}/nodewatt/v1/+/+/sample"),
         "nodewatt/v1/#".to_string(),
     ];
-    client
-        .subscribe_many(
-            filters
-                .iter()
-                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
-        )
-        .unwrap();
-    let codes = next(&mut conn, |p| match p {
-        Packet::SubAck(s) => Some(s.return_codes),
-        _ => None,
-    });
+    let codes = subscribe(&client, &mut conn, &filters);
     assert_eq!(codes, vec![SubscribeReasonCode::Failure; 2], "{filters:?}");
     drop(client);
     publish_as(

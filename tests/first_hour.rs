@@ -28,14 +28,7 @@ fn start_agent_at(port: u16) -> (ConfigFile, Proc) {
         "agent.toml",
         &agent_config("c1", "n1", "1s", port, &[300.0]),
     );
-    let p = Proc::spawn(
-        "agent",
-        Command::new(bin("nodewatt-agent"))
-            .args(["run", "--config"])
-            .arg(&cfg.path)
-            .env("RUST_LOG", "info"),
-        cfg.dir.path().join("agent.log"),
-    );
+    let p = start_agent(&cfg, 1_000_000);
     (cfg, p)
 }
 

@@ -658,8 +658,18 @@ pub fn publish_raw(port: u16, messages: &[(String, Vec<u8>)]) {
 
 /// `publish_raw` logged in as `login` (user, password).
 pub fn publish_raw_as(port: u16, login: Option<(&str, &str)>, messages: &[(String, Vec<u8>)]) {
+    publish_raw_with(port, &format!("raw-{}", rand_suffix()), login, messages)
+}
+
+/// `publish_raw_as` with this client id (a broker may pin a login to one).
+pub fn publish_raw_with(
+    port: u16,
+    client_id: &str,
+    login: Option<(&str, &str)>,
+    messages: &[(String, Vec<u8>)],
+) {
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-    let mut opts = MqttOptions::new(format!("raw-{}", rand_suffix()), "127.0.0.1", port);
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_max_packet_size(16 << 20, 16 << 20);
     if let Some((u, p)) = login {
         opts.set_credentials(u, p);
