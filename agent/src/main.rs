@@ -650,7 +650,7 @@ fn try_connect(
     node: &nodewatt_wire::NodeName,
     peer: &nodewatt_common::connection::Peer,
 ) -> anyhow::Result<()> {
-    use nodewatt_common::connection::{login, logout};
+    use nodewatt_common::connection::login;
     let mut options = mqtt.options_as(client_id, node)?;
     options.set_clean_session(true);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -660,7 +660,7 @@ fn try_connect(
         let (client, mut eventloop) = login(options, peer, Duration::from_secs(10))
             .await
             .map_err(anyhow::Error::msg)?;
-        logout(&client, &mut eventloop).await;
+        eventloop.logout(&client, Duration::from_secs(2)).await;
         Ok(())
     })
 }

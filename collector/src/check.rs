@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use nodewatt_common::connection::{login, logout, Peer};
+use nodewatt_common::connection::{login, Peer};
 use nodewatt_common::mqtt::MqttConfig;
 use rumqttc::{Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 
@@ -135,7 +135,7 @@ pub async fn broker(mqtt: &MqttConfig, client_id: &str, topics: &[String]) -> Fi
         let codes = tokio::time::timeout(Duration::from_secs(10), suback)
             .await
             .unwrap_or_else(|_| Err(format!("MQTT broker {peer}: no SUBACK within 10 s")));
-        logout(&client, &mut eventloop).await;
+        eventloop.logout(&client, Duration::from_secs(2)).await;
         let refused: Vec<&String> = topics
             .iter()
             .zip(&codes?)

@@ -54,6 +54,22 @@ impl Connection {
         r
     }
 
+    /// A clean DISCONNECT, so the broker sends no will and drops a clean session: what
+    /// is queued before it (a status, acks) goes out first. Waits at most `within`.
+    pub async fn logout(&mut self, client: &AsyncClient, within: Duration) {
+        if client.try_disconnect().is_err() {
+            return;
+        }
+        let flush = async {
+            while let Ok(ev) = self.poll().await {
+                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(within, flush).await;
+    }
+
     /// The event loop, unless a connect is in flight (then nothing of a connection is
     /// there to inspect).
     pub fn eventloop(&mut self) -> Option<&mut EventLoop> {
@@ -62,13 +78,15 @@ impl Connection {
 }
 
 /// A preflight login: connects with `options` and waits for the CONNACK, at most
-/// `within`. The caller goes on with the client (to subscribe, say), then [`logout`].
+/// `within`. The caller goes on with the client (to subscribe, say), then
+/// [`Connection::logout`].
 pub async fn login(
     options: MqttOptions,
     peer: &Peer,
     within: Duration,
-) -> Result<(AsyncClient, EventLoop), String> {
-    let (client, mut eventloop) = AsyncClient::new(options, 8);
+) -> Result<(AsyncClient, Connection), String> {
+    let (client, eventloop) = AsyncClient::new(options, 8);
+    let mut eventloop = Connection::new(eventloop);
     let connack = async {
         loop {
             match eventloop.poll().await {
@@ -86,22 +104,6 @@ pub async fn login(
             within.as_secs()
         )),
     }
-}
-
-/// A clean DISCONNECT, so the broker sends no will and drops a clean session; waits at
-/// most 2 s for it to go out.
-pub async fn logout(client: &AsyncClient, eventloop: &mut EventLoop) {
-    if client.try_disconnect().is_err() {
-        return;
-    }
-    let flush = async {
-        while let Ok(ev) = eventloop.poll().await {
-            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
 }
 
 /// Where a connection goes: for messages.

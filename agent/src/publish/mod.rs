@@ -223,16 +223,8 @@ pub async fn run(
     if link.is_connected() {
         link.stop(now_ms(), &mut sends);
         hand_over(&client, &topics, &mut link, &mut sends);
-        let _ = client.try_disconnect();
-        // Let the event loop write the status and the disconnect.
-        let flush = async {
-            while let Ok(ev) = conn.poll().await {
-                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
+        // The status and the disconnect go out before it returns.
+        conn.logout(&client, Duration::from_secs(2)).await;
     }
     if let Some(sp) = spool.as_mut() {
         sp.close(&mut link);

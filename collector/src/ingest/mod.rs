@@ -364,16 +364,7 @@ pub async fn serve(
         r.abort();
     }
     // Carry the last acks out before the disconnect, which follows them in the queue.
-    if client.try_disconnect().is_ok() {
-        let flush = async {
-            while let Ok(ev) = conn.poll().await {
-                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
-    }
+    conn.logout(&client, Duration::from_secs(1)).await;
     tracing::info!(
         messages = stats.messages_in,
         points = pipeline.stats.points_written,
