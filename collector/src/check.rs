@@ -8,6 +8,8 @@ use nodewatt_common::mqtt::MqttConfig;
 use rumqttc::{Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 
 use crate::influx::Influx;
+use crate::influxql::ident;
+use reqwest::StatusCode;
 
 /// One finding: what was checked, and either what is wrong or what was found.
 pub struct Finding {
@@ -32,7 +34,8 @@ fn values(v: &serde_json::Value) -> impl Iterator<Item = &Vec<serde_json::Value>
 
 /// InfluxDB: reachable, the database there (or created by `serve`), writes and queries
 /// allowed, and how old the newest stored sample is.
-pub async fn influx(influx: &Influx, database: &str, create: bool, now_ms: u64) -> Vec<Finding> {
+pub async fn influx(influx: &Influx, now_ms: u64) -> Vec<Finding> {
+    let (database, create) = (influx.database(), influx.creates_database());
     let mut out = Vec::new();
     match influx.ping().await {
         Ok(v) => out.push(Finding::new("influxdb", Ok(format!("{v} answered")))),
@@ -48,13 +51,10 @@ pub async fn influx(influx: &Influx, database: &str, create: bool, now_ms: u64) 
         .await
         .map(|v| values(&v).any(|row| row[0].as_str() == Some(database)));
     let write = influx.probe_write().await;
-    let missing = matches!(&write, Err(e) if e.contains("404"));
+    let missing = matches!(&write, Err((Some(StatusCode::NOT_FOUND), _)));
+    let write = write.map_err(|(_, e)| e);
     let grant = match influx.user() {
-        Some(u) => format!(
-            "GRANT ALL ON \"{}\" TO \"{}\"",
-            database.replace('"', "\\\""),
-            u.replace('"', "\\\"")
-        ),
+        Some(u) => format!("GRANT ALL ON {} TO {}", ident(database), ident(u)),
         None => "set [influxdb] username and password_file".into(),
     };
     let there = matches!(listed, Ok(true)) || write.is_ok();
@@ -67,7 +67,7 @@ pub async fn influx(influx: &Influx, database: &str, create: bool, now_ms: u64) 
                 "{database} does not exist yet; serve creates it (influxdb.create_database)"
             )),
             Err(e) => Err(format!(
-                "{database} does not exist, and serve cannot create it: its user is no admin ({e}); create it as an admin (CREATE DATABASE \"{database}\"), then {grant}"
+                "{database} does not exist, and serve cannot create it: its user is no admin ({e}); create it as an admin (CREATE DATABASE {}), then {grant}", ident(database)
             )),
         }
     } else if missing {

@@ -178,24 +178,33 @@ impl Influx {
     }
 
     /// Whether writes would be taken, without writing anything: InfluxDB answers an empty
-    /// write 204, or 404 when the database is missing, 401/403 without the right.
-    pub async fn probe_write(&self) -> Result<(), String> {
+    /// write 204, or 404 when the database is missing, 401/403 without the right. The
+    /// refusal's status, if InfluxDB answered.
+    pub async fn probe_write(&self) -> Result<(), (Option<StatusCode>, String)> {
         let resp = self
             .auth(self.client.post(self.write_url.clone()))
             .body(Vec::new())
             .send()
             .await
-            .map_err(|e| self.unreachable(e))?;
+            .map_err(|e| (None, self.unreachable(e)))?;
         match resp.status() {
             s if s.is_success() => Ok(()),
-            s => Err(self.answered(s, &resp.text().await.unwrap_or_default())),
+            s => Err((
+                Some(s),
+                self.answered(s, &resp.text().await.unwrap_or_default()),
+            )),
         }
+    }
+
+    /// The database it writes to and queries (on v2, the bucket).
+    pub fn database(&self) -> &str {
+        &self.database
     }
 
     /// v1 with `create_database`: `CREATE DATABASE` (a no-op when it exists). v2 buckets
     /// are created by operators.
     pub async fn ensure_database(&self) -> Result<(), WriteError> {
-        if self.api != Api::V1 || !self.create_database {
+        if !self.creates_database() {
             return Ok(());
         }
         let q = format!("CREATE DATABASE \"{}\"", self.database.replace('"', "\\\""));

@@ -368,8 +368,6 @@ fn check(path: &std::path::Path, strict: bool) -> anyhow::Result<ExitCode> {
     match Influx::new(&cfg.influxdb) {
         Ok(influx) => findings.extend(runtime.block_on(nodewatt_collector::check::influx(
             &influx,
-            &cfg.influxdb.database,
-            influx.creates_database(),
             nodewatt_common::now_ms(),
         ))),
         Err(e) => findings.push(Finding {
