@@ -316,8 +316,11 @@ CONF
       -e "s|^dir = \"/run/nodewatt/jobs\"|dir = \"$demo/jobs/local\"|" \
       -e "s/^owner_uid = 0/owner_uid = $uid/" \
       -e "s/^# port = 1883 .*/port = $mqtt_port/" \
-      -e "s|^state_file = .*|state_file = \"$demo/run/outbox-local.jsonl\"|" \
+      -e "s|^state_file = .*|state_file = \"$demo/run/agent-local-state.json\"|" \
+      -e "s|^spool_dir = .*|spool_dir = \"$demo/run/spool-local\"|" \
       config/agent.toml >"$demo/config/agent-local.toml"
+  # Everything of the demo under $demo: not the installed agent's /var/lib/nodewatt.
+  mkdir -p "$demo/run/spool-local"
   for node in "${sim_nodes[@]}"; do
     mkdir -p "$demo/jobs/$node"
     chmod 0755 "$demo/jobs/$node"

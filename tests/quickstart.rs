@@ -215,6 +215,14 @@ fn c_starts_bills_three_projects_and_stops_everything() {
         );
     }
     assert!(text.contains("scripts/quickstart.sh stop"), "{text}");
+    // The demo's agent keeps its state and spool under the demo, never in an installed
+    // agent's /var/lib/nodewatt.
+    let local = std::fs::read_to_string(demo.dir().join("config/agent-local.toml")).unwrap();
+    let installed: Vec<&str> = local
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && l.contains("/var/lib/nodewatt"))
+        .collect();
+    assert!(installed.is_empty(), "{installed:?}");
     assert!(
         text.contains("docs/dashboards.md") && !text.contains("add an InfluxDB"),
         "Grafana: the provisioning recipe, not the UI:\n{text}"
