@@ -317,8 +317,9 @@ fn the_shipped_broker_refuses_anonymous_logins_node_subscriptions_and_forged_top
     let own: Vec<_> = (0..20).map(|i| sample("node-b", i)).collect();
     publish_as(mq.port, &agent_id("node-b"), ("node-b", &b), &own);
 
-    // node-a writes its own sample, one as node-b, and a request to the plugin's control
-    // topic to create a login for itself.
+    // node-a writes one sample as node-b, a request to the plugin's control topic to
+    // create a login for itself, and last its own sample: once that is stored, the others
+    // would have been (the broker passes on one client's messages in order).
     let intruder =
         br#"{"commands":[{"command":"createClient","username":"intruder","password":"pw"}]}"#;
     publish_as(
@@ -326,12 +327,12 @@ fn the_shipped_broker_refuses_anonymous_logins_node_subscriptions_and_forged_top
         &agent_id("node-a"),
         node_a,
         &[
-            sample("node-a", 100),
             sample("node-b", 100),
             (
                 "$CONTROL/dynamic-security/v1".to_string(),
                 intruder.to_vec(),
             ),
+            sample("node-a", 100),
         ],
     );
     let arrived = wait_until(Duration::from_secs(20), || {
@@ -339,7 +340,6 @@ fn the_shipped_broker_refuses_anonymous_logins_node_subscriptions_and_forged_top
     });
     assert!(arrived, "{}", collector.log());
     drop(client);
-    std::thread::sleep(Duration::from_millis(500));
     assert_eq!((count(&db, "node-a"), count(&db, "node-b")), (1.0, 20.0));
     assert!(db
         .rows(
@@ -792,7 +792,8 @@ fn nodes_added_with_the_admin_login_can_publish_without_a_broker_restart() {
             mq.port,
             &agent_id(node),
             (node, &pw),
-            &[sample(node, 1), sample("node-a", 1)],
+            // The forgery first: when the node's own is stored, it would have been.
+            &[sample("node-a", 1), sample(node, 1)],
         );
     }
     let arrived = wait_until(Duration::from_secs(20), || {
@@ -800,7 +801,6 @@ fn nodes_added_with_the_admin_login_can_publish_without_a_broker_restart() {
     });
     let counts: Vec<_> = all.iter().map(|n| (n, count(&db, n))).collect();
     assert!(arrived, "{counts:?} {}", collector.log());
-    std::thread::sleep(Duration::from_millis(500));
     // No forged sample, neither the nodes' nor the admin's.
     for node in &all {
         assert_eq!(count(&db, node), 1.0, "{node}");
