@@ -132,6 +132,12 @@ fn checks_find_each_server_and_name_the_missing_ones() {
         said.contains("accepts connections (login not tried: the agent runs, pid"),
         "{said}"
     );
+    // The broker logs a takeover at once, where the agent's reconnect would come later.
+    let broker_log = std::fs::read_to_string(mq.dir.path().join("mosquitto.log")).unwrap();
+    assert!(
+        !broker_log.contains("nodewatt-agent-c1-n-check already connected"),
+        "the check took over the agent's session:\n{broker_log}"
+    );
     assert!(
         !running.log().contains("again"),
         "the check took over the agent's session:\n{}",
