@@ -297,13 +297,19 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
             })
             .context("starting the signal thread")?;
         let stdout = std::io::stdout();
-        let mut failed = None;
-        sample_loop(&mut sampler, interval, count, Some(&stop_rx), |s, _| {
+        let print = |s: &Sample| {
             let mut out = stdout.lock();
-            let r = writeln!(out, "{}", s.to_json()).and_then(|_| out.flush());
-            failed = r.err();
+            writeln!(out, "{}", s.to_json()).and_then(|_| out.flush())
+        };
+        let mut failed = None;
+        let stopped = sample_loop(&mut sampler, interval, count, Some(&stop_rx), |s, _| {
+            failed = print(&s).err();
             failed.is_none()
         });
+        // The last sample, as to a broker: billed up to the stop, every running job's total.
+        if stopped && failed.is_none() {
+            failed = print(&sampler.finish(nodewatt_common::now_ms())).err();
+        }
         drop(stop_tx);
         save_state(&sampler, &cfg, boot_id);
         return match failed {

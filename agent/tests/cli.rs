@@ -359,3 +359,38 @@ fn check_names_what_would_cost_money_before_it_does() {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+/// `run --stdout` stops on SIGTERM as it does with a broker: a last sample, billed up to
+/// the stop, with every running job's total (totals are otherwise sent each minute), and
+/// exit 0.
+#[test]
+fn stdout_mode_stops_with_a_last_sample_carrying_running_jobs_totals() {
+    let (dir, golden) = golden_config();
+    let cfg = dir.path().join("fast.toml");
+    let text = std::fs::read_to_string(&golden)
+        .unwrap()
+        .replace("interval = \"1s\"", "interval = \"100ms\"");
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--stdout", "-c", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut samples = Vec::new();
+    for _ in 0..3 {
+        let line = lines.next().expect("a sample").unwrap();
+        samples.push(Sample::from_json(line.as_bytes()).unwrap());
+    }
+    assert!(samples.iter().all(|s| s.job_totals.is_empty()));
+    // SAFETY: kill has no memory preconditions; the pid is our child's.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let rest: Vec<Sample> = lines
+        .map(|l| Sample::from_json(l.unwrap().as_bytes()).unwrap())
+        .collect();
+    assert!(child.wait().unwrap().success());
+    let last = rest.last().expect("a last sample at the stop");
+    let jobs: Vec<&str> = last.job_totals.iter().map(|t| t.job.as_str()).collect();
+    assert!(jobs.contains(&"1001"), "{jobs:?}");
+}
