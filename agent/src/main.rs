@@ -629,23 +629,23 @@ fn try_reach(
     node: &nodewatt_wire::NodeName,
     peer: &nodewatt_common::connection::Peer,
 ) -> anyhow::Result<()> {
+    use rumqttc::ConnectionError;
     use std::net::ToSocketAddrs;
     // The files a login would read, as the agent logs in (its node name by default).
     mqtt.options_as("probe", node)?;
+    // Said as a failed connect is said, with what to check.
+    let explain = |e: std::io::Error| anyhow::anyhow!(peer.explain(&ConnectionError::Io(e)));
     let addrs = (mqtt.host.as_str(), mqtt.port())
         .to_socket_addrs()
-        .map_err(|e| anyhow::anyhow!("MQTT broker {peer}: {e}; check [mqtt] host"))?;
-    let mut last = None;
+        .map_err(explain)?;
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
     for a in addrs {
         match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
             Ok(_) => return Ok(()),
-            Err(e) => last = Some(e),
+            Err(e) => last = e,
         }
     }
-    let e = last.map_or("no address".to_string(), |e| e.to_string());
-    Err(anyhow::anyhow!(
-        "MQTT broker {peer}: {e}; is the broker running, and are [mqtt] host and port right?"
-    ))
+    Err(explain(last))
 }
 
 /// Logs in to the broker as the agent would (client id, TLS, credentials), with a clean

@@ -15,7 +15,7 @@ use std::path::{Component, Path, PathBuf};
 
 /// Where slurm.conf is looked for when `SLURM_CONF` is not set: the copies slurmd keeps
 /// in configless mode, Debian's path, older packages' path.
-pub const CONF_PATHS: &[&str] = &[
+const CONF_PATHS: &[&str] = &[
     // Where slurmd keeps a configless cluster's config: the one in use when there.
     "/run/slurm/conf/slurm.conf",
     "/var/spool/slurmd/conf-cache/slurm.conf",
@@ -50,7 +50,7 @@ impl Hook {
 
 /// The `Prolog` or `Epilog` values (the parameter may be given more than once; keys are
 /// case-insensitive) and the `Include` files of one slurm.conf text.
-pub fn conf_values(text: &str, hook: Hook) -> (Vec<String>, Vec<String>) {
+fn conf_values(text: &str, hook: Hook) -> (Vec<String>, Vec<String>) {
     let (mut values, mut includes) = (Vec::new(), Vec::new());
     // A line ending in a backslash goes on.
     let joined = text.replace("\\\n", " ");
@@ -108,7 +108,7 @@ fn unquote(s: &str) -> &str {
 
 /// What one script says about the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Script {
+enum Script {
     /// nodewatt's own prolog or epilog: it writes to `$NODEWATT_JOBS_DIR`, or this.
     Ours {
         hook: Hook,
@@ -119,26 +119,26 @@ pub enum Script {
 
 /// A script that is not ours: a site's prolog, or a wrapper around ours.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Wrapper {
+struct Wrapper {
     /// Its assignments of NODEWATT_JOBS_DIR, in text order.
-    pub sets: Vec<Assignment>,
+    sets: Vec<Assignment>,
     /// `export V`, `declare -x V` or `set -a`: its assignments reach what it runs.
-    pub exports: bool,
+    exports: bool,
     /// The files it sources (`. f`, `source f`): their assignments are its own.
-    pub sources: Vec<String>,
+    sources: Vec<String>,
     /// The absolute paths it names otherwise: what it may run.
-    pub paths: Vec<String>,
+    paths: Vec<String>,
 }
 
 /// One assignment of NODEWATT_JOBS_DIR.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Assignment {
-    pub value: String,
-    pub scope: Scope,
+struct Assignment {
+    value: String,
+    scope: Scope,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
+enum Scope {
     /// `export V=x`, `declare -x V=x`: what the script runs sees it.
     Exported,
     /// `V=x` alone: it stays in the shell unless the script exports V.
@@ -189,7 +189,7 @@ impl Env {
 }
 
 /// Reads a script's text (without running it).
-pub fn script(text: &str) -> Script {
+fn script(text: &str) -> Script {
     let code: Vec<&str> = text.lines().map(without_comment).collect();
     let ours_default = code.iter().find_map(|l| {
         l.trim()
@@ -751,7 +751,7 @@ fn read_capped(file: &Path) -> std::io::Result<String> {
 
 /// Whether two paths name the same directory: through symlinks (`/var/run` is `/run`)
 /// where they exist, and by their components where they do not (yet).
-pub fn same_dir(a: &Path, b: &Path) -> bool {
+fn same_dir(a: &Path, b: &Path) -> bool {
     resolved(a) == resolved(b)
 }
 
