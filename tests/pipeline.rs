@@ -371,7 +371,15 @@ fn outage_longer_than_the_outbox_merges_but_keeps_every_joule() {
         + "[outbox]\ncapacity = 16\nmax_in_flight = 4\n";
     let a = config_file("a.toml", &text);
     let mut agent = start_agent(&a, 100);
-    std::thread::sleep(Duration::from_millis(2_600)); // all 100 taken, outbox merged
+    // All 100 taken while the broker is down, so the outbox merged them (a fixed sleep
+    // was too short on a loaded machine).
+    assert!(
+        wait_until(Duration::from_secs(60), || agent
+            .log()
+            .contains("--count samples taken")),
+        "the agent never took its 100 samples\n{}",
+        agent.log()
+    );
     mq.restart();
     agent.wait_success(Duration::from_secs(60));
 
@@ -499,7 +507,14 @@ fn agent_restart_during_an_outage_loses_nothing_with_a_state_file() {
     let a = config_file("a.toml", &text);
 
     let mut first = start_agent(&a, 30);
-    std::thread::sleep(Duration::from_millis(1_500)); // 30 samples taken, none sent
+    // 30 samples taken, none sent.
+    assert!(
+        wait_until(Duration::from_secs(60), || first
+            .log()
+            .contains("--count samples taken")),
+        "{}",
+        first.log()
+    );
     first.stop_cleanly();
     assert!(
         first.log().contains("saved unacknowledged samples"),
