@@ -645,3 +645,73 @@ fn usage_says_what_is_empty_and_why_a_class_is_zero() {
         assert!(err.contains("No usage recorded in (2020-01-01T00:00:00Z"), "{err}");
     }
 }
+
+/// A report's totals are read as a bill's are: a stored value that is not a count is an
+/// error naming the job and node, not a 0 in a customer's report; and a project's GPU
+/// efficiency is summed per node, so two nodes' idle energy past InfluxDB's signed 64-bit
+/// sum is still exact.
+#[test]
+fn reports_read_their_totals_as_bills_do_never_as_a_silent_0() {
+    let (db, cfg) = setup();
+    let t = hour();
+    // Job 8 on n2: a negative energy (written by something else) beside a sound node.
+    let bad = job_total_line("8", "n2", 1_000, t, t + MIN).replace(
+        "energy_gpu_uj=1000i,energy_cpu_uj=0i",
+        "energy_gpu_uj=1000i,energy_cpu_uj=-5i",
+    );
+    write(&db, &[job_total_line("8", "n1", 1_000, t, t + MIN), bad]);
+    let out = tempfile::tempdir().unwrap();
+    let md = out.path().join("job-8.md");
+    let run = collector_run(
+        &cfg,
+        &["report", "--job", "8", "--output", md.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(
+        err.contains("energy_cpu_uj for job 8 on node n2 is -5, not a count"),
+        "{err}"
+    );
+    assert!(!md.exists());
+
+    // Two nodes, each 4 points of 1.5e18 µJ of GPU energy, all idle: 1.2e19 µJ together,
+    // past 2^63 (a scaled-down year of a large project), while each node's sum fits.
+    let part = 1_500_000_000_000_000_000u64;
+    let quarter = 15 * MIN;
+    let lines: Vec<String> = ["n1", "n2"]
+        .iter()
+        .flat_map(|node| (1..=4).map(move |k| (node, t + k * quarter)))
+        .map(|(node, end)| {
+            format!(
+                "usage,cluster=c1,node={node},project=proj-big,user=alice energy_gpu_uj={part}i,\
+                 energy_cpu_uj=0i,energy_dram_uj=0i,energy_other_uj=0i,energy_uj={part}i,\
+                 gpu_ms={quarter}i,cpu_us=0i,energy_gpu_idle_uj={part}i,energy_gpu_capped_uj=0i,\
+                 gpu_tensor_us=0i,span_ms={quarter}i,jobs=1i {end}"
+            )
+        })
+        .collect();
+    write(&db, &lines);
+    let md = out.path().join("proj-big.md");
+    collector_cli(
+        &cfg,
+        &[
+            "report",
+            "--project",
+            "proj-big",
+            "--from",
+            &rfc3339(t),
+            "--to",
+            &rfc3339(t + 4 * quarter),
+            "--output",
+            md.to_str().unwrap(),
+        ],
+    );
+    let text = std::fs::read_to_string(&md).unwrap();
+    let kwh = 8.0 * part as f64 / 3.6e12;
+    assert!(
+        text.contains(&format!(
+            "| GPU energy while the GPU ran nothing | {kwh:.6} | kWh | 100.0 % of GPU energy |"
+        )),
+        "{text}"
+    );
+}

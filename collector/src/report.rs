@@ -272,9 +272,28 @@ pub struct Buckets {
 struct Row<'a> {
     cols: std::rc::Rc<Vec<&'a str>>,
     values: &'a [serde_json::Value],
+    /// Its series' GROUP BY tags.
+    tags: &'a serde_json::Value,
 }
 
 impl Row<'_> {
+    /// A tag of its series, or a text column ("" if neither).
+    fn text(&self, name: &str) -> &str {
+        self.tags[name]
+            .as_str()
+            .or_else(|| self.get(name)?.as_str())
+            .unwrap_or_default()
+    }
+
+    /// A stored count (null is 0), checked as a bill's are: anything else, or a column
+    /// the answer lacks, is an error naming `what`, never a 0 in a report.
+    fn count(&self, col: &str, what: &dyn Fn() -> String) -> Result<u64, String> {
+        let v = self
+            .get(col)
+            .ok_or_else(|| format!("InfluxDB answer without column {col}"))?;
+        crate::billing::count(v, col, what)
+    }
+
     /// Its time, in ms.
     fn time(&self) -> Option<u64> {
         self.values.first()?.as_u64()
@@ -315,6 +334,7 @@ fn rows(result: &serde_json::Value) -> Result<Vec<Row<'_>>, String> {
                 out.push(Row {
                     cols: cols.clone(),
                     values,
+                    tags: &series["tags"],
                 });
             }
         }
@@ -1157,57 +1177,52 @@ pub async fn gather(
                     eq("job", job)
                 ))
                 .await?;
-            let rows: Vec<serde_json::Value> = v["results"][0]["series"][0]["values"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            if rows.is_empty() {
+            crate::billing::complete(&v)?;
+            let rows = rows(&v["results"][0])?;
+            let Some(first) = rows.first() else {
                 return Err(ReportError::NoJob(job.to_string()));
-            }
-            let n = |r: &serde_json::Value, i: usize| r[i].as_u64().unwrap_or(0);
+            };
             let overflow = || ReportError::Overflow(format!("job {job}"));
-            d.from_ms = rows.iter().map(|r| n(r, 5)).min().unwrap_or(0);
-            d.to_ms = rows.iter().map(|r| n(r, 6)).max().unwrap_or(0);
+            let mut records = Vec::new();
             for r in &rows {
+                let what = || format!("job {job} on node {}", r.text("node"));
+                let n = |col: &str| r.count(col, &what);
                 let part = Sums {
-                    gpu_uj: n(r, 7),
-                    cpu_uj: n(r, 8),
-                    dram_uj: n(r, 9),
-                    other_uj: n(r, 10),
-                    gpu_ms: n(r, 11),
-                    cpu_us: n(r, 12),
+                    gpu_uj: n("energy_gpu_uj")?,
+                    cpu_uj: n("energy_cpu_uj")?,
+                    dram_uj: n("energy_dram_uj")?,
+                    other_uj: n("energy_other_uj")?,
+                    gpu_ms: n("gpu_ms")?,
+                    cpu_us: n("cpu_us")?,
                 };
                 d.sums = d.sums.checked_add(&part).ok_or_else(overflow)?;
                 let spent = Efficiency {
-                    gpu_idle_uj: n(r, 13),
-                    gpu_capped_uj: n(r, 14),
-                    gpu_tensor_us: n(r, 15),
+                    gpu_idle_uj: n("energy_gpu_idle_uj")?,
+                    gpu_capped_uj: n("energy_gpu_capped_uj")?,
+                    gpu_tensor_us: n("gpu_tensor_us")?,
                 };
                 d.efficiency = d.efficiency.checked_add(&spent).ok_or_else(overflow)?;
+                records.push(JobRecord {
+                    node: r.text("node").to_string(),
+                    start_ms: n("start_ms")?,
+                    until_ms: n("until_ms")?,
+                    ended: r.get("ended").and_then(|e| e.as_bool()).unwrap_or(false),
+                });
+                let gpus = r.text("gpus");
+                if !gpus.is_empty() {
+                    d.gpus.push(format!("{}: {gpus}", r.text("node")));
+                }
+                d.users.push(r.text("user").to_string());
+                d.nodes.push(r.text("node").to_string());
             }
-            spans = node_spans(rows.iter().map(|r| JobRecord {
-                node: r[3].as_str().unwrap_or_default().to_string(),
-                start_ms: n(r, 5),
-                until_ms: n(r, 6),
-                ended: r[16].as_bool().unwrap_or(false),
-            }));
-            d.project = rows[0][1].as_str().unwrap_or_default().to_string();
-            d.users = strings(&v, 2);
-            d.nodes = strings(&v, 3);
-            let mut gpus: Vec<String> = rows
-                .iter()
-                .filter(|r| r[4].as_str().is_some_and(|g| !g.is_empty()))
-                .map(|r| {
-                    format!(
-                        "{}: {}",
-                        r[3].as_str().unwrap_or(""),
-                        r[4].as_str().unwrap_or("")
-                    )
-                })
-                .collect();
-            gpus.sort();
-            gpus.dedup();
-            d.gpus = gpus;
+            d.from_ms = records.iter().map(|r| r.start_ms).min().unwrap_or(0);
+            d.to_ms = records.iter().map(|r| r.until_ms).max().unwrap_or(0);
+            d.project = first.text("project").to_string();
+            for v in [&mut d.users, &mut d.nodes, &mut d.gpus] {
+                v.sort();
+                v.dedup();
+            }
+            spans = node_spans(records);
             d.title = format!("job {job} (project {})", d.project);
             // Names read back from InfluxDB are data, not query text: escaped.
             filter = format!(
@@ -1244,18 +1259,25 @@ pub async fn gather(
                 v.sort();
                 v.dedup();
             }
+            // Summed per node, as a bill's sums are: InfluxDB's 64-bit sum wraps silently.
             let v = influx
                 .query(&format!(
-                    "SELECT SUM(energy_gpu_idle_uj), SUM(energy_gpu_capped_uj), SUM(gpu_tensor_us) FROM \"usage\" WHERE {filter} AND time > {from}ms AND time <= {to}ms"
+                    "SELECT SUM(energy_gpu_idle_uj) AS idle, SUM(energy_gpu_capped_uj) AS capped, SUM(gpu_tensor_us) AS tensor FROM \"usage\" WHERE {filter} AND time > {from}ms AND time <= {to}ms GROUP BY node"
                 ))
                 .await?;
-            let row = &v["results"][0]["series"][0]["values"][0];
-            let n = |i: usize| row[i].as_u64().unwrap_or(0);
-            d.efficiency = Efficiency {
-                gpu_idle_uj: n(1),
-                gpu_capped_uj: n(2),
-                gpu_tensor_us: n(3),
-            };
+            crate::billing::complete(&v)?;
+            for r in rows(&v["results"][0])? {
+                let what = || format!("project {p} on node {}", r.text("node"));
+                let spent = Efficiency {
+                    gpu_idle_uj: r.count("idle", &what)?,
+                    gpu_capped_uj: r.count("capped", &what)?,
+                    gpu_tensor_us: r.count("tensor", &what)?,
+                };
+                d.efficiency = d
+                    .efficiency
+                    .checked_add(&spent)
+                    .ok_or_else(|| ReportError::Overflow(format!("project {p}")))?;
+            }
         }
     }
     for n in d.nodes.clone() {

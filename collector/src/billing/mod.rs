@@ -299,7 +299,7 @@ fn usage_queries(
 /// An answer that ended unfinished would be a wrong bill. A whole answer that says
 /// `partial` is asked for again in chunks, which `max-row-limit` does not cut
 /// (`Influx::query`); what is still `partial` after that never got its last part.
-fn complete(v: &serde_json::Value) -> Result<(), String> {
+pub(crate) fn complete(v: &serde_json::Value) -> Result<(), String> {
     let cut = crate::influx::has_partial(v);
     if cut {
         return Err(
@@ -322,7 +322,11 @@ pub(crate) fn columns(series: &serde_json::Value) -> Result<Vec<&str>, String> {
 }
 
 /// A stored count: a non-negative integer, or null (0).
-fn count(x: &serde_json::Value, col: &str, what: &dyn Fn() -> String) -> Result<u64, String> {
+pub(crate) fn count(
+    x: &serde_json::Value,
+    col: &str,
+    what: &dyn Fn() -> String,
+) -> Result<u64, String> {
     match x {
         serde_json::Value::Null => Ok(0),
         x => x.as_u64().ok_or_else(|| {
