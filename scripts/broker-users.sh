@@ -7,8 +7,9 @@
 #   scripts/broker-users.sh --cluster NAME [--collector USER]... [--admin USER [--add]]
 #                           [--out DIR] NODES
 #
-# NODES      a file with one node name per line (`#` comments and blank lines skipped),
-#            or `-` for stdin; the agents' node names, 1-64 of A-Z a-z 0-9 . _ -
+# NODES      a file with one node name per line (blank lines skipped, and `#` comments at a
+#            line's start or after a blank), or `-` for stdin; the agents' node names,
+#            1-64 of A-Z a-z 0-9 . _ -
 # --cluster  the agents' [agent] cluster: each node may log in only with its agent's
 #            client id, nodewatt-agent-<cluster>-<node>, and publish only to
 #            nodewatt/v1/<cluster>/<node>/...
@@ -88,7 +89,9 @@ nodes=()
 n=0
 while IFS= read -r line || [ -n "$line" ]; do
   n=$((n + 1))
-  line=${line%%#*}
+  # A comment starts a line or follows a blank: `n#1` is a (bad) name, not `n`.
+  line=${line%%[[:space:]]#*}
+  [[ $line != \#* ]] || line=''
   line=${line#"${line%%[![:space:]]*}"}
   line=${line%"${line##*[![:space:]]}"}
   [ -n "$line" ] || continue

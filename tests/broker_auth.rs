@@ -807,3 +807,123 @@ fn nodes_added_with_the_admin_login_can_publish_without_a_broker_restart() {
     }
     assert_eq!((count(&db, admin), count(&db, "collector")), (0.0, 0.0));
 }
+
+/// broker-users.sh with these arguments and this node list, its output in `dir`/users.
+fn broker_users_run(dir: &Path, list: &str, args: &[&str]) -> std::process::Output {
+    std::fs::write(dir.join("nodes"), list).unwrap();
+    Command::new("bash")
+        .arg(repo().join("scripts/broker-users.sh"))
+        .args(args)
+        .arg("--out")
+        .arg(dir.join("users"))
+        .arg(dir.join("nodes"))
+        .output()
+        .expect("bash runs")
+}
+
+/// Every name becomes a login, a topic level and a file name: the script refuses what
+/// cannot be one, and a list it cannot use, with the line and the rule, before it writes
+/// anything. A list with comments, blanks and CRLF line ends is read as meant.
+#[test]
+fn broker_users_refuses_bad_names_and_lists_before_writing_anything() {
+    let c = &["--cluster", CLUSTER][..];
+    let rule = "must be 1-64 of A-Z a-z 0-9 . _ - (not . or ..)";
+    let long = "n".repeat(65);
+    let cases: Vec<(String, Vec<&str>, i32, String)> = vec![
+        (
+            "n1\nn 2\n".into(),
+            c.to_vec(),
+            1,
+            format!(":2: node n 2: {rule}"),
+        ),
+        (
+            "n1\nrack/n2\n".into(),
+            c.to_vec(),
+            1,
+            format!(":2: node rack/n2: {rule}"),
+        ),
+        ("n+\n".into(), c.to_vec(), 1, format!(":1: node n+: {rule}")),
+        (
+            "n#1\n".into(),
+            c.to_vec(),
+            1,
+            format!(":1: node n#1: {rule}"),
+        ),
+        ("..\n".into(), c.to_vec(), 1, format!(":1: node ..: {rule}")),
+        (
+            format!("{long}\n"),
+            c.to_vec(),
+            1,
+            format!(":1: node {long}: {rule}"),
+        ),
+        (
+            "n1\nn2\nn1\n".into(),
+            c.to_vec(),
+            1,
+            ":3: node n1 listed twice".into(),
+        ),
+        (
+            "# none yet\n\n".into(),
+            c.to_vec(),
+            1,
+            "no node names".into(),
+        ),
+        (
+            "n1\ncollector\n".into(),
+            c.to_vec(),
+            1,
+            "collector collector is also listed as a node".into(),
+        ),
+        (
+            "n1\n".into(),
+            [c, &["--admin", "n1"]].concat(),
+            1,
+            "admin n1 is also a node or collector login".into(),
+        ),
+        (
+            "n1\n".into(),
+            [c, &["--add"]].concat(),
+            1,
+            "--add needs --admin".into(),
+        ),
+        (
+            "n1\n".into(),
+            vec!["--cluster", "my cluster"],
+            1,
+            format!("cluster my cluster: {rule}"),
+        ),
+        ("n1\n".into(), vec![], 2, "usage: ".into()),
+        (
+            "n1\n".into(),
+            [c, &["--nodes"]].concat(),
+            1,
+            "unknown option --nodes".into(),
+        ),
+    ];
+    for (list, args, code, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let out = broker_users_run(dir.path(), &list, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{list:?} {args:?}: {err}");
+        assert!(err.contains(&says), "{list:?} {args:?}: {err}");
+        assert!(
+            !dir.path().join("users").exists(),
+            "{list:?} {args:?}: wrote files"
+        );
+    }
+
+    // Comments, blank lines, blanks around names and CRLF line ends.
+    let dir = tempfile::tempdir().unwrap();
+    let out = broker_users_run(dir.path(), "# rack 1\r\n  n1  \r\n\r\nn2 # gpu\r\n", c);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut made: Vec<String> = std::fs::read_dir(dir.path().join("users/passwords"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    made.sort();
+    assert_eq!(made, ["collector", "n1", "n2"]);
+}
