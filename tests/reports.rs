@@ -715,3 +715,44 @@ fn reports_read_their_totals_as_bills_do_never_as_a_silent_0() {
         "{text}"
     );
 }
+
+/// `usage` and `report` against a database that does not exist (a typo in the config, or
+/// serve never ran): exit 2 and InfluxDB's own words naming it, never an empty bill.
+#[test]
+fn billing_a_database_that_does_not_exist_is_an_error_naming_it() {
+    let (db, _) = setup();
+    let cfg = config_file(
+        "collector.toml",
+        &format!(
+            "[collector]\nid = \"reports\"\n[influxdb]\nurl = \"{}\"\ndatabase = \"nodewatt_typo\"\n",
+            db.url()
+        ),
+    );
+    let t = hour();
+    let period = ["--from", &rfc3339(t), "--to", &rfc3339(t + MIN)];
+    let out = tempfile::tempdir().unwrap();
+    let md = out.path().join("p.md");
+    for args in [
+        [&["usage", "--by", "project"][..], &period].concat(),
+        [&["usage", "--by", "job"][..], &period].concat(),
+        vec!["report", "--job", "7", "--output", md.to_str().unwrap()],
+        [
+            &["report", "--project", "p", "--output", md.to_str().unwrap()][..],
+            &period,
+        ]
+        .concat(),
+    ] {
+        let run = collector_run(&cfg, &args);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "InfluxDB at {}: database not found: nodewatt_typo; check [influxdb] database",
+                db.url()
+            )),
+            "{args:?}: {err}"
+        );
+        assert!(run.stdout.is_empty(), "{args:?}");
+        assert!(!md.exists(), "{args:?}");
+    }
+}

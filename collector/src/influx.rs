@@ -267,7 +267,18 @@ impl Influx {
         if !status.is_success() {
             return Err(self.answered(status, &text));
         }
-        merge_chunks(&text)
+        merge_chunks(&text).map_err(|e| self.failed(&e))
+    }
+
+    /// A query's error with the server it came from, and what to check for a missing
+    /// database (a typo in the config, or a server serve never wrote to).
+    fn failed(&self, e: &str) -> String {
+        let e = e.strip_prefix("InfluxDB: ").unwrap_or(e);
+        let hint = match e.starts_with("database not found") {
+            true => "; check [influxdb] database in the config (SHOW DATABASES lists those there)",
+            false => "",
+        };
+        format!("InfluxDB at {}: {e}{hint}", self.base)
     }
 
     pub async fn write(&self, body: &[u8]) -> Result<(), WriteError> {
