@@ -202,11 +202,7 @@ fn c_starts_bills_three_projects_and_stops_everything() {
     let run = demo.run("start", &[("NODEWATT_DEMO_WAIT", "15")]);
     let text = &run.text;
     assert!(run.ok, "failed:\n{text}");
-    let total = text
-        .lines()
-        .find(|l| l.starts_with("TOTAL"))
-        .unwrap_or_else(|| panic!("no TOTAL row:\n{text}"));
-    let kwh: f64 = total.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let kwh = total_kwh(text);
     assert!(kwh > 0.0, "zero bill:\n{text}");
     for project in ["climate", "llm-pretrain", "vision"] {
         assert!(
@@ -249,6 +245,22 @@ fn c_starts_bills_three_projects_and_stops_everything() {
         status.text
     );
 
+    // A second start while all runs reuses every part (no second copy of anything) and
+    // bills again.
+    let again = demo.run("start", &[("NODEWATT_DEMO_WAIT", "1")]);
+    assert!(again.ok, "failed:\n{}", again.text);
+    for (name, pid) in &pids {
+        assert!(
+            again
+                .text
+                .contains(&format!("{name} already running (pid {pid})")),
+            "{name} not reused:\n{}",
+            again.text
+        );
+    }
+    assert_eq!(demo.pids(), pids);
+    assert!(total_kwh(&again.text) >= kwh, "{}", again.text);
+
     let stop = demo.run("stop", &[]);
     assert!(stop.ok, "{}", stop.text);
     let left: Vec<_> = pids.iter().filter(|(_, pid)| alive(*pid)).collect();
@@ -257,6 +269,24 @@ fn c_starts_bills_three_projects_and_stops_everything() {
     let status = demo.run("status", &[]);
     assert!(!status.text.contains("running "), "{}", status.text);
 
+    // A start after a stop keeps the data: its bill holds the first run's energy too.
+    let after = demo.run("start", &[("NODEWATT_DEMO_WAIT", "1")]);
+    assert!(after.ok, "failed:\n{}", after.text);
+    assert!(after.text.contains("started influxd"), "{}", after.text);
+    assert!(total_kwh(&after.text) >= kwh, "{}", after.text);
+    let stop = demo.run("stop", &[]);
+    assert!(stop.ok, "{}", stop.text);
+    assert_eq!(demo.live(), Vec::<(i32, String)>::new());
+
     let clean = demo.run("clean", &[]);
     assert!(clean.ok && !demo.dir().exists(), "{}", clean.text);
+}
+
+/// The kWh of the TOTAL row of the bill a start printed.
+fn total_kwh(text: &str) -> f64 {
+    let total = text
+        .lines()
+        .find(|l| l.starts_with("TOTAL"))
+        .unwrap_or_else(|| panic!("no TOTAL row:\n{text}"));
+    total.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
