@@ -240,19 +240,6 @@ fn agent_client_id(cfg: &Config, node: &nodewatt_wire::NodeName) -> String {
     format!("nodewatt-agent-{}-{node}", cfg.agent.cluster)
 }
 
-/// The broker, with the user the agent logs in as (the node name when only
-/// `password_file` is given).
-fn peer_of(
-    mqtt: &nodewatt_common::mqtt::MqttConfig,
-    node: &nodewatt_wire::NodeName,
-) -> nodewatt_common::connection::Peer {
-    let mut peer = nodewatt_common::connection::Peer::of(mqtt);
-    if peer.username.is_none() && mqtt.password_file.is_some() {
-        peer.username = Some(node.to_string());
-    }
-    peer
-}
-
 fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitCode> {
     let (cfg, mut sampler) = load(path, &Clock::Real)?;
     let interval = cfg.agent.interval.as_millis() as u64;
@@ -323,7 +310,7 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
     nodewatt_common::install_tls_provider();
     let settings = PublisherSettings {
         options: mqtt.options_as(&agent_client_id(&cfg, &node), &node)?,
-        peer: peer_of(mqtt, &node),
+        peer: nodewatt_common::connection::Peer::of(mqtt, Some(node.as_str())),
         cluster: cfg.agent.cluster.clone(),
         node,
         outbox_capacity: cfg.outbox.capacity,
@@ -555,7 +542,7 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
     if let Some(mqtt) = &cfg.mqtt {
         nodewatt_common::install_tls_provider();
         let node = cfg.node_name()?;
-        let peer = peer_of(mqtt, &node);
+        let peer = nodewatt_common::connection::Peer::of(mqtt, Some(node.as_str()));
         let user = match &peer.username {
             Some(u) => format!(" as user {u}"),
             None => " without a user name".into(),

@@ -111,7 +111,7 @@ pub async fn influx(influx: &Influx, now_ms: u64) -> Vec<Finding> {
 /// allowed. A probe with its own client id and a clean session, subscribed without the
 /// shared group: it takes over no collector's session and takes no message from one.
 pub async fn broker(mqtt: &MqttConfig, client_id: &str, topics: &[String]) -> Finding {
-    let peer = Peer::of(mqtt);
+    let peer = Peer::of(mqtt, None);
     let result = async {
         let mut options = mqtt.options(client_id).map_err(|e| e.to_string())?;
         options.set_client_id(client_id.to_string());

@@ -123,12 +123,20 @@ impl std::fmt::Display for Peer {
 }
 
 impl Peer {
-    pub fn of(cfg: &crate::mqtt::MqttConfig) -> Peer {
+    /// The broker of `cfg`, logged in to as [`MqttConfig::login_name`] with
+    /// `default_username` (an agent's node name) says.
+    ///
+    /// [`MqttConfig::login_name`]: crate::mqtt::MqttConfig::login_name
+    pub fn of(cfg: &crate::mqtt::MqttConfig, default_username: Option<&str>) -> Peer {
         Peer {
             host: cfg.host.clone(),
             port: cfg.port(),
             tls: cfg.tls.is_some(),
-            username: cfg.username.clone(),
+            username: cfg
+                .login_name(default_username)
+                .ok()
+                .flatten()
+                .map(str::to_string),
         }
     }
 

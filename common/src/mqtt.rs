@@ -109,12 +109,23 @@ impl MqttConfig {
 
     /// Checks what can be checked without connecting.
     pub fn validate(&self) -> Result<(), MqttConfigError> {
-        if self.password_file.is_some() && self.username.is_none() {
-            return Err(MqttConfigError::Invalid(
-                "mqtt.password_file needs a username".into(),
-            ));
-        }
+        self.login_name(None)?;
         self.validate_agent()
+    }
+
+    /// Who logs in: `username`, else with a `password_file` the `default` (an agent's
+    /// node name), else nobody. A password file with neither is an error.
+    pub fn login_name<'a>(
+        &'a self,
+        default: Option<&'a str>,
+    ) -> Result<Option<&'a str>, MqttConfigError> {
+        match (&self.username, &self.password_file) {
+            (Some(u), _) => Ok(Some(u)),
+            (None, Some(_)) => default.map(Some).ok_or_else(|| {
+                MqttConfigError::Invalid("mqtt.password_file needs a username".into())
+            }),
+            (None, None) => Ok(None),
+        }
     }
 
     /// [`MqttConfig::validate`] for an agent, which may leave `username` out: with
@@ -200,14 +211,7 @@ impl MqttConfig {
         let id = self.client_id.as_deref().unwrap_or(default_client_id);
         let mut o = MqttOptions::new(id, self.host.clone(), self.port());
         o.set_keep_alive(self.keep_alive);
-        let user = match (&self.username, &self.password_file) {
-            (Some(u), _) => Some(u.as_str()),
-            (None, Some(_)) => Some(default_username.ok_or_else(|| {
-                MqttConfigError::Invalid("mqtt.password_file needs a username".into())
-            })?),
-            (None, None) => None,
-        };
-        if let Some(user) = user {
+        if let Some(user) = self.login_name(default_username)? {
             let password = match &self.password_file {
                 Some(p) => {
                     let raw = read("mqtt password file", p)?;

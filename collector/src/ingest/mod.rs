@@ -218,7 +218,7 @@ pub async fn serve(
     // Acks must never wait on a full request channel.
     let (client, eventloop) = AsyncClient::new(options, cfg.batch.max_pending_messages + 1024);
     let mut conn = nodewatt_common::connection::Connection::new(eventloop);
-    let peer = nodewatt_common::connection::Peer::of(&mqtt);
+    let peer = nodewatt_common::connection::Peer::of(&mqtt, None);
 
     // Bounded: an InfluxDB that accepts connections and never answers must not hold up
     // reading from the broker (writes create the database later if it is missing).
