@@ -5,15 +5,11 @@
 use nodewatt_common::now_ms;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use nodewatt_tests::*;
 
 const DB: &str = "nodewatt_billing";
-
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
 
 fn write_job(dir: &Path, id: &str, project: &str, user: &str, gpus: &str, start_ms: u64) {
     let text =

@@ -17,13 +17,6 @@ const CLUSTER: &str = "mycluster";
 const DB: &str = "nodewatt_broker_auth";
 const GROUP: &str = "ingest";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
-
 /// mosquitto running the shipped config, with the logins and the ACL file broker-users.sh
 /// made for these nodes of `cluster` and the default collector login.
 struct Broker {

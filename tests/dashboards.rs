@@ -7,17 +7,12 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nodewatt_tests::*;
 use serde_json::Value;
 
 const DB: &str = "nodewatt_dash";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn dashboards() -> Vec<(String, Value)> {
     let mut out: Vec<(String, Value)> = std::fs::read_dir(repo().join("dashboards"))

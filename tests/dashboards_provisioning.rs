@@ -5,9 +5,10 @@
 //! five dashboards in the provider's path, each with its own uid.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use nodewatt_tests::repo;
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -15,10 +16,6 @@ const BEGIN: &str = "<!-- provisioning recipe:";
 const END: &str = "<!-- end of provisioning recipe -->";
 const URL: &str = "http://influx.test:18086";
 const DB: &str = "energy_test";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// The shell commands of the recipe's one fenced block.
 fn recipe() -> String {

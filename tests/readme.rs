@@ -2,15 +2,10 @@
 //! block is run (against private servers, with the shipped configs pointed at them) or
 //! named here with the test that covers it, so the README cannot drift from the product.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nodewatt_tests::*;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn readme() -> String {
     std::fs::read_to_string(repo().join("README.md")).unwrap()

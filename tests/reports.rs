@@ -5,7 +5,6 @@
 //! empty period and an unknown job say so.
 
 use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
 
 use nodewatt_tests::*;
 
@@ -13,10 +12,6 @@ const DB: &str = "nodewatt_reports";
 const MIN: u64 = 60_000;
 /// 1 W for 1 ms.
 const UJ_PER_MS_AT_1_W: u64 = 1_000;
-
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
 
 /// One `usage` point as lineproto.rs writes it: GPU and CPU package energy (µJ), CPU
 /// time (µs), the span it covers (ms, ending at `t`) and how many jobs it sums.

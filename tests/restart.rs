@@ -5,16 +5,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use nodewatt_tests::*;
 
 const DB: &str = "nodewatt_restart";
 const WATTS: f64 = 400.0;
-
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
 
 /// `key=value` lines of a registry file.
 fn registry_file(path: &Path) -> HashMap<String, String> {

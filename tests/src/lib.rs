@@ -487,7 +487,7 @@ pub fn bin(name: &str) -> PathBuf {
     let built = std::fs::metadata(&p)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| panic!("{} is missing: {hint}", p.display()));
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = repo();
     let own = name.trim_start_matches("nodewatt-");
     for krate in [own, "common", "wire"] {
         let src = root.join(krate).join("src");
@@ -630,6 +630,19 @@ pub fn collector_cli(cfg: &ConfigFile, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// The repository's root, canonical (it is handed to other programs).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("the repository's root")
+}
+
+/// Unix ms in RFC 3339 with milliseconds, as `--from` and `--to` take it.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 pub fn start_agent(cfg: &ConfigFile, count: u64) -> Proc {
@@ -855,7 +868,7 @@ impl Slurm {
             "munged did not start"
         );
 
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let repo = repo();
         for script in ["prolog", "epilog"] {
             let wrapper = format!(
                 "#!/bin/sh\nNODEWATT_JOBS_DIR={} exec {}\n",
