@@ -151,7 +151,15 @@ fn broker_restart_and_collector_crash_lose_nothing() {
 
     let (_configs, mut agents) = node_a_and_b(mq.port, 150);
 
-    std::thread::sleep(Duration::from_millis(700));
+    // Both connected first (else a slow start connects once, after the restart), then
+    // some samples flow.
+    assert!(
+        wait_until(Duration::from_secs(30), || agents
+            .iter()
+            .all(|p| p.log().contains("connected to the MQTT broker:"))),
+        "agents never connected"
+    );
+    std::thread::sleep(Duration::from_millis(300));
     mq.restart(); // agents queue meanwhile; the collector's session survives
     std::thread::sleep(Duration::from_millis(500));
     collector.kill(); // SIGKILL: written but unacknowledged messages come back
