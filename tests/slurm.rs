@@ -54,6 +54,40 @@ fn prolog_and_epilog_feed_the_registry_and_the_agent_bills_the_job() {
     ] {
         assert!(said.contains(&want), "missing {want:?} in:\n{said}");
     }
+    // Without SLURM_CONF, check reads the slurm.conf the running slurmd was started with
+    // (`-f`): a proc root whose only process is this cluster's slurmd, as others may run.
+    let proc = tempfile::tempdir().unwrap();
+    let pid = slurm.slurmd_pid().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == pid || !name.bytes().all(|b| b.is_ascii_digit()) {
+            std::os::unix::fs::symlink(e.path(), proc.path().join(&name)).unwrap();
+        }
+    }
+    let only_slurmd = config_file(
+        "agent-proc.toml",
+        &text.replace(
+            "[agent]\n",
+            &format!("[agent]\nproc_root = {:?}\n", proc.path()),
+        ),
+    );
+    let check = std::process::Command::new(bin("nodewatt-agent"))
+        .args(["check", "--config"])
+        .arg(&only_slurmd.path)
+        .env_remove("SLURM_CONF")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    let want = format!(
+        "prolog     ok           {} writes to {}",
+        shipped.join("prolog").canonicalize().unwrap().display(),
+        slurm.jobs.display()
+    );
+    assert!(
+        said.contains(&want),
+        "missing {want:?} in:\n{said}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     let mut agent = start_agent(&a, 1_000_000);
 
     // Slurm lowercases account names; two of the four fake GPUs.

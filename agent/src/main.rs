@@ -457,7 +457,8 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
         // Whether Slurm's prolog and epilog write where the agent reads.
         let mut prolog_ok = false;
         let slurm_conf = std::env::var_os("SLURM_CONF").map(PathBuf::from);
-        match prolog::find_conf(slurm_conf.as_deref()) {
+        let slurmd = prolog::slurmd_confs(&cfg.agent.proc_root);
+        match prolog::find_conf(slurm_conf.as_deref(), &slurmd) {
             Ok(conf) => {
                 for hook in [Hook::Prolog, Hook::Epilog] {
                     let said = prolog::entries(&conf, hook)

@@ -828,6 +828,11 @@ pub struct Slurm {
 }
 
 impl Slurm {
+    /// The pid of this cluster's slurmd (started with `-f` its slurm.conf).
+    pub fn slurmd_pid(&self) -> i32 {
+        self._slurmd.pid()
+    }
+
     pub fn start() -> Slurm {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(

@@ -13,8 +13,8 @@
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
-/// Where slurm.conf is looked for when `SLURM_CONF` is not set: the copies slurmd keeps
-/// in configless mode, Debian's path, older packages' path.
+/// Where slurm.conf is looked for when neither `SLURM_CONF` nor a running slurmd names
+/// one: the copies slurmd keeps in configless mode, Debian's path, older packages' path.
 const CONF_PATHS: &[&str] = &[
     // Where slurmd keeps a configless cluster's config: the one in use when there.
     "/run/slurm/conf/slurm.conf",
@@ -394,9 +394,10 @@ pub struct Entry {
     pub writable: Vec<String>,
 }
 
-/// The slurm.conf this node's Slurm reads: `SLURM_CONF` if set, else the first of
+/// The slurm.conf this node's Slurm reads: `SLURM_CONF` if set (the operator's choice),
+/// else the one the running slurmd reads ([`slurmd_confs`]), else the first of
 /// [`CONF_PATHS`] that exists.
-pub fn find_conf(slurm_conf: Option<&Path>) -> Result<PathBuf, String> {
+pub fn find_conf(slurm_conf: Option<&Path>, slurmd: &[PathBuf]) -> Result<PathBuf, String> {
     if let Some(p) = slurm_conf {
         return if p.is_file() {
             Ok(p.to_owned())
@@ -407,11 +408,135 @@ pub fn find_conf(slurm_conf: Option<&Path>) -> Result<PathBuf, String> {
             ))
         };
     }
+    match slurmd {
+        [] => {}
+        [p] if p.is_file() => return Ok(p.clone()),
+        [p] => {
+            return Err(format!(
+                "the running slurmd reads {}, which is not a file",
+                p.display()
+            ))
+        }
+        several => {
+            let list: Vec<String> = several.iter().map(|p| p.display().to_string()).collect();
+            return Err(format!(
+                "the running slurmd processes read different files ({})",
+                list.join(", ")
+            ));
+        }
+    }
     CONF_PATHS
         .iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
         .ok_or_else(|| format!("no slurm.conf in {}", CONF_PATHS.join(", ")))
+}
+
+/// The slurm.conf files the slurmd processes under `proc_root` read, sorted, each once:
+/// a `-f FILE` on the command line, else `SLURM_CONF` in the environment (slurmd's
+/// order). One that names neither reads the built-in default, and adds nothing; so does
+/// one whose environment check may not read (not root).
+pub fn slurmd_confs(proc_root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let pid = e.path();
+        let is_pid = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        let comm = read_bounded(&pid.join("comm")).unwrap_or_default();
+        if !is_pid || comm.trim_end() != "slurmd" {
+            continue;
+        }
+        let cmdline = read_bounded(&pid.join("cmdline")).unwrap_or_default();
+        let environ = read_bounded(&pid.join("environ")).unwrap_or_default();
+        let args: Vec<&str> = cmdline.split('\0').filter(|a| !a.is_empty()).collect();
+        let env: Vec<&str> = environ.split('\0').collect();
+        let Some(conf) = slurmd_conf(&args, &env) else {
+            continue;
+        };
+        // A relative -f is relative to where slurmd started.
+        let conf = match std::fs::read_link(pid.join("cwd")) {
+            Ok(cwd) => cwd.join(conf),
+            Err(_) => PathBuf::from(conf),
+        };
+        out.push(conf);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A /proc file's text, bounded (cmdline and environ are at most a few pages).
+fn read_bounded(path: &Path) -> Option<String> {
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(1 << 20)
+        .read_to_end(&mut buf)
+        .ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// The slurm.conf of one slurmd from its arguments (the program first) and environment:
+/// `-f FILE`, `-fFILE` or a cluster of flags ending in `f` (getopt's rules, with the
+/// other options that take a value skipped with it), else `SLURM_CONF`.
+fn slurmd_conf(args: &[&str], env: &[&str]) -> Option<String> {
+    // slurmd's short options with a value, and long ones with a separate value.
+    const SHORT: &str = "dfLnN";
+    const LONG: [&str; 6] = [
+        "conf",
+        "conf-server",
+        "authinfo",
+        "extra",
+        "instance-id",
+        "instance-type",
+    ];
+    let mut conf = None;
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i];
+        i += 1;
+        if a == "--" {
+            break;
+        }
+        if let Some(long) = a.strip_prefix("--") {
+            if !long.contains('=') && LONG.contains(&long) {
+                i += 1;
+            }
+            continue;
+        }
+        let Some(flags) = a.strip_prefix('-').filter(|f| !f.is_empty()) else {
+            continue;
+        };
+        for (j, c) in flags.char_indices() {
+            if c == 'F' {
+                break; // an optional value, attached
+            }
+            if SHORT.contains(c) {
+                let rest = &flags[j + c.len_utf8()..];
+                let value = if rest.is_empty() {
+                    i += 1;
+                    args.get(i - 1).copied()
+                } else {
+                    Some(rest)
+                };
+                if c == 'f' {
+                    conf = value.map(str::to_string);
+                }
+                break;
+            }
+        }
+    }
+    conf.or_else(|| {
+        env.iter()
+            .find_map(|v| v.strip_prefix("SLURM_CONF="))
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    })
 }
 
 /// The `hook` values of `conf` (and the files it includes), each followed to the
@@ -873,6 +998,116 @@ mod tests {
 
     const OURS: &str = include_str!("../../../config/slurm/prolog");
     const OURS_EPILOG: &str = include_str!("../../../config/slurm/epilog");
+
+    #[test]
+    fn slurmds_conf_is_its_f_option_else_its_slurm_conf() {
+        let env = ["PATH=/bin", "SLURM_CONF=/env/slurm.conf"];
+        let f = |args: &[&str], env: &[&str]| slurmd_conf(args, env);
+        assert_eq!(
+            f(&["slurmd", "-D"], &env).as_deref(),
+            Some("/env/slurm.conf")
+        );
+        assert_eq!(f(&["slurmd", "-D"], &["PATH=/bin"]), None);
+        for args in [
+            &["slurmd", "-D", "-f", "/opt/s.conf"][..],
+            &["slurmd", "-f/opt/s.conf", "-D"],
+            &["slurmd", "-Df", "/opt/s.conf"],
+            &["slurmd", "-vvDf/opt/s.conf"],
+            &["slurmd", "-N", "-f", "-f", "/opt/s.conf"],
+            &["slurmd", "--conf", "-f x", "-f", "/opt/s.conf"],
+            &["slurmd", "--conf-server=ctl:6817", "-f", "/opt/s.conf"],
+            &["slurmd", "-f", "/first.conf", "-f", "/opt/s.conf"],
+        ] {
+            assert_eq!(f(args, &env).as_deref(), Some("/opt/s.conf"), "{args:?}");
+        }
+        // Values of other options, an optional value, and what follows `--`.
+        for args in [
+            &["slurmd", "-L", "-f"][..],
+            &["slurmd", "-Lf", "-D"],
+            &["slurmd", "-F-f", "-D"],
+            &["slurmd", "--", "-f", "/opt/s.conf"],
+            &["slurmd", "-f"],
+        ] {
+            assert_eq!(
+                f(args, &env).as_deref(),
+                Some("/env/slurm.conf"),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_running_slurmds_confs_are_found_under_proc() {
+        let proc = tempfile::tempdir().unwrap();
+        let ps: [(&str, &str, &str, &str); 6] = [
+            (
+                "100",
+                "slurmd\n",
+                "/usr/sbin/slurmd\0-D\0-f\0/opt/slurm/etc/slurm.conf\0",
+                "",
+            ),
+            (
+                "101",
+                "slurmd\n",
+                "/usr/sbin/slurmd\0-D\0",
+                "PATH=/bin\0SLURM_CONF=/etc/site/slurm.conf\0",
+            ),
+            (
+                "102",
+                "slurmstepd\n",
+                "slurmstepd\0-f\0/not/slurmd.conf\0",
+                "",
+            ),
+            ("103", "slurmd\n", "/usr/sbin/slurmd\0-D\0", "PATH=/bin\0"),
+            ("104", "slurmd\n", "slurmd\0-f\0etc/slurm.conf\0", ""),
+            ("self", "slurmd\n", "slurmd\0-f\0/not/a/pid.conf\0", ""),
+        ];
+        for (pid, comm, cmdline, environ) in ps {
+            let d = proc.path().join(pid);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("comm"), comm).unwrap();
+            std::fs::write(d.join("cmdline"), cmdline).unwrap();
+            std::fs::write(d.join("environ"), environ).unwrap();
+        }
+        std::os::unix::fs::symlink("/srv/cluster", proc.path().join("104/cwd")).unwrap();
+        let same = proc.path().join("105");
+        std::fs::create_dir(&same).unwrap();
+        std::fs::write(same.join("comm"), "slurmd\n").unwrap();
+        std::fs::write(
+            same.join("cmdline"),
+            "slurmd\0-f/opt/slurm/etc/slurm.conf\0",
+        )
+        .unwrap();
+        assert_eq!(
+            slurmd_confs(proc.path()),
+            [
+                "/etc/site/slurm.conf",
+                "/opt/slurm/etc/slurm.conf",
+                "/srv/cluster/etc/slurm.conf"
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(
+            slurmd_confs(&proc.path().join("none")),
+            Vec::<PathBuf>::new()
+        );
+
+        // SLURM_CONF first, then the one slurmd reads; several are for the operator.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.conf"), dir.path().join("b.conf"));
+        std::fs::write(&a, "").unwrap();
+        std::fs::write(&b, "").unwrap();
+        assert_eq!(find_conf(None, std::slice::from_ref(&a)), Ok(a.clone()));
+        assert_eq!(find_conf(Some(&b), std::slice::from_ref(&a)), Ok(b.clone()));
+        let err = find_conf(None, &[a.clone(), b.clone()]).unwrap_err();
+        assert!(
+            err.contains("different files") && err.contains("b.conf"),
+            "{err}"
+        );
+        let gone = dir.path().join("gone.conf");
+        let err = find_conf(None, &[gone]).unwrap_err();
+        assert!(err.contains("gone.conf, which is not a file"), "{err}");
+    }
 
     #[test]
     fn slurm_conf_values_are_case_insensitive_repeatable_and_quoted() {
