@@ -197,7 +197,7 @@ fn query(url: &str, q: &str) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
-fn rfc3339(ms: u64) -> String {
+fn rfc3339_seconds(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -493,7 +493,10 @@ fn usage(
     by: &str,
     days: u64,
 ) -> (f64, f64, String) {
-    let (from, to) = (rfc3339(START_MS), rfc3339(START_MS + days * DAY));
+    let (from, to) = (
+        rfc3339_seconds(START_MS),
+        rfc3339_seconds(START_MS + days * DAY),
+    );
     let args = [
         "usage", "--format", "csv", "--by", by, "--from", &from, "--to", &to,
     ];
@@ -712,9 +715,9 @@ fn main() {
                 "--by",
                 "project",
                 "--from",
-                &rfc3339(from),
+                &rfc3339_seconds(from),
                 "--to",
-                &rfc3339(to),
+                &rfc3339_seconds(to),
             ],
         );
         println!(
@@ -741,7 +744,10 @@ fn rollup(cfg: &ConfigFile, db: &Influxd, days: u64) -> bool {
     if std::env::var("NODEWATT_BENCH_ROLLUP").as_deref() == Ok("0") {
         return false;
     }
-    let (from, to) = (rfc3339(START_MS), rfc3339(START_MS + days * DAY));
+    let (from, to) = (
+        rfc3339_seconds(START_MS),
+        rfc3339_seconds(START_MS + days * DAY),
+    );
     let (secs, cpu, out) = timed(
         &collector_binary(),
         cfg,

@@ -160,6 +160,12 @@ fn broker_restart_and_collector_crash_lose_nothing() {
         "agents never connected"
     );
     std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !agents
+            .iter()
+            .any(|p| p.log().contains("--count samples taken")),
+        "an agent took all its samples before the broker restart"
+    );
     mq.restart(); // agents queue meanwhile; the collector's session survives
     std::thread::sleep(Duration::from_millis(500));
     collector.kill(); // SIGKILL: written but unacknowledged messages come back

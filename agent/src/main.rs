@@ -168,6 +168,7 @@ fn sample_loop(
             );
         }
     }
+    tracing::info!(samples = taken, "--count samples taken");
     false
 }
 
@@ -346,8 +347,6 @@ fn run(path: &Path, count: Option<u64>, to_stdout: bool) -> anyhow::Result<ExitC
                 if stopped {
                     let last = sampler.finish(nodewatt_common::now_ms());
                     let _ = tx.send(sampled(&sampler, last));
-                } else if let Some(n) = count {
-                    tracing::info!(samples = n, "--count samples taken; delivering the rest");
                 }
                 drop(tx);
                 sampler

@@ -275,7 +275,7 @@ impl Influx {
     fn failed(&self, e: &str) -> String {
         let e = e.strip_prefix("InfluxDB: ").unwrap_or(e);
         let hint = match e.starts_with("database not found") {
-            true => "; check [influxdb] database in the config (SHOW DATABASES lists those there)",
+            true => "; check [influxdb] database (bucket on InfluxDB 2) in the config (SHOW DATABASES lists those there)",
             false => "",
         };
         format!("InfluxDB at {}: {e}{hint}", self.base)

@@ -290,7 +290,7 @@ impl Row<'_> {
     fn count(&self, col: &str, what: &dyn Fn() -> String) -> Result<u64, String> {
         let v = self
             .get(col)
-            .ok_or_else(|| format!("InfluxDB answer without column {col}"))?;
+            .ok_or_else(|| format!("InfluxDB answer without column {col} ({})", what()))?;
         crate::billing::count(v, col, what)
     }
 
@@ -1212,8 +1212,11 @@ pub async fn gather(
                 if !gpus.is_empty() {
                     d.gpus.push(format!("{}: {gpus}", r.text("node")));
                 }
-                d.users.push(r.text("user").to_string());
-                d.nodes.push(r.text("node").to_string());
+                for (list, tag) in [(&mut d.users, "user"), (&mut d.nodes, "node")] {
+                    if !r.text(tag).is_empty() {
+                        list.push(r.text(tag).to_string());
+                    }
+                }
             }
             d.from_ms = records.iter().map(|r| r.start_ms).min().unwrap_or(0);
             d.to_ms = records.iter().map(|r| r.until_ms).max().unwrap_or(0);

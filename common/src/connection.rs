@@ -123,8 +123,8 @@ impl std::fmt::Display for Peer {
 }
 
 impl Peer {
-    /// The broker of `cfg`, logged in to as [`MqttConfig::login_name`] with
-    /// `default_username` (an agent's node name) says.
+    /// The broker of `cfg` and the user that logs in to it:
+    /// [`MqttConfig::login_name`]`(default_username)` (an agent passes its node name).
     ///
     /// [`MqttConfig::login_name`]: crate::mqtt::MqttConfig::login_name
     pub fn of(cfg: &crate::mqtt::MqttConfig, default_username: Option<&str>) -> Peer {

@@ -397,7 +397,10 @@ pub struct Entry {
 /// The slurm.conf this node's Slurm reads: `SLURM_CONF` if set (the operator's choice),
 /// else the one the running slurmd reads ([`slurmd_confs`]), else the first of
 /// [`CONF_PATHS`] that exists.
-pub fn find_conf(slurm_conf: Option<&Path>, slurmd: &[PathBuf]) -> Result<PathBuf, String> {
+pub fn find_conf(
+    slurm_conf: Option<&Path>,
+    slurmd: &[Result<PathBuf, String>],
+) -> Result<PathBuf, String> {
     if let Some(p) = slurm_conf {
         return if p.is_file() {
             Ok(p.to_owned())
@@ -408,16 +411,21 @@ pub fn find_conf(slurm_conf: Option<&Path>, slurmd: &[PathBuf]) -> Result<PathBu
             ))
         };
     }
-    match slurmd {
+    let slurmd: Vec<&PathBuf> = slurmd
+        .iter()
+        .map(|r| r.as_ref())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.clone())?;
+    match slurmd[..] {
         [] => {}
-        [p] if p.is_file() => return Ok(p.clone()),
+        [p] if p.is_file() => return Ok(p.to_owned()),
         [p] => {
             return Err(format!(
                 "the running slurmd reads {}, which is not a file",
                 p.display()
             ))
         }
-        several => {
+        ref several => {
             let list: Vec<String> = several.iter().map(|p| p.display().to_string()).collect();
             return Err(format!(
                 "the running slurmd processes read different files ({})",
@@ -434,36 +442,48 @@ pub fn find_conf(slurm_conf: Option<&Path>, slurmd: &[PathBuf]) -> Result<PathBu
 
 /// The slurm.conf files the slurmd processes under `proc_root` read, sorted, each once:
 /// a `-f FILE` on the command line, else `SLURM_CONF` in the environment (slurmd's
-/// order). One that names neither reads the built-in default, and adds nothing; so does
-/// one whose environment check may not read (not root).
-pub fn slurmd_confs(proc_root: &Path) -> Vec<PathBuf> {
+/// order); an error where that cannot be known. A slurmd that names neither, or is
+/// configless (`--conf-server`), reads the built-in path or its cached copy
+/// ([`CONF_PATHS`]) and adds nothing. Only processes owned by root (or whoever runs
+/// check) count: any user may name a process `slurmd`.
+pub fn slurmd_confs(proc_root: &Path) -> Vec<Result<PathBuf, String>> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir(proc_root) else {
         return out;
     };
     for e in dir.flatten() {
         let pid = e.path();
-        let is_pid = e
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_pid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit());
         let comm = read_bounded(&pid.join("comm")).unwrap_or_default();
-        if !is_pid || comm.trim_end() != "slurmd" {
+        let owner = std::fs::metadata(&pid).map(|m| m.uid()).ok();
+        if !is_pid || comm.trim_end() != "slurmd" || !owner.is_some_and(|u| u == 0 || u == me) {
             continue;
         }
         let cmdline = read_bounded(&pid.join("cmdline")).unwrap_or_default();
-        let environ = read_bounded(&pid.join("environ")).unwrap_or_default();
-        let args: Vec<&str> = cmdline.split('\0').filter(|a| !a.is_empty()).collect();
-        let env: Vec<&str> = environ.split('\0').collect();
-        let Some(conf) = slurmd_conf(&args, &env) else {
-            continue;
+        // Arguments end in NUL; an empty one is still an argument.
+        let args: Vec<&str> = cmdline
+            .strip_suffix('\0')
+            .unwrap_or(&cmdline)
+            .split('\0')
+            .collect();
+        let environ = read_bounded(&pid.join("environ"));
+        let env: Vec<&str> = environ.as_deref().unwrap_or_default().split('\0').collect();
+        let said = match slurmd_conf(&args, &env) {
+            Said::Default => continue,
+            Said::Conf(conf) if Path::new(&conf).is_absolute() => Ok(PathBuf::from(conf)),
+            Said::Conf(conf) => Err(format!(
+                "slurmd (pid {name}) reads {conf}, relative to a directory check cannot know: set SLURM_CONF to its full path"
+            )),
+            Said::Environment if environ.is_none() => Err(format!(
+                "slurmd (pid {name}) may name its slurm.conf in its environment, which check cannot read: run check as root, or set SLURM_CONF"
+            )),
+            Said::Environment => continue,
         };
-        // A relative -f is relative to where slurmd started.
-        let conf = match std::fs::read_link(pid.join("cwd")) {
-            Ok(cwd) => cwd.join(conf),
-            Err(_) => PathBuf::from(conf),
-        };
-        out.push(conf);
+        out.push(said);
     }
     out.sort();
     out.dedup();
@@ -481,10 +501,22 @@ fn read_bounded(path: &Path) -> Option<String> {
     Some(String::from_utf8_lossy(&buf).into_owned())
 }
 
-/// The slurm.conf of one slurmd from its arguments (the program first) and environment:
-/// `-f FILE`, `-fFILE` or a cluster of flags ending in `f` (getopt's rules, with the
-/// other options that take a value skipped with it), else `SLURM_CONF`.
-fn slurmd_conf(args: &[&str], env: &[&str]) -> Option<String> {
+/// What one slurmd's arguments and environment say of its slurm.conf.
+#[derive(Debug, PartialEq, Eq)]
+enum Said {
+    /// `-f FILE`, or `SLURM_CONF`.
+    Conf(String),
+    /// The built-in path, or configless (its cached copy).
+    Default,
+    /// Nothing on the command line; the environment was empty or unreadable.
+    Environment,
+}
+
+/// The slurm.conf of one slurmd from its arguments (the program first) and environment,
+/// in slurmd's order: configless (`--conf-server`, `SLURM_CONF_SERVER`), else `-f FILE`
+/// (`-fFILE`, or a cluster of flags ending in `f`: getopt's rules, with the other
+/// options that take a value skipped with it), else `SLURM_CONF`.
+fn slurmd_conf(args: &[&str], env: &[&str]) -> Said {
     // slurmd's short options with a value, and long ones with a separate value.
     const SHORT: &str = "dfLnN";
     const LONG: [&str; 6] = [
@@ -504,6 +536,10 @@ fn slurmd_conf(args: &[&str], env: &[&str]) -> Option<String> {
             break;
         }
         if let Some(long) = a.strip_prefix("--") {
+            let name = long.split('=').next().unwrap_or_default();
+            if name == "conf-server" {
+                return Said::Default;
+            }
             if !long.contains('=') && LONG.contains(&long) {
                 i += 1;
             }
@@ -531,12 +567,21 @@ fn slurmd_conf(args: &[&str], env: &[&str]) -> Option<String> {
             }
         }
     }
-    conf.or_else(|| {
+    let var = |k: &str| {
         env.iter()
-            .find_map(|v| v.strip_prefix("SLURM_CONF="))
+            .find_map(|v| v.strip_prefix(k)?.strip_prefix('='))
             .filter(|v| !v.is_empty())
-            .map(str::to_string)
-    })
+    };
+    if var("SLURM_CONF_SERVER").is_some() {
+        return Said::Default;
+    }
+    match conf.filter(|c| !c.is_empty()) {
+        Some(c) => Said::Conf(c),
+        None => match var("SLURM_CONF") {
+            Some(c) => Said::Conf(c.to_string()),
+            None => Said::Environment,
+        },
+    }
 }
 
 /// The `hook` values of `conf` (and the files it includes), each followed to the
@@ -1003,22 +1048,21 @@ mod tests {
     fn slurmds_conf_is_its_f_option_else_its_slurm_conf() {
         let env = ["PATH=/bin", "SLURM_CONF=/env/slurm.conf"];
         let f = |args: &[&str], env: &[&str]| slurmd_conf(args, env);
-        assert_eq!(
-            f(&["slurmd", "-D"], &env).as_deref(),
-            Some("/env/slurm.conf")
-        );
-        assert_eq!(f(&["slurmd", "-D"], &["PATH=/bin"]), None);
+        let conf = |c: &str| Said::Conf(c.into());
+        assert_eq!(f(&["slurmd", "-D"], &env), conf("/env/slurm.conf"));
+        assert_eq!(f(&["slurmd", "-D"], &["PATH=/bin"]), Said::Environment);
+        assert_eq!(f(&["slurmd", "-D"], &[""]), Said::Environment);
         for args in [
             &["slurmd", "-D", "-f", "/opt/s.conf"][..],
             &["slurmd", "-f/opt/s.conf", "-D"],
             &["slurmd", "-Df", "/opt/s.conf"],
             &["slurmd", "-vvDf/opt/s.conf"],
             &["slurmd", "-N", "-f", "-f", "/opt/s.conf"],
+            &["slurmd", "-L", "", "-f", "/opt/s.conf"],
             &["slurmd", "--conf", "-f x", "-f", "/opt/s.conf"],
-            &["slurmd", "--conf-server=ctl:6817", "-f", "/opt/s.conf"],
             &["slurmd", "-f", "/first.conf", "-f", "/opt/s.conf"],
         ] {
-            assert_eq!(f(args, &env).as_deref(), Some("/opt/s.conf"), "{args:?}");
+            assert_eq!(f(args, &env), conf("/opt/s.conf"), "{args:?}");
         }
         // Values of other options, an optional value, and what follows `--`.
         for args in [
@@ -1027,85 +1071,146 @@ mod tests {
             &["slurmd", "-F-f", "-D"],
             &["slurmd", "--", "-f", "/opt/s.conf"],
             &["slurmd", "-f"],
+            &["slurmd", "-f", ""],
         ] {
-            assert_eq!(
-                f(args, &env).as_deref(),
-                Some("/env/slurm.conf"),
-                "{args:?}"
-            );
+            assert_eq!(f(args, &env), conf("/env/slurm.conf"), "{args:?}");
+        }
+        // Configless: the cached copy, whatever else is said.
+        for (args, env) in [
+            (
+                &["slurmd", "--conf-server", "ctl", "-f", "/opt/s.conf"][..],
+                &env[..],
+            ),
+            (&["slurmd", "--conf-server=ctl:6817"], &env),
+            (&["slurmd", "-f", "/opt/s.conf"], &["SLURM_CONF_SERVER=ctl"]),
+        ] {
+            assert_eq!(f(args, env), Said::Default, "{args:?} {env:?}");
         }
     }
 
     #[test]
     fn the_running_slurmds_confs_are_found_under_proc() {
         let proc = tempfile::tempdir().unwrap();
-        let ps: [(&str, &str, &str, &str); 6] = [
+        let ps: [(&str, &str, &str, Option<&str>); 8] = [
             (
                 "100",
                 "slurmd\n",
                 "/usr/sbin/slurmd\0-D\0-f\0/opt/slurm/etc/slurm.conf\0",
-                "",
+                Some(""),
             ),
             (
                 "101",
                 "slurmd\n",
                 "/usr/sbin/slurmd\0-D\0",
-                "PATH=/bin\0SLURM_CONF=/etc/site/slurm.conf\0",
+                Some("PATH=/bin\0SLURM_CONF=/etc/site/slurm.conf\0"),
             ),
             (
                 "102",
                 "slurmstepd\n",
                 "slurmstepd\0-f\0/not/slurmd.conf\0",
-                "",
+                Some(""),
             ),
-            ("103", "slurmd\n", "/usr/sbin/slurmd\0-D\0", "PATH=/bin\0"),
-            ("104", "slurmd\n", "slurmd\0-f\0etc/slurm.conf\0", ""),
-            ("self", "slurmd\n", "slurmd\0-f\0/not/a/pid.conf\0", ""),
+            (
+                "103",
+                "slurmd\n",
+                "/usr/sbin/slurmd\0-D\0",
+                Some("PATH=/bin\0"),
+            ),
+            (
+                "104",
+                "slurmd\n",
+                "slurmd\0-f/opt/slurm/etc/slurm.conf\0",
+                None,
+            ),
+            ("105", "slurmd\n", "slurmd\0--conf-server\0ctl\0", None),
+            (
+                "self",
+                "slurmd\n",
+                "slurmd\0-f\0/not/a/pid.conf\0",
+                Some(""),
+            ),
+            (
+                "106",
+                "slurmd\n",
+                "slurmd\0",
+                Some("SLURM_CONF=/etc/site/slurm.conf\0"),
+            ),
         ];
         for (pid, comm, cmdline, environ) in ps {
             let d = proc.path().join(pid);
             std::fs::create_dir(&d).unwrap();
             std::fs::write(d.join("comm"), comm).unwrap();
             std::fs::write(d.join("cmdline"), cmdline).unwrap();
-            std::fs::write(d.join("environ"), environ).unwrap();
+            if let Some(env) = environ {
+                std::fs::write(d.join("environ"), env).unwrap();
+            }
         }
-        std::os::unix::fs::symlink("/srv/cluster", proc.path().join("104/cwd")).unwrap();
-        let same = proc.path().join("105");
-        std::fs::create_dir(&same).unwrap();
-        std::fs::write(same.join("comm"), "slurmd\n").unwrap();
-        std::fs::write(
-            same.join("cmdline"),
-            "slurmd\0-f/opt/slurm/etc/slurm.conf\0",
-        )
-        .unwrap();
+        let found = slurmd_confs(proc.path());
         assert_eq!(
-            slurmd_confs(proc.path()),
+            found,
             [
-                "/etc/site/slurm.conf",
-                "/opt/slurm/etc/slurm.conf",
-                "/srv/cluster/etc/slurm.conf"
+                Ok(PathBuf::from("/etc/site/slurm.conf")),
+                Ok(PathBuf::from("/opt/slurm/etc/slurm.conf")),
             ]
-            .map(PathBuf::from)
         );
-        assert_eq!(
-            slurmd_confs(&proc.path().join("none")),
-            Vec::<PathBuf>::new()
+        assert_eq!(slurmd_confs(&proc.path().join("none")), []);
+
+        // A relative -f, and an environment check cannot read, are said, not guessed.
+        let rel = proc.path().join("107");
+        std::fs::create_dir(&rel).unwrap();
+        std::fs::write(rel.join("comm"), "slurmd\n").unwrap();
+        std::fs::write(rel.join("cmdline"), "slurmd\0-f\0etc/slurm.conf\0").unwrap();
+        let unreadable = proc.path().join("108");
+        std::fs::create_dir(&unreadable).unwrap();
+        std::fs::write(unreadable.join("comm"), "slurmd\n").unwrap();
+        std::fs::write(unreadable.join("cmdline"), "slurmd\0-D\0").unwrap();
+        let said: Vec<String> = slurmd_confs(proc.path())
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(
+            said[0].contains("pid 107) reads etc/slurm.conf, relative"),
+            "{said:?}"
         );
+        assert!(
+            said[1].contains("pid 108) may name its slurm.conf in its environment"),
+            "{said:?}"
+        );
+
+        // Any user may name a process slurmd: only root's (or check's own) count.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            for pid in ["107", "108"] {
+                std::fs::remove_dir_all(proc.path().join(pid)).unwrap();
+            }
+            let planted = proc.path().join("109");
+            std::fs::create_dir(&planted).unwrap();
+            std::fs::write(planted.join("comm"), "slurmd\n").unwrap();
+            std::fs::write(planted.join("cmdline"), "slurmd\0-f\0/tmp/planted.conf\0").unwrap();
+            std::os::unix::fs::chown(&planted, Some(1000), None).unwrap();
+            assert_eq!(slurmd_confs(proc.path()), found);
+        }
 
         // SLURM_CONF first, then the one slurmd reads; several are for the operator.
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a.conf"), dir.path().join("b.conf"));
         std::fs::write(&a, "").unwrap();
         std::fs::write(&b, "").unwrap();
-        assert_eq!(find_conf(None, std::slice::from_ref(&a)), Ok(a.clone()));
-        assert_eq!(find_conf(Some(&b), std::slice::from_ref(&a)), Ok(b.clone()));
-        let err = find_conf(None, &[a.clone(), b.clone()]).unwrap_err();
+        assert_eq!(find_conf(None, &[Ok(a.clone())]), Ok(a.clone()));
+        assert_eq!(find_conf(Some(&b), &[Ok(a.clone())]), Ok(b.clone()));
+        assert_eq!(find_conf(Some(&b), &[Err("unknown".into())]), Ok(b.clone()));
+        assert_eq!(
+            find_conf(None, &[Ok(a.clone()), Err("unknown".into())]),
+            Err("unknown".into())
+        );
+        let err = find_conf(None, &[Ok(a.clone()), Ok(b.clone())]).unwrap_err();
         assert!(
             err.contains("different files") && err.contains("b.conf"),
             "{err}"
         );
         let gone = dir.path().join("gone.conf");
-        let err = find_conf(None, &[gone]).unwrap_err();
+        let err = find_conf(None, &[Ok(gone)]).unwrap_err();
         assert!(err.contains("gone.conf, which is not a file"), "{err}");
     }
 

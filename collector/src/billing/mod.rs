@@ -331,9 +331,9 @@ pub(crate) fn count(
         serde_json::Value::Null => Ok(0),
         x => x.as_u64().ok_or_else(|| {
             format!(
-                "the sum of {col} for {} is {x}, not a count: the stored integers \
-                 overflowed InfluxDB's 64-bit sum or were written by something else; \
-                 bill a shorter period and inspect that series",
+                "{col} for {} is {x}, not a count: a sum past InfluxDB's 64-bit integers \
+                 (bill a shorter period), or a value written by something other than the \
+                 collector (inspect that series)",
                 what()
             )
         }),
