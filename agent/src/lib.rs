@@ -6,6 +6,7 @@ pub mod cadence;
 pub mod config;
 pub mod counter;
 pub mod deltas;
+pub mod procs;
 pub mod publish;
 pub mod sampler;
 pub mod schedule;

@@ -550,7 +550,7 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
         // The broker may pin a node's login to the agent's client id (config/mosquitto.conf),
         // so the probe logs in as the agent. While the agent runs that would take over its
         // session (and fire its last will): then only the connection is tried.
-        match running_agent(&agent_client_id(&cfg, &node)) {
+        match running_agent(&cfg.agent.proc_root, &agent_client_id(&cfg, &node)) {
             Some(pid) => line(
                 "broker",
                 try_reach(mqtt, &node, &peer).err().map(|e| format!("{e:#}")),
@@ -583,33 +583,31 @@ fn writable_dir(file: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// A `nodewatt-agent run` on this host with the same client id (cluster and node), if
-/// any: its pid. One whose config cannot be read counts too.
-fn running_agent(client_id: &str) -> Option<u32> {
+/// A `nodewatt-agent run` on this host (under `proc_root`) with the same client id
+/// (cluster and node), if any: its pid. One whose config cannot be read counts too.
+fn running_agent(proc_root: &Path, client_id: &str) -> Option<u32> {
     let me = std::process::id();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<&str> = cmd
-            .split(|b| *b == 0)
-            .filter_map(|a| std::str::from_utf8(a).ok())
-            .collect();
-        let is_agent = args.first()?.ends_with("nodewatt-agent") && args.contains(&"run");
-        if !is_agent || pid == me {
-            return None;
-        }
-        let config = args
-            .iter()
-            .position(|a| *a == "--config" || *a == "-c")
-            .and_then(|i| args.get(i + 1))
-            .map(|c| e.path().join("cwd").join(c))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-        let same = Config::load(&config)
-            .ok()
-            .and_then(|c| Some(agent_client_id(&c, &c.node_name().ok()?)))
-            .is_none_or(|id| id == client_id);
-        same.then_some(pid)
-    })
+    nodewatt_agent::procs::list(proc_root)
+        .into_iter()
+        .find_map(|p| {
+            let args = &p.args;
+            let is_agent =
+                args.first()?.ends_with("nodewatt-agent") && args.iter().any(|a| a == "run");
+            if !is_agent || p.pid == me {
+                return None;
+            }
+            let config = args
+                .iter()
+                .position(|a| a == "--config" || a == "-c")
+                .and_then(|i| args.get(i + 1))
+                .map(|c| p.dir.join("cwd").join(c))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+            let same = Config::load(&config)
+                .ok()
+                .and_then(|c| Some(agent_client_id(&c, &c.node_name().ok()?)))
+                .is_none_or(|id| id == client_id);
+            same.then_some(p.pid)
+        })
 }
 
 /// Opens a TCP connection to the broker (the files TLS needs are read first).

@@ -447,58 +447,32 @@ pub fn find_conf(
 /// ([`CONF_PATHS`]) and adds nothing. Only processes owned by root (or whoever runs
 /// check) count: any user may name a process `slurmd`.
 pub fn slurmd_confs(proc_root: &Path) -> Vec<Result<PathBuf, String>> {
-    use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir(proc_root) else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let pid = e.path();
-        let name = e.file_name().to_string_lossy().into_owned();
-        let is_pid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit());
-        let comm = read_bounded(&pid.join("comm")).unwrap_or_default();
-        let owner = std::fs::metadata(&pid).map(|m| m.uid()).ok();
-        if !is_pid || comm.trim_end() != "slurmd" || !owner.is_some_and(|u| u == 0 || u == me) {
-            continue;
-        }
-        let cmdline = read_bounded(&pid.join("cmdline")).unwrap_or_default();
-        // Arguments end in NUL; an empty one is still an argument.
-        let args: Vec<&str> = cmdline
-            .strip_suffix('\0')
-            .unwrap_or(&cmdline)
-            .split('\0')
-            .collect();
-        let environ = read_bounded(&pid.join("environ"));
-        let env: Vec<&str> = environ.as_deref().unwrap_or_default().split('\0').collect();
-        let said = match slurmd_conf(&args, &env) {
-            Said::Default => continue,
-            Said::Conf(conf) if Path::new(&conf).is_absolute() => Ok(PathBuf::from(conf)),
-            Said::Conf(conf) => Err(format!(
-                "slurmd (pid {name}) reads {conf}, relative to a directory check cannot know: set SLURM_CONF to its full path"
-            )),
-            Said::Environment if environ.is_none() => Err(format!(
-                "slurmd (pid {name}) may name its slurm.conf in its environment, which check cannot read: run check as root, or set SLURM_CONF"
-            )),
-            Said::Environment => continue,
-        };
-        out.push(said);
-    }
+    let mut out: Vec<_> = crate::procs::list(proc_root)
+        .into_iter()
+        .filter(|p| p.comm() == "slurmd" && p.uid().is_some_and(|u| u == 0 || u == me))
+        .filter_map(|p| {
+            let environ = p.environ();
+            let args: Vec<&str> = p.args.iter().map(String::as_str).collect();
+            let env: Vec<&str> = environ.iter().flatten().map(String::as_str).collect();
+            let pid = p.pid;
+            match slurmd_conf(&args, &env) {
+                Said::Default => None,
+                Said::Conf(conf) if Path::new(&conf).is_absolute() => Some(Ok(PathBuf::from(conf))),
+                Said::Conf(conf) => Some(Err(format!(
+                    "slurmd (pid {pid}) reads {conf}, relative to a directory check cannot know: set SLURM_CONF to its full path"
+                ))),
+                Said::Environment if environ.is_none() => Some(Err(format!(
+                    "slurmd (pid {pid}) may name its slurm.conf in its environment, which check cannot read: run check as root, or set SLURM_CONF"
+                ))),
+                Said::Environment => None,
+            }
+        })
+        .collect();
     out.sort();
     out.dedup();
     out
-}
-
-/// A /proc file's text, bounded (cmdline and environ are at most a few pages).
-fn read_bounded(path: &Path) -> Option<String> {
-    let mut buf = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(1 << 20)
-        .read_to_end(&mut buf)
-        .ok()?;
-    Some(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// What one slurmd's arguments and environment say of its slurm.conf.
