@@ -186,6 +186,16 @@ impl Broker {
     }
 }
 
+/// The agent's preflight logs in as the agent (the only client id its login may use).
+fn check_logs_in(cfg: &ConfigFile, node: &str) {
+    let out = agent_run(cfg, &["check"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("accepted the login as user {node}")),
+        "{said}"
+    );
+}
+
 fn agent_id(node: &str) -> String {
     format!("nodewatt-agent-{CLUSTER}-{node}")
 }
@@ -405,17 +415,7 @@ fn agents_publish_with_logins_from_the_script_to_collectors_sharing_a_group() {
         .iter()
         .map(|node| {
             let cfg = mq.agent_config(node);
-            // The preflight logs in as the agent: the only client id its login may use.
-            let out = std::process::Command::new(bin("nodewatt-agent"))
-                .args(["check", "--config"])
-                .arg(&cfg.path)
-                .output()
-                .unwrap();
-            let said = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                said.contains(&format!("accepted the login as user {node}")),
-                "{said}"
-            );
+            check_logs_in(&cfg, node);
             let agent = start_agent(&cfg, 20);
             (cfg, agent)
         })
@@ -458,16 +458,7 @@ fn a_cluster_not_named_in_the_example_acl_reaches_every_collector_login() {
     assert_eq!(codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
 
     let cfg = mq.agent_config(node);
-    let out = Command::new(bin("nodewatt-agent"))
-        .args(["check", "--config"])
-        .arg(&cfg.path)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        said.contains(&format!("accepted the login as user {node}")),
-        "{said}"
-    );
+    check_logs_in(&cfg, node);
     start_agent(&cfg, 20).wait_success(Duration::from_secs(60));
     let arrived = wait_until(Duration::from_secs(30), || count(&db, node) == 20.0);
     assert!(

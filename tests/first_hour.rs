@@ -6,15 +6,6 @@ use std::time::Duration;
 
 use nodewatt_tests::*;
 
-fn agent(args: &[&str], cfg: &ConfigFile) -> std::process::Output {
-    Command::new(bin("nodewatt-agent"))
-        .args(args)
-        .arg("--config")
-        .arg(&cfg.path)
-        .output()
-        .expect("nodewatt-agent runs")
-}
-
 fn text(out: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -112,7 +103,7 @@ fn checks_find_each_server_and_name_the_missing_ones() {
         &(agent_config("c1", "n-check", "1s", mq.port, &[300.0])
             + &format!("password_file = {:?}\n", pw.path().join("mqtt-password"))),
     );
-    let out = agent(&["check"], &agent_cfg);
+    let out = agent_run(&agent_cfg, &["check"]);
     assert!(
         text(&out).contains(&format!(
             "broker     ok           mqtt://127.0.0.1:{} accepted the login as user n-check",
@@ -127,7 +118,7 @@ fn checks_find_each_server_and_name_the_missing_ones() {
     assert!(wait_until(Duration::from_secs(20), || running
         .log()
         .contains("connected to the MQTT broker")));
-    let said = text(&agent(&["check"], &agent_cfg));
+    let said = text(&agent_run(&agent_cfg, &["check"]));
     assert!(
         said.contains("accepts connections (login not tried: the agent runs, pid"),
         "{said}"
@@ -209,7 +200,7 @@ fn a_billing_config_needs_only_influxdb() {
 #[test]
 fn config_errors_are_said_once_with_the_file_and_a_human_range() {
     let cfg = config_file("bad.toml", "[agent]\ncluster = \"c\"\ninterval = 5\n");
-    let out = agent(&["check"], &cfg);
+    let out = agent_run(&cfg, &["check"]);
     let said = text(&out);
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert_eq!(said.matches("expected a duration").count(), 1, "{said}");
@@ -219,7 +210,7 @@ fn config_errors_are_said_once_with_the_file_and_a_human_range() {
         "fast.toml",
         "[agent]\ncluster = \"c\"\ninterval = \"5ms\"\n",
     );
-    let said = text(&agent(&["check"], &cfg));
+    let said = text(&agent_run(&cfg, &["check"]));
     assert!(
         said.contains("agent.interval = 5ms is outside 10ms to 1h"),
         "{said}"
@@ -228,7 +219,7 @@ fn config_errors_are_said_once_with_the_file_and_a_human_range() {
 
     let missing = config_file("x.toml", "");
     std::fs::remove_file(&missing.path).unwrap();
-    let said = text(&agent(&["once"], &missing));
+    let said = text(&agent_run(&missing, &["once"]));
     assert_eq!(said.matches("No such file").count(), 1, "{said}");
 }
 

@@ -620,6 +620,16 @@ pub fn collector_run(cfg: &ConfigFile, args: &[&str]) -> std::process::Output {
         .expect("nodewatt-collector runs")
 }
 
+/// Runs `nodewatt-agent <args> --config <cfg>` to completion.
+pub fn agent_run(cfg: &ConfigFile, args: &[&str]) -> std::process::Output {
+    Command::new(bin("nodewatt-agent"))
+        .args(args)
+        .arg("--config")
+        .arg(&cfg.path)
+        .output()
+        .expect("nodewatt-agent runs")
+}
+
 /// Runs `nodewatt-collector <args> --config <cfg>` to completion, asserts success, and
 /// returns its stdout.
 pub fn collector_cli(cfg: &ConfigFile, args: &[&str]) -> String {
