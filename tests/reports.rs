@@ -153,19 +153,7 @@ fn job_chart_spans_the_job_and_draws_each_point_over_the_span_it_covers() {
     write(&db, &lines);
 
     let out = tempfile::tempdir().unwrap();
-    let md_path = out.path().join("job-7.md");
-    collector_cli(
-        &cfg,
-        &[
-            "report",
-            "--job",
-            "7",
-            "--output",
-            md_path.to_str().unwrap(),
-        ],
-    );
-    let md = std::fs::read_to_string(&md_path).unwrap();
-    let svg = std::fs::read_to_string(md_path.with_extension("svg")).unwrap();
+    let (md, svg) = report(&cfg, "7", out.path());
     if let Some(keep) = std::env::var_os("NODEWATT_KEEP_REPORT") {
         std::fs::write(Path::new(&keep).with_extension("md"), &md).unwrap();
         std::fs::write(Path::new(&keep).with_extension("svg"), &svg).unwrap();
@@ -215,19 +203,7 @@ fn job_chart_spans_the_job_and_draws_each_point_over_the_span_it_covers() {
     assert!(md.contains("mean power (W) over each 1m"), "{md}");
 
     // Job 9: the chart says plainly that it is not the job alone.
-    let md9_path = out.path().join("job-9.md");
-    collector_cli(
-        &cfg,
-        &[
-            "report",
-            "--job",
-            "9",
-            "--output",
-            md9_path.to_str().unwrap(),
-        ],
-    );
-    let md9 = std::fs::read_to_string(&md9_path).unwrap();
-    let svg9 = std::fs::read_to_string(md9_path.with_extension("svg")).unwrap();
+    let (md9, svg9) = report(&cfg, "9", out.path());
     assert!(md9.contains("not job 9 alone"), "{md9}");
     assert!(md9.contains("up to 2 at once"), "{md9}");
     assert!(svg9.contains("not job 9 alone"), "{svg9}");
