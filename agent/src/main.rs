@@ -422,26 +422,19 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
         humantime::format_duration(Duration::from_millis(cfg.cadence().telemetry_ms)),
         humantime::format_duration(Duration::from_millis(cfg.cadence().usage_ms)),
     );
-    let mut bad = 0;
+    let mut out = nodewatt_common::preflight::Preflight::default();
     for (name, inv) in sampler.inventories() {
         match &inv.unavailable {
-            Some(why) => {
-                bad += 1;
-                println!("{name:<10} UNAVAILABLE  {why}");
-            }
-            None => println!("{name:<10} ok           {}", inv.summary),
+            Some(why) => out.line(name, "UNAVAILABLE", why),
+            None => out.line(name, "ok", &inv.summary),
         }
         for p in &inv.problems {
-            bad += 1;
-            println!("{:<10} UNREADABLE   {p}", "");
+            out.line("", "UNREADABLE", p);
         }
     }
     let mut line = |name: &str, problem: Option<String>, ok: String| match problem {
-        Some(p) => {
-            bad += 1;
-            println!("{name:<10} PROBLEM      {p}");
-        }
-        None => println!("{name:<10} ok           {ok}"),
+        Some(p) => out.line(name, "PROBLEM", &p),
+        None => out.line(name, "ok", &ok),
     };
     if cfg.agent.cluster.as_str() == "mycluster" {
         line(
@@ -567,11 +560,7 @@ fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
             ),
         }
     }
-    Ok(if strict && bad > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(out.exit_code(strict))
 }
 
 /// Whether a file can be written in `file`'s directory (created there and removed).

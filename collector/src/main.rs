@@ -375,21 +375,11 @@ fn check(path: &std::path::Path, strict: bool) -> anyhow::Result<ExitCode> {
             result: Err(e.to_string()),
         }),
     }
-    let mut bad = 0;
+    let mut out = nodewatt_common::preflight::Preflight::default();
     for f in &findings {
-        match &f.result {
-            Ok(what) => println!("{:<10} ok           {what}", f.name),
-            Err(why) => {
-                bad += 1;
-                println!("{:<10} PROBLEM      {why}", f.name);
-            }
-        }
+        out.finding(f.name, &f.result);
     }
-    Ok(if strict && bad > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(out.exit_code(strict))
 }
 
 /// What `validate` saw; printed at the end of input or on Ctrl-C.

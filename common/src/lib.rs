@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod config;
 pub mod connection;
 pub mod mqtt;
+pub mod preflight;
 
 use std::io::IsTerminal;
 
