@@ -43,6 +43,10 @@ struct Runtime {
     model: Model,
     /// Time zero of the scenario.
     start: Instant,
+    /// The wall clock at time zero, in µs since the epoch: timestamps NVML pairs with a
+    /// counter (violation status) are taken from the counter's own instant, as the
+    /// driver's are, never from a second read of the clock.
+    start_us: u64,
     /// nvmlInit calls not yet matched by nvmlShutdown (NVML reference-counts them).
     inits: u32,
     /// Live event sets and GPM samples, by the address handed out for each.
@@ -222,6 +226,7 @@ fn init() -> nvmlReturn_t {
         *guard = Some(Runtime {
             model: Model::new(scenario, generation),
             start: Instant::now(),
+            start_us: micros_since_epoch(),
             inits: 1,
             event_sets: HashMap::new(),
             samples: HashMap::new(),
@@ -631,7 +636,7 @@ pub unsafe extern "C" fn nvmlDeviceGetViolationStatus(
             Ok(ns) => put(
                 violTime,
                 nvmlViolationTime_t {
-                    referenceTime: micros_since_epoch(),
+                    referenceTime: rt.start_us.saturating_add(now / 1_000),
                     violationTime: ns,
                 },
             ),
