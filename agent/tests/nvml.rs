@@ -113,6 +113,8 @@ impl Node {
 
 const GPU0: &str = "GPU-00000000-0000-0000-0000-000000000001";
 const GPU1: &str = "GPU-00000000-0000-0000-0000-000000000002";
+const MIG_OLD: &str = "MIG-00000000-0000-0000-0000-000000000011";
+const MIG_NEW: &str = "MIG-00000000-0000-0000-0000-000000000013";
 
 fn nvml_status(s: &Sample) -> &nodewatt_wire::SourceStatus {
     s.sources.iter().find(|x| x.name == "nvml").unwrap()
@@ -513,8 +515,9 @@ memory_mb = 40192
     assert!(b.gpm.is_empty(), "this instance has no GPM");
 }
 
-#[test]
-fn a_job_holding_a_mig_instance_is_billed_its_share_of_the_gpu() {
+/// A job registry holding job `id` of proj-mig on one MIG device, started 10 s ago, and
+/// the `[jobs]` config that reads it.
+fn mig_job(id: &str, mig_uuid: &str) -> (tempfile::TempDir, String) {
     let jobs = tempfile::tempdir().unwrap();
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
@@ -524,13 +527,17 @@ fn a_job_holding_a_mig_instance_is_billed_its_share_of_the_gpu() {
         .as_millis() as u64
         - 10_000;
     std::fs::write(
-        jobs.path().join("7.job"),
-        format!(
-            "job=7\nproject=proj-mig\nuser=alice\ngpus=MIG-00000000-0000-0000-0000-000000000011\n\
-             start_ms={start_ms}\n"
-        ),
+        jobs.path().join(format!("{id}.job")),
+        format!("job={id}\nproject=proj-mig\nuser=alice\ngpus={mig_uuid}\nstart_ms={start_ms}\n"),
     )
     .unwrap();
+    let config = format!("[jobs]\ndir = {:?}\nowner_uid = {me}\n", jobs.path());
+    (jobs, config)
+}
+
+#[test]
+fn a_job_holding_a_mig_instance_is_billed_its_share_of_the_gpu() {
+    let (_jobs, jobs_config) = mig_job("7", MIG_OLD);
     // Instance 1: 3 slices at 90 % SM activity; instance 2: 2 slices at 30 %; 2 of the 7
     // slices unheld. Energy goes 2700 : 600, time 3 : 2 : 2 (idle).
     let n = node(
@@ -556,7 +563,7 @@ sm_util = 30.0
 "#
         ),
         "200ms",
-        &format!("[jobs]\ndir = {:?}\nowner_uid = {me}\n", jobs.path()),
+        &jobs_config,
     );
     let samples = n.run(5);
     assert_eq!(samples[4].gpus[0].mig_slices, Some(7));
@@ -584,6 +591,90 @@ sm_util = 30.0
         // Its instance's tensor cores were busy half the time; neither instance idle.
         assert_eq!(job.gpu_tensor_us, job.gpu_ms * 500);
         assert_eq!((job.gpu_idle_uj, idle.gpu_tensor_us), (0, 0));
+    }
+}
+
+/// MIG instances are destroyed and created between jobs while the agent runs: at 2 s
+/// (well after a start slowed by a loaded machine) instance 1 goes and instance 3, the
+/// job's, comes. The agent reads the layout again as soon as a device stops answering,
+/// and bills the job its share from then on.
+#[test]
+fn a_mig_instance_created_while_running_is_found_and_billed() {
+    let (_jobs, jobs_config) = mig_job("8", MIG_NEW);
+    let n = node(
+        &format!(
+            r#"
+[[gpu]]
+uuid = "{GPU0}"
+power_w = 700.0
+mig_slices = 7
+[[gpu.mig]]
+uuid = "{MIG_OLD}"
+gpu_instance_id = 1
+slices = 3
+until_ms = 2000
+[gpu.mig.gpm]
+sm_util = 90.0
+[[gpu.mig]]
+uuid = "MIG-00000000-0000-0000-0000-000000000012"
+gpu_instance_id = 2
+slices = 2
+[gpu.mig.gpm]
+sm_util = 30.0
+[[gpu.mig]]
+uuid = "{MIG_NEW}"
+gpu_instance_id = 3
+slices = 3
+from_ms = 2000
+[gpu.mig.gpm]
+sm_util = 90.0
+"#
+        ),
+        "200ms",
+        &jobs_config,
+    );
+    let samples = n.run(25);
+    let has = |s: &Sample, uuid: &str| s.gpus[0].mig.iter().any(|m| m.uuid == uuid);
+    let job = |s: &Sample| {
+        s.usage
+            .iter()
+            .find(|u| u.job.as_deref() == Some("8"))
+            .map(|u| u.amounts)
+            .unwrap_or_default()
+    };
+    let k = samples
+        .iter()
+        .position(|s| has(s, MIG_NEW))
+        .expect("the new instance was found");
+    assert!(k >= 2, "not there at the start");
+    // The sample that found the old instance gone, then the new layout.
+    let gone = &samples[k - 1].gpus[0];
+    assert!(has(&samples[k - 1], MIG_OLD), "{gone:?}");
+    assert!(
+        gone.errors
+            .iter()
+            .any(|e| e.starts_with("mig 1 memory_info")),
+        "{:?}",
+        gone.errors
+    );
+    for s in &samples[k..] {
+        assert!(!has(s, MIG_OLD) && s.gpus[0].mig.len() == 2);
+        assert_eq!(s.gpus[0].mig_slices, Some(7));
+    }
+    // Nothing for the job before its instance existed; its share once it has a GPM span.
+    for s in &samples[1..k] {
+        assert_eq!(job(s).gpu_uj, 0);
+    }
+    for s in &samples[k + 1..] {
+        let delta_uj = s.gpus[0].energy_delta_mj.unwrap() * 1000;
+        let share = delta_uj as f64 * 2700.0 / 3300.0;
+        let got = job(s);
+        assert!(
+            (got.gpu_uj as f64 - share).abs() <= 1.0,
+            "{got:?} vs {share}"
+        );
+        let slices = s.span_ms as f64 * 3.0 / 7.0;
+        assert!((got.gpu_ms as f64 - slices).abs() <= 1.0, "{got:?}");
     }
 }
 

@@ -597,11 +597,11 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     on_device(
         "nvmlDeviceGetComputeRunningProcesses_v3",
         device,
-        |rt, d, _| {
+        |rt, d, now| {
             if infoCount.is_null() {
                 return INVALID_ARG;
             }
-            let procs = rt.model.processes(d);
+            let procs = rt.model.processes(d, now);
             let room = *infoCount as usize;
             *infoCount = procs.len() as c_uint;
             if procs.is_empty() {
@@ -791,16 +791,21 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
     index: c_uint,
     migDevice: *mut nvmlDevice_t,
 ) -> nvmlReturn_t {
-    on_device("nvmlDeviceGetMigDeviceHandleByIndex", device, |rt, d, _| {
-        if index as usize >= rt.model.gpu(d.gpu).mig.len() {
-            return NOT_FOUND;
-        }
-        let mig = DevRef {
-            gpu: d.gpu,
-            mig: Some(index as usize),
-        };
-        put(migDevice, rt.device_handle(mig))
-    })
+    on_device(
+        "nvmlDeviceGetMigDeviceHandleByIndex",
+        device,
+        |rt, d, now| {
+            let present = rt.model.gpu(d.gpu).mig.get(index as usize);
+            if !present.is_some_and(|m| m.exists(now)) {
+                return NOT_FOUND;
+            }
+            let mig = DevRef {
+                gpu: d.gpu,
+                mig: Some(index as usize),
+            };
+            put(migDevice, rt.device_handle(mig))
+        },
+    )
 }
 
 #[no_mangle]
@@ -974,7 +979,7 @@ fn take_sample(
     now: u64,
     sample: nvmlGpmSample_t,
 ) -> nvmlReturn_t {
-    if let Err(code) = rt.model.gpm(d.gpu, instance) {
+    if let Err(code) = rt.model.gpm(d.gpu, instance, now) {
         return code;
     }
     let Some(s) = rt.samples.get_mut(&sample.addr()) else {

@@ -253,6 +253,20 @@ pub struct MigSpec {
     pub pids: Vec<u32>,
     #[serde(default)]
     pub gpm: Option<GpmSpec>,
+    /// The instance exists from this time on (created while the agent runs).
+    #[serde(default)]
+    pub from_ms: u64,
+    /// The instance is destroyed at this time (a MIG reconfiguration between jobs).
+    #[serde(default)]
+    pub until_ms: Option<u64>,
+}
+
+impl MigSpec {
+    /// Whether the instance exists `now_ns` after nvmlInit.
+    pub fn exists(&self, now_ns: u64) -> bool {
+        let ms = now_ns / 1_000_000;
+        ms >= self.from_ms && self.until_ms.is_none_or(|u| ms < u)
+    }
 }
 
 fn default_slices() -> u32 {
@@ -367,6 +381,9 @@ impl Scenario {
                         "mig[{j}]: gpu_instance_id {} is used twice",
                         m.gpu_instance_id
                     )));
+                }
+                if m.until_ms.is_some_and(|u| u <= m.from_ms) {
+                    return Err(at(format!("mig[{j}]: until_ms must be after from_ms")));
                 }
                 if m.mem_used_bytes > m.memory_mb.saturating_mul(1 << 20) {
                     return Err(at(format!("mig[{j}]: mem_used_bytes exceeds memory_mb")));

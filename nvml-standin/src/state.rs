@@ -185,6 +185,10 @@ impl Model {
         if d.mig.is_some() && !MIG_FUNCTIONS.contains(&func) {
             return Gate::Fail(NOT_SUPPORTED);
         }
+        // A handle to an instance destroyed since (or not created yet) is not a device.
+        if self.mig(d).is_some_and(|m| !m.exists(now_ns)) {
+            return Gate::Fail(INVALID_ARG);
+        }
         Gate::Proceed
     }
 
@@ -262,7 +266,7 @@ impl Model {
 
     /// The processes on a GPU (its own, then each MIG device's, with instance ids) or on
     /// one MIG device. Each process gets an equal share of the used memory.
-    pub fn processes(&self, d: DevRef) -> Vec<Process> {
+    pub fn processes(&self, d: DevRef, now_ns: u64) -> Vec<Process> {
         fn share(pids: &[u32], used: u64, gi: u32, ci: u32) -> impl Iterator<Item = Process> + '_ {
             let each = used / (pids.len().max(1) as u64);
             pids.iter().map(move |&pid| Process {
@@ -287,7 +291,7 @@ impl Model {
                 let g = self.gpu(d.gpu);
                 let mut all: Vec<Process> =
                     share(&g.pids, g.mem_used_bytes, NO_INSTANCE, NO_INSTANCE).collect();
-                for m in &g.mig {
+                for m in g.mig.iter().filter(|m| m.exists(now_ns)) {
                     all.extend(mig(m));
                 }
                 all
@@ -297,14 +301,14 @@ impl Model {
 
     /// The GPM metrics of a whole GPU (`instance` None) or of one GPU instance:
     /// NOT_FOUND for an unknown instance, NOT_SUPPORTED when it has no [gpm] table.
-    pub fn gpm(&self, gpu: usize, instance: Option<u32>) -> Result<&GpmSpec, Code> {
+    pub fn gpm(&self, gpu: usize, instance: Option<u32>, now_ns: u64) -> Result<&GpmSpec, Code> {
         let g = self.gpu(gpu);
         let spec = match instance {
             None => g.gpm.as_ref(),
             Some(id) => g
                 .mig
                 .iter()
-                .find(|m| m.gpu_instance_id == id)
+                .find(|m| m.gpu_instance_id == id && m.exists(now_ns))
                 .ok_or(NOT_FOUND)?
                 .gpm
                 .as_ref(),
@@ -401,7 +405,7 @@ pub fn gpm_metrics(
     if a.gpu != b.gpu || a.instance != b.instance || b.seq <= a.seq {
         return Err(INVALID_ARG);
     }
-    let spec = model.gpm(a.gpu, a.instance)?;
+    let spec = model.gpm(a.gpu, a.instance, b.at_ns)?;
     Ok(ids
         .iter()
         .map(|&id| match spec.metric(id) {
@@ -667,8 +671,8 @@ data = 1
         ] {
             assert_eq!(gpm_metrics(&m, &a, &b, &[2]), Err(INVALID_ARG));
         }
-        assert_eq!(m.gpm(0, Some(4)).err(), Some(NOT_FOUND));
-        assert_eq!(m.gpm(1, None).err(), Some(NOT_SUPPORTED));
+        assert_eq!(m.gpm(0, Some(4), 0).err(), Some(NOT_FOUND));
+        assert_eq!(m.gpm(1, None, 0).err(), Some(NOT_SUPPORTED));
         assert!(m.gpm_supported(0));
         assert!(!m.gpm_supported(1));
     }
@@ -690,15 +694,18 @@ data = 1
              [[gpu.mig]]\nuuid = \"m\"\ngpu_instance_id = 2\ncompute_instance_id = 1\n\
              pids = [20]\nmem_used_bytes = 64\n",
         );
-        let p = m.processes(DevRef::gpu(0));
+        let p = m.processes(DevRef::gpu(0), 0);
         assert_eq!(p.iter().map(|p| p.pid).collect::<Vec<_>>(), [10, 11, 20]);
         assert_eq!(p[0].used_bytes, 500);
         assert_eq!(p[0].gpu_instance_id, NO_INSTANCE);
         assert_eq!((p[2].gpu_instance_id, p[2].compute_instance_id), (2, 1));
-        let p = m.processes(DevRef {
-            gpu: 0,
-            mig: Some(0),
-        });
+        let p = m.processes(
+            DevRef {
+                gpu: 0,
+                mig: Some(0),
+            },
+            0,
+        );
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].used_bytes, 64);
         assert_eq!(
@@ -715,5 +722,49 @@ data = 1
             }),
             (40192 << 20, 64)
         );
+    }
+
+    #[test]
+    fn a_mig_instance_answers_only_while_it_exists() {
+        let mut m = model(
+            "[[gpu]]\nuuid = \"a\"\n\
+             [[gpu.mig]]\nuuid = \"old\"\ngpu_instance_id = 1\nuntil_ms = 500\npids = [20]\n[gpu.mig.gpm]\nsm_util = 1.0\n\
+             [[gpu.mig]]\nuuid = \"new\"\ngpu_instance_id = 2\nfrom_ms = 500\npids = [30]\n[gpu.mig.gpm]\nsm_util = 1.0\n",
+        );
+        let (old, new) = (
+            DevRef {
+                gpu: 0,
+                mig: Some(0),
+            },
+            DevRef {
+                gpu: 0,
+                mig: Some(1),
+            },
+        );
+        let pids = |m: &Model, t| {
+            m.processes(DevRef::gpu(0), t)
+                .iter()
+                .map(|p| p.pid)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(m.gate("nvmlDeviceGetUUID", old, 499 * MS), Gate::Proceed);
+        assert_eq!(
+            m.gate("nvmlDeviceGetUUID", new, 499 * MS),
+            Gate::Fail(INVALID_ARG)
+        );
+        assert_eq!(
+            (pids(&m, 499 * MS), m.gpm(0, Some(2), 499 * MS).err()),
+            (vec![20], Some(NOT_FOUND))
+        );
+        assert_eq!(
+            m.gate("nvmlDeviceGetUUID", old, 500 * MS),
+            Gate::Fail(INVALID_ARG)
+        );
+        assert_eq!(m.gate("nvmlDeviceGetUUID", new, 500 * MS), Gate::Proceed);
+        assert_eq!(
+            (pids(&m, 500 * MS), m.gpm(0, Some(1), 500 * MS).err()),
+            (vec![30], Some(NOT_FOUND))
+        );
+        assert!(m.gpm(0, Some(2), 500 * MS).is_ok());
     }
 }

@@ -35,6 +35,17 @@ const GPM_METRICS: [GpmMetricId; 8] = [
 /// sample each, so at faster intervals one GPM span covers several agent samples.
 pub const GPM_MIN_SPAN_MS: u64 = 100;
 
+/// How often the MIG layout is read again: instances are destroyed and created while the
+/// agent runs (between jobs), and a job on an instance the agent does not know is billed
+/// nothing. A MIG device that stops answering as a device has the layout read at once.
+pub const MIG_RESCAN_MS: u64 = 10_000;
+
+/// Whether the MIG layout last read at `last` is read again at `at`: every
+/// [`MIG_RESCAN_MS`], when one of its devices is `gone`, and after the clock stepped back.
+fn mig_due(last: TickMs, at: TickMs, gone: bool) -> bool {
+    gone || at < last || at - last >= MIG_RESCAN_MS
+}
+
 pub struct GpuReader<'n> {
     device: Device<'n>,
     /// Identity, read once: UUID, PCI bus id and model never change while loaded.
@@ -44,6 +55,16 @@ pub struct GpuReader<'n> {
     power_capped: Option<Reading>,
     thermal_capped: Option<Reading>,
     mig: Vec<MigReader<'n>>,
+    /// The tick the MIG layout was last read at (`None`: at start, before any tick).
+    mig_read_at: Option<TickMs>,
+    /// A MIG device answered as no device (destroyed): the layout is read next sample.
+    mig_gone: bool,
+    /// Reading the layout after such an answer found it unchanged: until the next
+    /// periodic reading, such answers are that device's errors, not a reason to read it
+    /// again on every sample.
+    mig_gone_unchanged: bool,
+    /// What the last reading of the layout could not use, said when it changes.
+    mig_problems: Vec<String>,
 }
 
 /// Where one GPU's readings go, and whether a call said the GPU is gone.
@@ -110,7 +131,9 @@ impl<'n> GpuReader<'n> {
             ..Gpu::default()
         };
         let has_gpm = matches!(device.gpm_support(), Ok(true));
-        let mig = find_mig(nvml, &device, has_gpm, problems);
+        let mut mig_problems = Vec::new();
+        let mig = find_mig(nvml, &device, has_gpm, &mut mig_problems);
+        problems.extend(mig_problems.iter().cloned());
         ident.mig_slices = mig_slices(&device, &mig, problems);
         GpuReader {
             device,
@@ -119,6 +142,62 @@ impl<'n> GpuReader<'n> {
             power_capped: None,
             thermal_capped: None,
             mig,
+            mig_read_at: None,
+            mig_gone: false,
+            mig_gone_unchanged: false,
+            mig_problems,
+        }
+    }
+
+    /// Reads the MIG layout again; a changed one replaces the old (instances that stayed
+    /// keep their GPM baseline) and is logged, as are new problems.
+    fn reread_mig(&mut self, nvml: &'n Nvml, at: TickMs) {
+        self.mig_read_at = Some(at);
+        let after_gone = std::mem::take(&mut self.mig_gone);
+        let index = self.ident.index;
+        let mut problems = Vec::new();
+        let mut found = find_mig(nvml, &self.device, self.gpm.is_some(), &mut problems);
+        let same = found.len() == self.mig.len()
+            && found.iter().zip(&self.mig).all(|(a, b)| a.ident == b.ident);
+        self.mig_gone_unchanged = same && after_gone;
+        if !same {
+            for new in &mut found {
+                if let Some(old) = self.mig.iter_mut().find(|o| o.ident == new.ident) {
+                    new.gpm = old.gpm.take();
+                }
+            }
+            let mut slice_problems = Vec::new();
+            self.ident.mig_slices = mig_slices(&self.device, &found, &mut slice_problems);
+            let names = |m: &[MigReader<'_>]| {
+                let v: Vec<String> = m
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{} (GPU instance {})",
+                            m.ident.uuid, m.ident.gpu_instance_id
+                        )
+                    })
+                    .collect();
+                match v.is_empty() {
+                    true => "none".to_string(),
+                    false => v.join(", "),
+                }
+            };
+            tracing::info!(
+                "GPU {index}: MIG layout changed from {} to {}",
+                names(&self.mig),
+                names(&found)
+            );
+            for p in slice_problems {
+                tracing::warn!("GPU {index}: {p}");
+            }
+            self.mig = found;
+        }
+        if problems != self.mig_problems {
+            for p in &problems {
+                tracing::warn!("GPU {index}: {p}");
+            }
+            self.mig_problems = problems;
         }
     }
 
@@ -219,9 +298,22 @@ impl<'n> GpuReader<'n> {
             *last = cur;
         }
         f.g.gpm = read_gpm(nvml, || d.gpm_sample(), &mut self.gpm, at, "", &mut f);
+        let last = *self.mig_read_at.get_or_insert(at);
+        if mig_due(last, at, self.mig_gone) {
+            self.reread_mig(nvml, at);
+        }
+        let d = &self.device;
+        f.g.mig_slices = self.ident.mig_slices;
         for m in &mut self.mig {
             let mut ident = m.ident.clone();
-            if let Some(mem) = f.take_in(&m.what, "memory_info", m.device.memory_info()) {
+            let mem = m.device.memory_info();
+            // What a handle to a destroyed instance answers.
+            if matches!(mem, Err(NvmlError::InvalidArg | NvmlError::NotFound))
+                && !self.mig_gone_unchanged
+            {
+                self.mig_gone = true;
+            }
+            if let Some(mem) = f.take_in(&m.what, "memory_info", mem) {
                 ident.mem_used_bytes = Some(mem.used);
                 ident.mem_total_bytes = Some(mem.total);
             }
@@ -388,7 +480,7 @@ fn find_mig<'n>(
 }
 
 /// Slices of the whole GPU in MIG mode: the largest GPU instance profile it supports
-/// (read once, like the MIG layout). `None`, with the problem said, when no profile
+/// (read with the MIG layout when it changes). `None`, with the problem said, when no profile
 /// answers or its instances would hold more than that.
 fn mig_slices(
     device: &Device<'_>,
@@ -424,6 +516,16 @@ fn mig_slices(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mig_layout_is_read_again_every_10_s_at_once_when_a_device_is_gone() {
+        let t = 1_763_700_000_000;
+        assert!(!mig_due(t, t, false));
+        assert!(!mig_due(t, t + MIG_RESCAN_MS - 1, false));
+        assert!(mig_due(t, t + MIG_RESCAN_MS, false));
+        assert!(mig_due(t, t + 100, true), "a destroyed instance");
+        assert!(mig_due(t, t - 100, false), "the clock stepped back");
+    }
 
     #[test]
     fn field_values_convert_to_f64() {
