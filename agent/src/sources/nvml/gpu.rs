@@ -37,7 +37,8 @@ pub const GPM_MIN_SPAN_MS: u64 = 100;
 
 /// How often the MIG layout is read again: instances are destroyed and created while the
 /// agent runs (between jobs), and a job on an instance the agent does not know is billed
-/// nothing. A MIG device that stops answering as a device has the layout read at once.
+/// nothing. A MIG device that answers as destroyed, or names another UUID (NVML may reuse
+/// a handle), has the layout read at the next sample.
 pub const MIG_RESCAN_MS: u64 = 10_000;
 
 /// Whether the MIG layout last read at `last` is read again at `at`: every
@@ -57,12 +58,13 @@ pub struct GpuReader<'n> {
     mig: Vec<MigReader<'n>>,
     /// The tick the MIG layout was last read at (`None`: at start, before any tick).
     mig_read_at: Option<TickMs>,
-    /// A MIG device answered as no device (destroyed): the layout is read next sample.
-    mig_gone: bool,
-    /// Reading the layout after such an answer found it unchanged: until the next
-    /// periodic reading, such answers are that device's errors, not a reason to read it
-    /// again on every sample.
-    mig_gone_unchanged: bool,
+    /// MIG devices (UUIDs) that answered as destroyed or reused: the layout is read at
+    /// the next sample.
+    mig_gone: Vec<String>,
+    /// Such devices whose reading of the layout found it unchanged: until the next
+    /// periodic reading their answers are their errors, not a reason to read the layout
+    /// on every sample.
+    mig_gone_unchanged: Vec<String>,
     /// What the last reading of the layout could not use, said when it changes.
     mig_problems: Vec<String>,
 }
@@ -143,8 +145,8 @@ impl<'n> GpuReader<'n> {
             thermal_capped: None,
             mig,
             mig_read_at: None,
-            mig_gone: false,
-            mig_gone_unchanged: false,
+            mig_gone: Vec::new(),
+            mig_gone_unchanged: Vec::new(),
             mig_problems,
         }
     }
@@ -153,13 +155,13 @@ impl<'n> GpuReader<'n> {
     /// keep their GPM baseline) and is logged, as are new problems.
     fn reread_mig(&mut self, nvml: &'n Nvml, at: TickMs) {
         self.mig_read_at = Some(at);
-        let after_gone = std::mem::take(&mut self.mig_gone);
+        let gone = std::mem::take(&mut self.mig_gone);
         let index = self.ident.index;
         let mut problems = Vec::new();
         let mut found = find_mig(nvml, &self.device, self.gpm.is_some(), &mut problems);
         let same = found.len() == self.mig.len()
             && found.iter().zip(&self.mig).all(|(a, b)| a.ident == b.ident);
-        self.mig_gone_unchanged = same && after_gone;
+        self.mig_gone_unchanged = if same { gone } else { Vec::new() };
         if !same {
             for new in &mut found {
                 if let Some(old) = self.mig.iter_mut().find(|o| o.ident == new.ident) {
@@ -299,7 +301,7 @@ impl<'n> GpuReader<'n> {
         }
         f.g.gpm = read_gpm(nvml, || d.gpm_sample(), &mut self.gpm, at, "", &mut f);
         let last = *self.mig_read_at.get_or_insert(at);
-        if mig_due(last, at, self.mig_gone) {
+        if mig_due(last, at, !self.mig_gone.is_empty()) {
             self.reread_mig(nvml, at);
         }
         let d = &self.device;
@@ -307,11 +309,14 @@ impl<'n> GpuReader<'n> {
         for m in &mut self.mig {
             let mut ident = m.ident.clone();
             let mem = m.device.memory_info();
-            // What a handle to a destroyed instance answers.
-            if matches!(mem, Err(NvmlError::InvalidArg | NvmlError::NotFound))
-                && !self.mig_gone_unchanged
-            {
-                self.mig_gone = true;
+            // A handle to a destroyed instance answers as no device; NVML may reuse a
+            // handle for a new instance, which then names another UUID.
+            let gone = matches!(mem, Err(NvmlError::InvalidArg | NvmlError::NotFound))
+                || m.device
+                    .uuid()
+                    .is_ok_and(|u| crate::sysfs::clean_name(&u, "MIG-unknown") != m.ident.uuid);
+            if gone && !self.mig_gone_unchanged.contains(&m.ident.uuid) {
+                self.mig_gone.push(m.ident.uuid.clone());
             }
             if let Some(mem) = f.take_in(&m.what, "memory_info", mem) {
                 ident.mem_used_bytes = Some(mem.used);
