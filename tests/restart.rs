@@ -515,7 +515,12 @@ fn two_thousand_jobs_on_one_node_are_published_and_all_billed() {
             DB,
             &format!("SELECT SUM(energy_gpu_uj) FROM job_total WHERE job = '{id}'"),
         );
-        assert_eq!(got, WATTS * (end - first) as f64 * 1000.0, "job {id}");
+        assert_eq!(
+            got,
+            WATTS * (end - first) as f64 * 1000.0,
+            "job {id}: end {end}, first sample {first}\n{}",
+            agent.log()
+        );
     }
     let t_end = nodewatt_common::now_ms();
     let projects = usage(&collector_cfg, "project", t_begin - 60_000, t_end + 60_000);

@@ -157,6 +157,8 @@ pub struct Registry {
     /// The directory-level problem last reported, so a lasting one is logged once.
     reported_dir: Option<ReadError>,
     pub rejected_files: u64,
+    /// Known files that a listing left out while they were there (see `read`).
+    pub missed_by_listing: u64,
 }
 
 impl Registry {
@@ -167,6 +169,7 @@ impl Registry {
             files: HashMap::new(),
             reported_dir: None,
             rejected_files: 0,
+            missed_by_listing: 0,
         }
     }
 
@@ -227,19 +230,25 @@ impl Registry {
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue; // removed meanwhile
             };
-            let version = Version::of(&meta);
-            let parsed = match self.files.remove(&path) {
-                Some((v, parsed)) if v == version => parsed,
-                _ => {
-                    let parsed = self.parse_file(&path, &meta);
-                    if let Err(why) = &parsed {
-                        self.rejected_files += 1;
-                        tracing::warn!(file = %path.display(), "job registry entry ignored: {why}");
-                    }
-                    parsed
+            self.take_in(path, &meta, &mut seen);
+        }
+        // A listing that races a rename can miss the renamed file (tmpfs does, measured:
+        // an epilog replacing a file while the directory is read). A job ends only when
+        // its file is gone, so a file known before and not listed now is looked up by name.
+        let unlisted: Vec<PathBuf> = self.files.keys().cloned().collect();
+        for path in unlisted {
+            match std::fs::symlink_metadata(&path) {
+                Ok(meta) => {
+                    self.missed_by_listing += 1;
+                    self.take_in(path, &meta, &mut seen);
                 }
-            };
-            seen.insert(path, (version, parsed));
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // There, but not readable now: kept as a rejected file keeps its job.
+                Err(e) => {
+                    let version = self.files[&path].0;
+                    seen.insert(path, (version, Err(e.to_string())));
+                }
+            }
         }
         self.files = seen;
         let mut listing = Listing::default();
@@ -255,6 +264,28 @@ impl Registry {
         listing.jobs.sort_by(|a, b| a.id.cmp(&b.id));
         listing.jobs.dedup_by(|a, b| a.id == b.id);
         Ok(listing)
+    }
+
+    /// One file of this read: parsed again only when its version changed.
+    fn take_in(
+        &mut self,
+        path: PathBuf,
+        meta: &std::fs::Metadata,
+        seen: &mut HashMap<PathBuf, (Version, Result<Job, String>)>,
+    ) {
+        let version = Version::of(meta);
+        let parsed = match self.files.remove(&path) {
+            Some((v, parsed)) if v == version => parsed,
+            _ => {
+                let parsed = self.parse_file(&path, meta);
+                if let Err(why) = &parsed {
+                    self.rejected_files += 1;
+                    tracing::warn!(file = %path.display(), "job registry entry ignored: {why}");
+                }
+                parsed
+            }
+        };
+        seen.insert(path, (version, parsed));
     }
 
     /// Files of the last read that were rejected, and why, sorted by path.
@@ -404,6 +435,58 @@ mod tests {
         f.set_modified(mtime).unwrap();
         let ends: Vec<Option<u64>> = r.read().unwrap().jobs.iter().map(|j| j.end_ms).collect();
         assert_eq!(ends, [Some(2000), Some(2000)]);
+    }
+
+    /// Epilogs replacing files while the agent lists the directory, on tmpfs as
+    /// /run/nodewatt/jobs is: a listing there can leave a replaced file out, yet a job
+    /// whose file is there must never look gone (that ends it, billed to `_unattributed`).
+    #[test]
+    fn files_replaced_during_a_read_are_never_missing() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm).unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        const JOBS: usize = 2_000;
+        let job = |i: usize| GOOD.replace("job=42", &format!("job={}", 50_000 + i));
+        for i in 0..JOBS {
+            std::fs::write(dir.path().join(format!("{}.job", 50_000 + i)), job(i)).unwrap();
+        }
+        let mut r = Registry::new(dir.path().to_owned(), me);
+        assert_eq!(r.read().unwrap().jobs.len(), JOBS);
+
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // The epilog's way: write aside, rename over the job's file.
+                while !stop.load(Ordering::Relaxed) {
+                    for i in 0..JOBS {
+                        let tmp = dir.path().join(".epilog.tmp");
+                        std::fs::write(&tmp, job(i) + "end_ms=2000\n").unwrap();
+                        std::fs::rename(&tmp, dir.path().join(format!("{}.job", 50_000 + i)))
+                            .unwrap();
+                    }
+                }
+            });
+            let mut short = Vec::new();
+            for _ in 0..40 {
+                match r.read() {
+                    Ok(l) if l.jobs.len() == JOBS && l.rejected.is_empty() => {}
+                    other => short.push(other.map(|l| (l.jobs.len(), l.rejected.len()))),
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(short.is_empty(), "reads with jobs missing: {short:?}");
+        });
+        eprintln!(
+            "{} files left out by a listing were found by name",
+            r.missed_by_listing
+        );
     }
 
     #[test]
