@@ -24,6 +24,21 @@ fn write_job(dir: &Path, id: &str, project: &str, gpu: u32, start_ms: u64, end_m
     std::fs::rename(tmp, dir.join(format!("{id}.job"))).unwrap();
 }
 
+/// How often the agent skipped ticks, and how many in all, from its log.
+fn skipped(log: &str) -> (u64, u64) {
+    log.lines()
+        .filter(|l| l.contains("ticks skipped"))
+        .filter_map(|l| {
+            l.split("skipped=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .fold((0, 0), |(n, all), k| (n + 1, all + k))
+}
+
 fn int(db: &Influxd, q: &str) -> u64 {
     db.scalar(DB, q) as u64
 }
@@ -136,17 +151,32 @@ fn coarse_cadences_bill_exactly_with_fewer_points() {
         "SELECT COUNT(energy_uj) FROM usage WHERE project = '_idle'",
     );
     let gpu_points = int(&db, "SELECT COUNT(power_w) FROM gpu WHERE gpu = '0'");
-    eprintln!("{run_ms} ms: {idle_points} _idle usage points, {gpu_points} points of GPU 0");
-    assert!(idle_points <= run_ms / 1_000 + 1 + 4, "{idle_points}");
-    assert!(gpu_points <= run_ms / 250 + 1 + 4, "{gpu_points}");
-    assert!(gpu_points >= run_ms / 250 - 1, "{gpu_points}");
-    // Off the one-second grid only at job edges and the stop.
+    // A loaded machine can make the agent skip ticks (it logs each time): a window whose
+    // closing tick was skipped closes at the next tick, off the grid, and may take the
+    // next window with it.
+    let (skips, skipped_ticks) = skipped(&agent.log());
+    eprintln!(
+        "{run_ms} ms: {idle_points} _idle usage points, {gpu_points} points of GPU 0; \
+         {skips} times {skipped_ticks} ticks skipped"
+    );
+    assert!(
+        idle_points <= run_ms / 1_000 + 1 + 4 + skips,
+        "{idle_points}"
+    );
+    assert!(gpu_points <= run_ms / 250 + 1 + 4 + skips, "{gpu_points}");
+    let lost = skips + skipped_ticks * 50 / 250;
+    assert!(gpu_points + lost + 1 >= run_ms / 250, "{gpu_points}");
+    // Off the one-second grid only at job edges, the stop and skipped ticks.
     let off_grid = db
         .rows(DB, "SELECT energy_uj FROM usage WHERE project = '_idle'")
         .iter()
         .filter(|(_, r)| r["time"].as_u64().unwrap() % 1_000 != 0)
-        .count();
-    assert!(off_grid <= 4, "{off_grid} usage points off the grid");
+        .count() as u64;
+    assert!(
+        off_grid <= 4 + skips,
+        "{off_grid} usage points off the grid\n{}",
+        agent.log()
+    );
     // Folded telemetry: the mean power is exact, the maximum kept.
     let power = db.rows(
         DB,
