@@ -387,7 +387,8 @@ fn jobs_ending_in_the_same_millisecond_a_registry_blip_and_domain_users_bill_exa
         truth.push((y, 2.0, start, end));
         std::thread::sleep(Duration::from_millis(25));
     }
-    let all_final = wait_until(Duration::from_secs(30), || {
+    // Generous: a loaded machine delivers the 20 ms samples slowly; nothing is lost.
+    let all_final = wait_until(Duration::from_secs(90), || {
         db.scalar(
             DB,
             "SELECT COUNT(energy_gpu_uj) FROM job_total WHERE node = 'node-q' AND ended = true",
