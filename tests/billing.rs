@@ -156,9 +156,10 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
 
     // Against the scenario. Job 101 owned GPU 0 from before the first sample until its
     // file was removed; job 102 owned GPU 1 from its start_ms to the end. The registry is
-    // read at each sample, so a removal is seen up to one interval (50 ms) late, and a job
-    // file that lands just after a sample's registry read loses up to one interval: the
-    // tolerance is one interval of that GPU's power, plus one for timer jitter.
+    // read at each sample, so a removal is seen up to one span late, and a job file that
+    // lands just after a sample's registry read loses up to one span: the tolerance is the
+    // longest span of that GPU's power, twice (timer jitter). A span is one interval
+    // (50 ms), unless a loaded machine made the agent skip ticks: then it is longer.
     let last_tick = db
         .rows(DB, "SELECT LAST(seq) FROM agent WHERE node = 'node-b'")
         .first()
@@ -169,14 +170,17 @@ fn usage_matches_the_scenario_and_adds_up_to_the_hardware() {
     let b_expected_j = 500.0 * (last_tick - b_start) as f64 / 1000.0;
     let a_j = field(&rows, "proj-a", "gpu_kwh") * 3.6e6;
     let b_j = field(&rows, "proj-b", "gpu_kwh") * 3.6e6;
-    eprintln!("proj-a {a_j:.3} J (scenario {a_expected_j:.3} J), proj-b {b_j:.3} J (scenario {b_expected_j:.3} J)");
+    let longest_s = db.scalar(DB, "SELECT MAX(span_ms) FROM agent WHERE node = 'node-b'") / 1e3;
+    eprintln!("proj-a {a_j:.3} J (scenario {a_expected_j:.3} J), proj-b {b_j:.3} J (scenario {b_expected_j:.3} J), longest span {longest_s} s");
     assert!(
-        (a_j - a_expected_j).abs() <= 300.0 * 0.05 * 2.0,
-        "proj-a {a_j} J, expected {a_expected_j} J"
+        (a_j - a_expected_j).abs() <= 300.0 * longest_s * 2.0,
+        "proj-a {a_j} J, expected {a_expected_j} J; longest span {longest_s} s\n{}",
+        agent.log()
     );
     assert!(
-        (b_j - b_expected_j).abs() <= 500.0 * 0.05 * 2.0,
-        "proj-b {b_j} J, expected {b_expected_j} J"
+        (b_j - b_expected_j).abs() <= 500.0 * longest_s * 2.0,
+        "proj-b {b_j} J, expected {b_expected_j} J; longest span {longest_s} s\n{}",
+        agent.log()
     );
     assert!(
         field(&rows, "_idle", "gpu_kwh") > 0.0,
