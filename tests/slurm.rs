@@ -132,10 +132,30 @@ fn prolog_and_epilog_feed_the_registry_and_the_agent_bills_the_job() {
     ]);
     let long_file = slurm.jobs.join(format!("{long}.job"));
     assert!(wait_until(Duration::from_secs(20), || long_file.exists()));
-    slurm.command("scancel", &[&long]);
+    // Cancelled once it runs (its prolog done), and again every few seconds while it is
+    // still queued: a loaded slurmctld may not take the first request.
+    let state = || slurm.command("squeue", &["-h", "-j", &long, "-o", "%T"]);
     assert!(
-        wait_until(Duration::from_secs(30), || ended(&long_file)),
-        "cancelled job has no end"
+        wait_until(Duration::from_secs(30), || state().trim() == "RUNNING"),
+        "job {long} never ran: {:?}",
+        state()
+    );
+    let mut asked: Option<std::time::Instant> = None;
+    let cancelled = wait_until(Duration::from_secs(60), || {
+        if ended(&long_file) {
+            return true;
+        }
+        if asked.is_none_or(|at| at.elapsed() > Duration::from_secs(5)) {
+            slurm.command("scancel", &[&long]);
+            asked = Some(std::time::Instant::now());
+        }
+        false
+    });
+    assert!(
+        cancelled,
+        "cancelled job has no end; squeue says {:?}\n{}",
+        state(),
+        slurm.logs()
     );
 
     // The agent sent the job's final total at its end.

@@ -967,6 +967,19 @@ impl Slurm {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The last lines of slurmctld's and slurmd's logs, for a failure message.
+    pub fn logs(&self) -> String {
+        let tail = |name: &str| {
+            let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!(
+                "{name}:\n{}",
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            )
+        };
+        format!("{}\n{}", tail("slurmctld.log"), tail("slurmd.log"))
+    }
+
     /// `sbatch --parsable` with these arguments; the job id.
     pub fn sbatch(&self, args: &[&str]) -> String {
         let mut all = vec!["--parsable", "-o", "/dev/null"];
