@@ -240,6 +240,7 @@ impl Registry {
             match std::fs::symlink_metadata(&path) {
                 Ok(meta) => {
                     self.missed_by_listing += 1;
+                    tracing::debug!(file = %path.display(), "left out by the directory listing; found by name");
                     self.take_in(path, &meta, &mut seen);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
