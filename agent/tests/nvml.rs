@@ -115,6 +115,8 @@ const GPU0: &str = "GPU-00000000-0000-0000-0000-000000000001";
 const GPU1: &str = "GPU-00000000-0000-0000-0000-000000000002";
 const MIG_OLD: &str = "MIG-00000000-0000-0000-0000-000000000011";
 const MIG_NEW: &str = "MIG-00000000-0000-0000-0000-000000000013";
+/// The instance beside the job's in the MIG billing scenarios.
+const MIG_OTHER: &str = "MIG-00000000-0000-0000-0000-000000000012";
 
 fn nvml_status(s: &Sample) -> &nodewatt_wire::SourceStatus {
     s.sources.iter().find(|x| x.name == "nvml").unwrap()
@@ -521,11 +523,7 @@ fn mig_job(id: &str, mig_uuid: &str) -> (tempfile::TempDir, String) {
     let jobs = tempfile::tempdir().unwrap();
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    let start_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-        - 10_000;
+    let start_ms = nodewatt_common::now_ms() - 10_000;
     std::fs::write(
         jobs.path().join(format!("{id}.job")),
         format!("job={id}\nproject=proj-mig\nuser=alice\ngpus={mig_uuid}\nstart_ms={start_ms}\n"),
@@ -533,6 +531,20 @@ fn mig_job(id: &str, mig_uuid: &str) -> (tempfile::TempDir, String) {
     .unwrap();
     let config = format!("[jobs]\ndir = {:?}\nowner_uid = {me}\n", jobs.path());
     (jobs, config)
+}
+
+/// The job's usage in `s`, for a 3-slice instance at 90 % SM activity beside a 2-slice
+/// one at 30 % on a 7-slice GPU: 2700/3300 of the GPU's energy and 3/7 of the span.
+fn assert_share_of_3_slices_at_90(s: &Sample, job: nodewatt_wire::Amounts) {
+    let delta_uj = s.gpus[0].energy_delta_mj.unwrap() * 1000;
+    assert!(delta_uj > 0);
+    let share = delta_uj as f64 * 2700.0 / 3300.0;
+    assert!(
+        (job.gpu_uj as f64 - share).abs() <= 1.0,
+        "{job:?} vs {share}"
+    );
+    let slices = s.span_ms as f64 * 3.0 / 7.0;
+    assert!((job.gpu_ms as f64 - slices).abs() <= 1.0, "{job:?}");
 }
 
 #[test]
@@ -548,14 +560,14 @@ uuid = "{GPU0}"
 power_w = 700.0
 mig_slices = 7
 [[gpu.mig]]
-uuid = "MIG-00000000-0000-0000-0000-000000000011"
+uuid = "{MIG_OLD}"
 gpu_instance_id = 1
 slices = 3
 [gpu.mig.gpm]
 sm_util = 90.0
 any_tensor_util = 50.0
 [[gpu.mig]]
-uuid = "MIG-00000000-0000-0000-0000-000000000012"
+uuid = "{MIG_OTHER}"
 gpu_instance_id = 2
 slices = 2
 [gpu.mig.gpm]
@@ -569,8 +581,6 @@ sm_util = 30.0
     assert_eq!(samples[4].gpus[0].mig_slices, Some(7));
     // From the third sample on, both instances have a GPM span.
     for s in &samples[2..] {
-        let delta_uj = s.gpus[0].energy_delta_mj.unwrap() * 1000;
-        assert!(delta_uj > 0);
         let job = s.usage.iter().find(|u| u.job.as_deref() == Some("7"));
         let job = job.expect("the job is billed").amounts;
         let idle = s
@@ -579,15 +589,10 @@ sm_util = 30.0
             .find(|u| u.project == "_idle")
             .unwrap()
             .amounts;
+        let delta_uj = s.gpus[0].energy_delta_mj.unwrap() * 1000;
         assert_eq!(job.gpu_uj + idle.gpu_uj, delta_uj, "conserved");
-        let share = delta_uj as f64 * 2700.0 / 3300.0;
-        assert!(
-            (job.gpu_uj as f64 - share).abs() <= 1.0,
-            "{job:?} vs {share}"
-        );
         assert_eq!(job.gpu_ms + idle.gpu_ms, s.span_ms);
-        let slices = s.span_ms as f64 * 3.0 / 7.0;
-        assert!((job.gpu_ms as f64 - slices).abs() <= 1.0, "{job:?}");
+        assert_share_of_3_slices_at_90(s, job);
         // Its instance's tensor cores were busy half the time; neither instance idle.
         assert_eq!(job.gpu_tensor_us, job.gpu_ms * 500);
         assert_eq!((job.gpu_idle_uj, idle.gpu_tensor_us), (0, 0));
@@ -616,7 +621,7 @@ until_ms = 2000
 [gpu.mig.gpm]
 sm_util = 90.0
 [[gpu.mig]]
-uuid = "MIG-00000000-0000-0000-0000-000000000012"
+uuid = "{MIG_OTHER}"
 gpu_instance_id = 2
 slices = 2
 [gpu.mig.gpm]
@@ -666,15 +671,7 @@ sm_util = 90.0
         assert_eq!(job(s).gpu_uj, 0);
     }
     for s in &samples[k + 1..] {
-        let delta_uj = s.gpus[0].energy_delta_mj.unwrap() * 1000;
-        let share = delta_uj as f64 * 2700.0 / 3300.0;
-        let got = job(s);
-        assert!(
-            (got.gpu_uj as f64 - share).abs() <= 1.0,
-            "{got:?} vs {share}"
-        );
-        let slices = s.span_ms as f64 * 3.0 / 7.0;
-        assert!((got.gpu_ms as f64 - slices).abs() <= 1.0, "{got:?}");
+        assert_share_of_3_slices_at_90(s, job(s));
     }
 }
 
