@@ -171,6 +171,9 @@ impl<'n> GpuReader<'n> {
             let mut slice_problems = Vec::new();
             self.ident.mig_slices = mig_slices(&self.device, &found, &mut slice_problems);
             let names = |m: &[MigReader<'_>]| {
+                if m.is_empty() {
+                    return "none".to_string();
+                }
                 let v: Vec<String> = m
                     .iter()
                     .map(|m| {
@@ -180,10 +183,7 @@ impl<'n> GpuReader<'n> {
                         )
                     })
                     .collect();
-                match v.is_empty() {
-                    true => "none".to_string(),
-                    false => v.join(", "),
-                }
+                v.join(", ")
             };
             tracing::info!(
                 "GPU {index}: MIG layout changed from {} to {}",
@@ -305,6 +305,7 @@ impl<'n> GpuReader<'n> {
             self.reread_mig(nvml, at);
         }
         let d = &self.device;
+        // `g` was copied from `ident` before the layout may have been read again.
         f.g.mig_slices = self.ident.mig_slices;
         for m in &mut self.mig {
             let mut ident = m.ident.clone();
